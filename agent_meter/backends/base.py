@@ -1,0 +1,96 @@
+"""The backend protocols: what the meter asks of a billing service."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from agent_meter.pricing import Pricing
+from agent_meter.results import CheckResult, TrackResult
+
+__all__ = ["AsyncBackend", "Backend", "CatalogueBackend"]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A billing service, called synchronously.
+
+    Semantics (Autumn's): a check of a metered feature that draws from a credit system
+    answers about the pool, with ``required_balance`` converted; ``send_event=True``
+    checks and deducts atomically; a track past the balance is capped at 0; a negative
+    track refunds; a repeated ``idempotency_key`` is recorded once and reported as
+    ``duplicate``; unknown customers are created on first use.
+    """
+
+    def check(
+        self,
+        customer_id: str,
+        feature_id: str,
+        *,
+        required_balance: float = 1,
+        send_event: bool = False,
+        entity_id: str | None = None,
+    ) -> CheckResult:
+        """May ``customer_id`` use ``required_balance`` units of ``feature_id``?"""
+        ...
+
+    def track(
+        self,
+        customer_id: str,
+        feature_id: str,
+        value: float,
+        *,
+        idempotency_key: str,
+        entity_id: str | None = None,
+        properties: Mapping[str, Any] | None = None,
+    ) -> TrackResult:
+        """Record that ``customer_id`` used ``value`` units of ``feature_id``."""
+        ...
+
+    def close(self) -> None:
+        """Release connections; the backend may not be used afterwards."""
+        ...
+
+
+@runtime_checkable
+class AsyncBackend(Protocol):
+    """The async twin of :class:`Backend`, with the same semantics."""
+
+    async def acheck(
+        self,
+        customer_id: str,
+        feature_id: str,
+        *,
+        required_balance: float = 1,
+        send_event: bool = False,
+        entity_id: str | None = None,
+    ) -> CheckResult:
+        """Async :meth:`Backend.check`."""
+        ...
+
+    async def atrack(
+        self,
+        customer_id: str,
+        feature_id: str,
+        value: float,
+        *,
+        idempotency_key: str,
+        entity_id: str | None = None,
+        properties: Mapping[str, Any] | None = None,
+    ) -> TrackResult:
+        """Async :meth:`Backend.track`."""
+        ...
+
+    async def aclose(self) -> None:
+        """Async :meth:`Backend.close`."""
+        ...
+
+
+@runtime_checkable
+class CatalogueBackend(Protocol):
+    """A backend that knows its feature catalogue up front (the embedded ones)."""
+
+    @property
+    def pricing(self) -> Pricing:
+        """The features, credit systems and plans the backend bills by."""
+        ...

@@ -1,0 +1,485 @@
+"""The embedded backend: Autumn's semantics in one SQLite file.
+
+Safe under many threads (one connection per thread) and several processes on one file
+(WAL, ``BEGIN IMMEDIATE`` around every read-modify-write, a busy timeout). A check with
+``send_event=True`` checks and deducts in one transaction, so concurrent callers can never
+overspend. Commits use ``synchronous=NORMAL`` in WAL mode: a committed reservation or track
+survives the process being killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from agent_meter import ledger
+from agent_meter.errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    CustomerNotFound,
+)
+from agent_meter.ledger import Balance
+from agent_meter.pricing import Pricing
+from agent_meter.results import CheckResult, TrackResult, UsageEvent
+from agent_meter.validation import check_customer_id
+
+__all__ = ["SQLiteBackend"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS customers (
+    customer_id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS balances (
+    customer_id TEXT NOT NULL,
+    balance_id TEXT NOT NULL,
+    kind TEXT NOT NULL,            -- amount | boolean | unlimited
+    included INTEGER NOT NULL,     -- billionths of a unit
+    balance INTEGER NOT NULL,      -- billionths of a unit
+    reset_interval TEXT NOT NULL,
+    next_reset_at REAL,
+    PRIMARY KEY (customer_id, balance_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    customer_id TEXT NOT NULL,
+    entity_id TEXT,
+    feature_id TEXT NOT NULL,
+    balance_id TEXT NOT NULL,
+    kind TEXT NOT NULL,            -- reserve | track
+    value REAL NOT NULL,
+    credits INTEGER NOT NULL,      -- cost in billionths of a balance unit
+    applied INTEGER NOT NULL,      -- what it changed on the balance (capped at 0)
+    idempotency_key TEXT UNIQUE,
+    properties TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_customer ON events (customer_id, at);
+"""
+
+_SELECT_BALANCE = (
+    "SELECT kind, included, balance, reset_interval, next_reset_at FROM balances "
+    "WHERE customer_id = ? AND balance_id = ?"
+)
+_UPSERT_BALANCE = (
+    "INSERT INTO balances (customer_id, balance_id, kind, included, balance, reset_interval,"
+    " next_reset_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (customer_id, balance_id) DO UPDATE"
+    " SET kind = excluded.kind, included = excluded.included, balance = excluded.balance,"
+    " reset_interval = excluded.reset_interval, next_reset_at = excluded.next_reset_at"
+)
+_UPDATE_BALANCE = (
+    "UPDATE balances SET balance = ?, next_reset_at = ? WHERE customer_id = ? AND balance_id = ?"
+)
+_INSERT_EVENT = (
+    "INSERT INTO events (at, customer_id, entity_id, feature_id, balance_id, kind, value,"
+    " credits, applied, idempotency_key, properties) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+class SQLiteBackend:
+    """Autumn's semantics in a local SQLite file: the default, offline backend.
+
+    Args:
+        path: The database file (created if missing). ``":memory:"`` is refused: use
+            :class:`agent_meter.testing.MemoryBackend` for a ledger in memory.
+        pricing: Features, credit systems and plans. When omitted, the pricing stored in
+            the file by an earlier open is used.
+        clock: Returns the current Unix time; tests pass a fake one to cross resets.
+        busy_timeout: Seconds to wait for another writer before giving up with
+            :class:`~agent_meter.errors.BackendUnavailable`.
+
+    Example:
+        >>> backend = SQLiteBackend("usage.db", pricing=Pricing.from_file("pricing.toml"))
+        >>> backend.check("cus_1", "web_search").balance
+        100.0
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        pricing: Pricing | None = None,
+        clock: Callable[[], float] = time.time,
+        busy_timeout: float = 30.0,
+    ) -> None:
+        if str(path) == ":memory:":
+            msg = "SQLiteBackend needs a file shared by threads; use testing.MemoryBackend"
+            raise ConfigError(msg)
+        self.path = Path(path)
+        self._clock = clock
+        self._busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._known_customers: set[str] = set()
+        self._closed = False
+        with self._errors("open"):
+            conn = self._conn()
+            conn.executescript(_SCHEMA)
+            self._pricing = self._load_or_store_pricing(conn, pricing)
+
+    def __repr__(self) -> str:
+        return f"SQLiteBackend({str(self.path)!r})"
+
+    @property
+    def pricing(self) -> Pricing:
+        """The pricing this ledger bills by."""
+        return self._pricing
+
+    # -- connections -------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        if self._closed:
+            msg = f"{self!r} is closed"
+            raise BackendError(msg)
+        conn = sqlite3.connect(
+            self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        self._local.conn = conn
+        with self._connections_lock:
+            self._connections.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            self._known_customers.clear()  # a customer created in this transaction is gone
+            raise
+        conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                msg = f"{self!r}: {action} timed out waiting for another writer"
+                raise BackendUnavailable(msg) from exc
+            msg = f"{self!r}: {action} failed: {exc}"
+            raise BackendError(msg) from exc
+        except sqlite3.Error as exc:
+            msg = f"{self!r}: {action} failed: {exc}"
+            raise BackendError(msg) from exc
+
+    def _load_or_store_pricing(
+        self, conn: sqlite3.Connection, pricing: Pricing | None
+    ) -> Pricing:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'pricing'").fetchone()
+        if pricing is None:
+            if row is None:
+                msg = f"{self.path}: no pricing given and none stored in the database"
+                raise ConfigError(msg)
+            return Pricing.model_validate_json(row[0])
+        stored = pricing.model_dump_json()
+        if row is None or row[0] != stored:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('pricing', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (stored,),
+            )
+        return pricing
+
+    # -- balances ------------------------------------------------------------------------
+
+    def _balance(
+        self, conn: sqlite3.Connection, customer_id: str, balance_id: str, now: float
+    ) -> Balance | None:
+        """Read one balance, creating the customer first if it was never seen."""
+        row = conn.execute(_SELECT_BALANCE, (customer_id, balance_id)).fetchone()
+        if row is None and customer_id not in self._known_customers:
+            self._create_customer(conn, customer_id, now)
+            row = conn.execute(_SELECT_BALANCE, (customer_id, balance_id)).fetchone()
+        if row is None:
+            return None
+        return Balance(balance_id, *row)
+
+    def _create_customer(self, conn: sqlite3.Connection, customer_id: str, now: float) -> None:
+        created = conn.execute(
+            "INSERT INTO customers (customer_id, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+            (customer_id, now),
+        ).rowcount
+        if created:
+            conn.executemany(
+                "INSERT INTO balances (customer_id, balance_id, kind, included, balance,"
+                " reset_interval, next_reset_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (customer_id, b.balance_id, b.kind, b.included, b.balance, b.interval,
+                     b.next_reset_at)
+                    for b in ledger.initial_balances(self._pricing, now)
+                ],
+            )
+        self._known_customers.add(customer_id)
+
+    @staticmethod
+    def _store(conn: sqlite3.Connection, customer_id: str, balance: Balance) -> None:
+        conn.execute(
+            _UPDATE_BALANCE,
+            (balance.balance, balance.next_reset_at, customer_id, balance.balance_id),
+        )
+
+    # -- the protocol ----------------------------------------------------------------------
+
+    def check(
+        self,
+        customer_id: str,
+        feature_id: str,
+        *,
+        required_balance: float = 1,
+        send_event: bool = False,
+        entity_id: str | None = None,
+    ) -> CheckResult:
+        """Answer a check; with ``send_event=True``, deduct atomically when allowed.
+
+        Raises:
+            InvalidUsage: An id or ``required_balance`` is malformed.
+            ConfigError: ``feature_id`` is not in the pricing.
+        """
+        customer_id, entity_id, charge = ledger.price_request(
+            self._pricing, customer_id, feature_id, required_balance, entity_id=entity_id
+        )
+        now = self._clock()
+        with self._errors(f"check {feature_id!r} for {customer_id!r}"):
+            if not send_event:
+                fast = self._read_only_check(customer_id, charge, entity_id, now)
+                if fast is not None:
+                    return fast
+            with self._write() as conn:
+                stored = self._balance(conn, customer_id, charge.balance_id, now)
+                result, after = ledger.plan_check(
+                    customer_id, charge, stored, now, send_event=send_event, entity_id=entity_id
+                )
+                if after is not None:
+                    self._store(conn, customer_id, after)
+                if result.deducted and charge.amount:
+                    conn.execute(
+                        _INSERT_EVENT,
+                        (now, customer_id, entity_id, feature_id, charge.balance_id, "reserve",
+                         charge.value, charge.amount, -charge.amount, None, None),
+                    )
+                return result
+
+    def _read_only_check(
+        self, customer_id: str, charge: ledger.Charge, entity_id: str | None, now: float
+    ) -> CheckResult | None:
+        """A check that needs no write: a known customer whose balance is not due a reset."""
+        if customer_id not in self._known_customers:
+            return None
+        row = self._conn().execute(_SELECT_BALANCE, (customer_id, charge.balance_id)).fetchone()
+        balance = None if row is None else Balance(charge.balance_id, *row)
+        if balance is not None and ledger.roll_forward(balance, now) is not balance:
+            return None
+        result, _ = ledger.decide_check(
+            customer_id, charge, balance, send_event=False, entity_id=entity_id
+        )
+        return result
+
+    def track(
+        self,
+        customer_id: str,
+        feature_id: str,
+        value: float,
+        *,
+        idempotency_key: str,
+        entity_id: str | None = None,
+        properties: Mapping[str, Any] | None = None,
+    ) -> TrackResult:
+        """Record usage: capped at 0, refunded when negative, once per idempotency key.
+
+        Raises:
+            InvalidUsage: An id, the key or ``value`` is malformed, or the feature is
+                boolean.
+            ConfigError: ``feature_id`` is not in the pricing.
+        """
+        customer_id, entity_id, charge = ledger.price_request(
+            self._pricing, customer_id, feature_id, value, entity_id=entity_id, track=True,
+            idempotency_key=idempotency_key,
+        )
+        props = json.dumps(dict(properties), default=str) if properties else None
+        now = self._clock()
+        with self._errors(f"track {feature_id!r} for {customer_id!r}"), self._write() as conn:
+            seen = conn.execute(
+                "SELECT 1 FROM events WHERE idempotency_key = ?", (idempotency_key,)
+            ).fetchone()
+            if seen is not None:
+                return TrackResult(
+                    customer_id, feature_id, charge.value, idempotency_key, duplicate=True
+                )
+            stored = self._balance(conn, customer_id, charge.balance_id, now)
+            after, applied = ledger.plan_track(charge, stored, now)
+            if after is not None:
+                self._store(conn, customer_id, after)
+            conn.execute(
+                _INSERT_EVENT,
+                (now, customer_id, entity_id, feature_id, charge.balance_id, "track", charge.value,
+                 charge.amount, applied, idempotency_key, props),
+            )
+        return TrackResult(customer_id, feature_id, charge.value, idempotency_key)
+
+    def close(self) -> None:
+        """Close every thread's connection."""
+        self._closed = True
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self._local = threading.local()
+
+    async def acheck(
+        self,
+        customer_id: str,
+        feature_id: str,
+        *,
+        required_balance: float = 1,
+        send_event: bool = False,
+        entity_id: str | None = None,
+    ) -> CheckResult:
+        """Async :meth:`check`, run in a worker thread so the event loop never blocks."""
+        return await asyncio.to_thread(
+            self.check,
+            customer_id,
+            feature_id,
+            required_balance=required_balance,
+            send_event=send_event,
+            entity_id=entity_id,
+        )
+
+    async def atrack(
+        self,
+        customer_id: str,
+        feature_id: str,
+        value: float,
+        *,
+        idempotency_key: str,
+        entity_id: str | None = None,
+        properties: Mapping[str, Any] | None = None,
+    ) -> TrackResult:
+        """Async :meth:`track`, run in a worker thread so the event loop never blocks."""
+        return await asyncio.to_thread(
+            self.track,
+            customer_id,
+            feature_id,
+            value,
+            idempotency_key=idempotency_key,
+            entity_id=entity_id,
+            properties=properties,
+        )
+
+    async def aclose(self) -> None:
+        """Async :meth:`close`."""
+        self.close()
+
+    # -- administration and reports ------------------------------------------------------
+
+    def set_balance(self, customer_id: str, balance_id: str, value: float | bool) -> None:
+        """Set a customer's balance of a credit system or a feature (admin).
+
+        Args:
+            customer_id: The customer (created with its auto-enabled plans if new).
+            balance_id: A credit system (``"credits"``), a metered feature that draws from
+                no pool, or a boolean feature.
+            value: A non-negative amount, or True/False for a boolean feature.
+
+        Raises:
+            ConfigError: ``balance_id`` is unknown, or is a feature that draws from a pool.
+            InvalidUsage: ``value`` does not fit the balance.
+        """
+        customer_id = check_customer_id(customer_id)
+        kind, nano = ledger.admin_balance(self._pricing, customer_id, balance_id, value)
+        now = self._clock()
+        with self._errors(f"set_balance {balance_id!r} for {customer_id!r}"), self._write() as c:
+            current = self._balance(c, customer_id, balance_id, now)
+            if current is None:
+                current = Balance(balance_id, kind, 0, 0, "never", None)
+            else:
+                current = ledger.roll_forward(current, now)
+            new = replace(current, kind=kind, balance=nano)
+            c.execute(
+                _UPSERT_BALANCE,
+                (customer_id, balance_id, new.kind, new.included, new.balance, new.interval,
+                 new.next_reset_at),
+            )
+
+    def balances(self, customer_id: str) -> dict[str, float | bool]:
+        """A customer's balances by pool or feature id (booleans as True/False).
+
+        Raises:
+            InvalidUsage: The customer id is malformed.
+            CustomerNotFound: The customer was never seen (nothing is created).
+        """
+        customer_id = check_customer_id(customer_id)
+        now = self._clock()
+        with self._errors(f"balances of {customer_id!r}"):
+            conn = self._conn()
+            known = conn.execute(
+                "SELECT 1 FROM customers WHERE customer_id = ?", (customer_id,)
+            ).fetchone()
+            if known is None:
+                raise CustomerNotFound(customer_id, str(self.path))
+            rows = conn.execute(
+                "SELECT balance_id, kind, included, balance, reset_interval, next_reset_at"
+                " FROM balances WHERE customer_id = ? ORDER BY balance_id",
+                (customer_id,),
+            ).fetchall()
+        return {row[0]: ledger.readable(ledger.roll_forward(Balance(*row), now)) for row in rows}
+
+    def customers(self) -> list[str]:
+        """Every customer the ledger has seen, sorted."""
+        with self._errors("list customers"):
+            rows = self._conn().execute(
+                "SELECT customer_id FROM customers ORDER BY customer_id"
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def events(
+        self,
+        customer_id: str | None = None,
+        *,
+        since: float | None = None,
+        feature_id: str | None = None,
+    ) -> list[UsageEvent]:
+        """The ledger's events in order, optionally for one customer, feature or period."""
+        clauses, params = [], []
+        if customer_id is not None:
+            clauses.append("customer_id = ?")
+            params.append(check_customer_id(customer_id))
+        if feature_id is not None:
+            clauses.append("feature_id = ?")
+            params.append(feature_id)
+        if since is not None:
+            clauses.append("at >= ?")
+            params.append(since)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._errors("read events"):
+            rows = self._conn().execute(
+                "SELECT at, customer_id, entity_id, feature_id, balance_id, kind, value,"
+                f" credits, applied, idempotency_key FROM events{where} ORDER BY id",
+                params,
+            ).fetchall()
+        return [
+            UsageEvent(at, cus, ent, feat, bal, kind, value, ledger.from_nano(credits),
+                       ledger.from_nano(applied), key)
+            for at, cus, ent, feat, bal, kind, value, credits, applied, key in rows
+        ]
+

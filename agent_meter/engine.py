@@ -1,0 +1,206 @@
+"""The decisions of a guarded call, as pure functions over small immutable values.
+
+A guarded call goes: :func:`admission` (what to ask the backend) → the backend answers →
+:func:`admit` (go ahead, or :class:`UsageLimitExceeded`) → the work → :func:`settlement`
+(which tracks, refunds or adjustments make the bill match what succeeded). The sync and
+async drivers in :mod:`agent_meter.meter` only carry these requests to a backend; every
+integration (tool wrappers, callbacks, middleware, OpenAI) goes through the same drivers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from agent_meter.errors import BackendError, BackendUnavailable, UsageLimitExceeded
+from agent_meter.keys import idempotency_key
+from agent_meter.results import CheckResult
+
+__all__ = [
+    "Admission",
+    "CheckRequest",
+    "FailPolicy",
+    "MeteredCall",
+    "Strategy",
+    "TrackRequest",
+    "admission",
+    "admit",
+    "admit_unverified",
+    "settlement",
+]
+
+Strategy = Literal["reserve", "check_then_track"]
+"""``reserve``: deduct atomically up front, refund on failure (strict, the default).
+``check_then_track``: check, work, then track on success (Autumn's literal pattern)."""
+
+FailPolicy = Literal["deny", "allow"]
+"""What a call does when the backend cannot answer its check: refuse it, or run it and
+bill it later."""
+
+STRATEGIES: tuple[str, ...] = ("reserve", "check_then_track")
+FAIL_POLICIES: tuple[str, ...] = ("deny", "allow")
+
+
+@dataclass(frozen=True, slots=True)
+class MeteredCall:
+    """One use of a feature that must be paid for.
+
+    Attributes:
+        customer_id: Who pays.
+        feature_id: The feature used.
+        units: Units expected (an estimate when the real count comes afterwards).
+        call_id: Names the call in idempotency keys (a tool_call_id, a run id).
+        entity_id: Sub-scope of the customer, if any.
+        strategy: How the call is billed.
+        on_backend_error: What to do when the check cannot be answered.
+        gate_only: The feature is boolean: checked, never tracked.
+    """
+
+    customer_id: str
+    feature_id: str
+    units: float
+    call_id: str
+    entity_id: str | None = None
+    strategy: Strategy = "reserve"
+    on_backend_error: FailPolicy = "deny"
+    gate_only: bool = False
+
+    def key(self, purpose: str) -> str:
+        """The idempotency key of this call's ``purpose`` track."""
+        return idempotency_key(
+            self.customer_id, self.feature_id, self.call_id, purpose, self.entity_id
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRequest:
+    """A check to send to a backend."""
+
+    customer_id: str
+    feature_id: str
+    required_balance: float
+    send_event: bool
+    entity_id: str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``Backend.check`` after the customer and feature."""
+        return {
+            "required_balance": self.required_balance,
+            "send_event": self.send_event,
+            "entity_id": self.entity_id,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TrackRequest:
+    """A track to send to a backend: usage, a refund (negative) or an adjustment."""
+
+    customer_id: str
+    feature_id: str
+    value: float
+    idempotency_key: str
+    entity_id: str | None = None
+    properties: Mapping[str, Any] | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``Backend.track`` after customer, feature and value."""
+        return {
+            "idempotency_key": self.idempotency_key,
+            "entity_id": self.entity_id,
+            "properties": self.properties,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The go-ahead for a call.
+
+    Attributes:
+        reserved: Units already deducted by the check (0 unless strategy ``reserve``).
+        verified: False when the backend could not be asked and the policy let the call
+            run anyway (fail open); its usage is tracked after success.
+        check: The backend's answer, when there was one.
+    """
+
+    reserved: float
+    verified: bool = True
+    check: CheckResult | None = None
+
+
+def admission(call: MeteredCall) -> CheckRequest:
+    """The check that admits ``call``: reserving with ``send_event`` under ``reserve``."""
+    reserve = call.strategy == "reserve" and not call.gate_only and call.units > 0
+    return CheckRequest(
+        call.customer_id, call.feature_id, call.units, reserve, call.entity_id
+    )
+
+
+def admit(call: MeteredCall, result: CheckResult) -> Admission:
+    """Turn the backend's answer into a go-ahead.
+
+    Raises:
+        UsageLimitExceeded: The answer was a denial.
+    """
+    if not result.allowed:
+        raise UsageLimitExceeded(
+            call.customer_id,
+            call.feature_id,
+            balance=result.balance,
+            required=result.required,
+            balance_feature_id=result.balance_feature_id,
+        )
+    return Admission(reserved=call.units if result.deducted else 0.0, check=result)
+
+
+def admit_unverified(call: MeteredCall, error: BackendError) -> Admission:
+    """Decide a call whose check failed in the backend, following its fail policy.
+
+    Fail open (``allow``) only when the backend is unavailable: a wrong key or a rejected
+    request is not an outage, and letting calls through would make them free.
+
+    Raises:
+        BackendError: The call is refused; the message says the billing service failed,
+            which a reader must not confuse with a lack of credits.
+    """
+    if call.on_backend_error == "allow" and isinstance(error, BackendUnavailable):
+        return Admission(reserved=0.0, verified=False)
+    kind = BackendUnavailable if isinstance(error, BackendUnavailable) else BackendError
+    reason = "unreachable" if kind is BackendUnavailable else "refused the check"
+    msg = (
+        f"{call.feature_id} is unavailable: the billing service is {reason} "
+        f"(customer {call.customer_id!r}); no credits were used. Cause: {error}"
+    )
+    raise kind(msg) from error
+
+
+def settlement(
+    call: MeteredCall,
+    admitted: Admission,
+    *,
+    succeeded: bool,
+    actual_units: float | None = None,
+) -> tuple[TrackRequest, ...]:
+    """The tracks that make the bill match the outcome.
+
+    Success keeps what was reserved, tracks it when nothing was (``check_then_track`` or an
+    unverified call), and tracks the difference when the real count (``actual_units``)
+    differs from the estimate. Failure refunds what was reserved and tracks nothing else.
+    """
+    if call.gate_only:
+        return ()
+    if not succeeded:
+        if admitted.reserved:
+            return (_track(call, -admitted.reserved, "refund"),)
+        return ()
+    final = call.units if actual_units is None else actual_units
+    delta = final - admitted.reserved
+    if delta == 0:
+        return ()
+    return (_track(call, delta, "adjust" if admitted.reserved else "track"),)
+
+
+def _track(call: MeteredCall, value: float, purpose: str) -> TrackRequest:
+    return TrackRequest(
+        call.customer_id, call.feature_id, value, call.key(purpose), call.entity_id
+    )

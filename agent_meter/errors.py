@@ -1,0 +1,134 @@
+"""The one error tree of agent_meter.
+
+Every failure agent_meter raises is an :class:`AgentMeterError`; foreign errors (sqlite3,
+autumn-py, requests, aiohttp, TOML parsing) are mapped into it at the boundary where they
+happen and chained with ``raise ... from``::
+
+    AgentMeterError
+    ├── UsageLimitExceeded      the customer has no credit for this use (a denial)
+    ├── InvalidUsage            bad input: NaN, a negative check, an empty customer id, ...
+    ├── CustomerNotFound        a report or admin call named a customer nobody has seen
+    ├── ConfigError             pricing, feature catalogue or wiring is wrong
+    └── BackendError            the billing backend failed or refused the request
+        └── BackendUnavailable  it could not be reached (timeouts, 5xx, 429, refused)
+
+``InvalidUsage`` is also a :class:`ValueError`, so code that validates with ``except
+ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentMeterError",
+    "BackendError",
+    "BackendUnavailable",
+    "ConfigError",
+    "CustomerNotFound",
+    "InvalidUsage",
+    "UsageLimitExceeded",
+]
+
+
+class AgentMeterError(Exception):
+    """Root of every error agent_meter raises."""
+
+
+class UsageLimitExceeded(AgentMeterError):  # noqa: N818 - the name is the public contract
+    """The customer may not use this feature now: no balance, or no access.
+
+    Attributes:
+        customer_id: Who asked.
+        feature_id: The feature that was asked for (``web_search``, not the pool).
+        balance: What is left, in the units of ``balance_feature_id`` (None for a
+            boolean feature).
+        required: What the call needed, in the same units.
+        balance_feature_id: Where the balance lives: the credit system (``credits``)
+            when the feature draws from one, else the feature itself.
+    """
+
+    def __init__(
+        self,
+        customer_id: str,
+        feature_id: str,
+        *,
+        balance: float | None,
+        required: float,
+        balance_feature_id: str | None = None,
+    ) -> None:
+        self.customer_id = customer_id
+        self.feature_id = feature_id
+        self.balance = balance
+        self.required = required
+        self.balance_feature_id = balance_feature_id or feature_id
+        super().__init__(self.reason)
+
+    @property
+    def reason(self) -> str:
+        """A sentence the model (or a person) can read: what is unavailable and why."""
+        if self.balance is None:
+            return f"{self.feature_id} is unavailable: not included in the customer's plan"
+        unit = self.balance_feature_id
+        return (
+            f"{self.feature_id} is unavailable: {_fmt(self.balance)} {unit} left, "
+            f"{_fmt(self.required)} needed"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_limit,
+            (
+                self.customer_id,
+                self.feature_id,
+                self.balance,
+                self.required,
+                self.balance_feature_id,
+            ),
+        )
+
+
+def _rebuild_limit(
+    customer_id: str,
+    feature_id: str,
+    balance: float | None,
+    required: float,
+    balance_feature_id: str,
+) -> UsageLimitExceeded:
+    return UsageLimitExceeded(
+        customer_id,
+        feature_id,
+        balance=balance,
+        required=required,
+        balance_feature_id=balance_feature_id,
+    )
+
+
+class InvalidUsage(AgentMeterError, ValueError):  # noqa: N818 - reads as "invalid usage"
+    """A value, id or argument was rejected before anything was written."""
+
+
+class CustomerNotFound(AgentMeterError, LookupError):  # noqa: N818 - reads as a state
+    """A report, an admin call or the backend named a customer it has never seen."""
+
+    def __init__(self, customer_id: str, where: str = "") -> None:
+        self.customer_id = customer_id
+        suffix = f" in {where}" if where else ""
+        super().__init__(f"unknown customer {customer_id!r}: no usage recorded{suffix}")
+
+
+class ConfigError(AgentMeterError):
+    """The pricing, the feature catalogue or the wiring of agent_meter is wrong."""
+
+
+class BackendError(AgentMeterError):
+    """The billing backend failed or refused a request."""
+
+
+class BackendUnavailable(BackendError):  # noqa: N818 - names a state, like TimeoutError
+    """The billing backend could not be reached or is overloaded; the call may be retried."""
+
+
+def _fmt(value: float) -> str:
+    """Format a balance without float noise: 3, 0.5, 95.17."""
+    if value == int(value):
+        return str(int(value))
+    return f"{value:.6f}".rstrip("0").rstrip(".")

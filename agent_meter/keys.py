@@ -1,0 +1,59 @@
+"""Idempotency keys: deterministic per call, unique across customers.
+
+Autumn scopes keys to the whole organisation, not to the customer, so a key must name the
+customer, the feature and the call; the same call always yields the same key, so a retry
+or a replay after a crash is recorded once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from urllib.parse import quote
+
+__all__ = ["idempotency_key", "new_call_id"]
+
+_PLAIN = re.compile(r"[A-Za-z0-9_.\-]*")
+_MAX_LENGTH = 200
+_VERSION = "am1"
+
+
+def new_call_id() -> str:
+    """A fresh call id for a call that came with none (32 hex characters)."""
+    return uuid.uuid4().hex
+
+
+def _part(value: str) -> str:
+    return value if _PLAIN.fullmatch(value) else quote(value, safe="")
+
+
+def idempotency_key(
+    customer_id: str,
+    feature_id: str,
+    call_id: str,
+    purpose: str,
+    entity_id: str | None = None,
+) -> str:
+    """The key of one track of one call.
+
+    Parts are joined with ``:`` after percent-encoding any part that is not plain, so two
+    different calls never share a key. Keys longer than 200 characters are hashed.
+
+    Args:
+        customer_id: Who pays.
+        feature_id: The metered feature.
+        call_id: The tool call id, run id, or a caller's own key.
+        purpose: What the track does for the call: ``track``, ``refund``, ``adjust``.
+        entity_id: The entity, if any.
+
+    Example:
+        >>> idempotency_key("cus_1", "web_search", "call_42", "refund")
+        'am1:cus_1::web_search:call_42:refund'
+    """
+    parts = (customer_id, entity_id or "", feature_id, call_id, purpose)
+    key = ":".join((_VERSION, *(_part(part) for part in parts)))
+    if len(key) <= _MAX_LENGTH:
+        return key
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    return f"{_VERSION}:h:{_part(customer_id)[:64]}:{digest}"

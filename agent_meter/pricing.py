@@ -1,0 +1,220 @@
+"""Pricing: the features, the credit systems they draw from, and the plans that grant them.
+
+The same catalogue drives the embedded backends and lets the meter refuse an unknown
+feature before anything is written. It is loaded from TOML (see :meth:`Pricing.from_file`)
+or built in Python::
+
+    pricing = Pricing(
+        features={"web_search": "metered", "premium": "boolean"},
+        credit_systems={"credits": {"web_search": 1}},
+        plans={"agent_free": Plan(auto_enable=True, grants={"credits": 100, "premium": True})},
+    )
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+from decimal import Decimal
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from agent_meter.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = ["FeatureType", "Plan", "Pricing", "ResetInterval"]
+
+ResetInterval = Literal["day", "week", "month", "year", "never"]
+UNLIMITED = "unlimited"
+
+
+class FeatureType(str, Enum):
+    """What kind of thing a feature is."""
+
+    BOOLEAN = "boolean"
+    """Access yes or no; gated, never tracked."""
+    METERED = "metered"
+    """Units with a balance, tracked per use."""
+
+
+class Plan(BaseModel):
+    """A plan: what it grants, whether every new customer gets it, when grants reset.
+
+    Attributes:
+        grants: Feature or credit-system id to an included amount, ``True`` for a boolean
+            feature, or ``"unlimited"``.
+        auto_enable: Attached to every customer on first use.
+        interval: When included balances reset (``"never"`` for one-off grants).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    grants: dict[str, float | bool | Literal["unlimited"]] = {}
+    auto_enable: bool = False
+    interval: ResetInterval = "month"
+
+    @field_validator("grants")
+    @classmethod
+    def _grants_are_amounts(
+        cls, grants: dict[str, float | bool | str]
+    ) -> dict[str, float | bool | str]:
+        for key, amount in grants.items():
+            if isinstance(amount, bool) or amount == UNLIMITED:
+                continue
+            if not isinstance(amount, (int, float)) or not math.isfinite(amount) or amount < 0:
+                msg = f"grants.{key}: {amount!r} is not a non-negative amount"
+                raise ValueError(msg)
+        return grants
+
+
+class Pricing(BaseModel):
+    """The feature catalogue, the credit systems and the plans.
+
+    Attributes:
+        features: Feature id to its type (``"metered"`` or ``"boolean"``).
+        credit_systems: Pool id to ``{feature_id: credits per unit}``.
+        plans: Plan id to :class:`Plan`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    features: dict[str, FeatureType]
+    credit_systems: dict[str, dict[str, float]] = {}
+    plans: dict[str, Plan] = {}
+
+    _pools: dict[str, tuple[str, Decimal]] = PrivateAttr(default_factory=dict)
+
+    def model_post_init(self, context: Any, /) -> None:  # noqa: D102 - pydantic hook
+        for pool, rates in self.credit_systems.items():
+            for feature_id, rate in rates.items():
+                self._pools[feature_id] = (pool, Decimal(repr(rate)))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Pricing:
+        for pool, rates in self.credit_systems.items():
+            if pool in self.features:
+                msg = f"credit_systems.{pool}: the id is already used by a feature"
+                raise ValueError(msg)
+            for feature_id, rate in rates.items():
+                where = f"credit_systems.{pool}.{feature_id}"
+                if feature_id not in self.features:
+                    msg = f"{where}: feature {feature_id!r} is not declared in [features]"
+                    raise ValueError(msg)
+                if self.features[feature_id] is not FeatureType.METERED:
+                    msg = f"{where}: only metered features can draw from a credit system"
+                    raise ValueError(msg)
+                if isinstance(rate, bool) or not math.isfinite(rate) or rate <= 0:
+                    msg = f"{where}: the cost must be a positive number of credits, not {rate!r}"
+                    raise ValueError(msg)
+        pools_of: dict[str, str] = {}
+        for pool, rates in self.credit_systems.items():
+            for feature_id in rates:
+                if feature_id in pools_of:
+                    msg = (
+                        f"credit_systems.{pool}.{feature_id}: the feature already draws from "
+                        f"{pools_of[feature_id]!r}; a feature draws from one pool"
+                    )
+                    raise ValueError(msg)
+                pools_of[feature_id] = pool
+        for plan_id, plan in self.plans.items():
+            for key, amount in plan.grants.items():
+                where = f"plans.{plan_id}.grants.{key}"
+                if key in self.credit_systems:
+                    if isinstance(amount, bool):
+                        msg = f"{where}: a credit system is granted an amount, not {amount!r}"
+                        raise ValueError(msg)
+                    continue
+                if key not in self.features:
+                    msg = f"{where}: {key!r} is neither a declared feature nor a credit system"
+                    raise ValueError(msg)
+                is_boolean = self.features[key] is FeatureType.BOOLEAN
+                if is_boolean != isinstance(amount, bool):
+                    kind = "true or false" if is_boolean else "an amount"
+                    msg = f"{where}: feature {key!r} is {self.features[key].value}; grant {kind}"
+                    raise ValueError(msg)
+        return self
+
+    # -- loading -----------------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Pricing:
+        """Load pricing from a TOML file (format in the README and DESIGN.md §7).
+
+        Raises:
+            ConfigError: The file is missing, is not valid TOML, or defines something
+                inconsistent. The message names the file and the key.
+        """
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            msg = f"{path}: cannot read the pricing file ({exc.strerror or exc})"
+            raise ConfigError(msg) from exc
+        return cls.from_toml(text, source=str(path))
+
+    @classmethod
+    def from_toml(cls, text: str, *, source: str = "<string>") -> Pricing:
+        """Parse pricing from TOML text; ``source`` names it in error messages."""
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            msg = f"{source}: not valid TOML: {exc}"
+            raise ConfigError(msg) from exc
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "<dict>") -> Pricing:
+        """Build pricing from the parsed TOML structure, mapping errors to ConfigError."""
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, source)) from None
+
+    # -- questions the ledger asks -------------------------------------------------------
+
+    def feature_type(self, feature_id: str) -> FeatureType | None:
+        """The type of ``feature_id``, or None when it is not declared."""
+        return self.features.get(feature_id)
+
+    def pool_of(self, feature_id: str) -> tuple[str, Decimal] | None:
+        """The credit system ``feature_id`` draws from and its cost per unit, if any."""
+        return self._pools.get(feature_id)
+
+    def auto_plans(self) -> list[tuple[str, Plan]]:
+        """The plans every new customer gets, in declaration order."""
+        return [(plan_id, plan) for plan_id, plan in self.plans.items() if plan.auto_enable]
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """Rows of (feature, type, what it costs) for printing."""
+        rows = []
+        for feature_id, kind in self.features.items():
+            pool = self.pool_of(feature_id)
+            cost = f"{pool[1].normalize():f} {pool[0]} per unit" if pool else "-"
+            rows.append((feature_id, kind.value, cost))
+        return rows
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function"))
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "enum":
+            message = f"unknown feature type {error['input']!r} (use 'metered' or 'boolean')"
+        problems.append(f"{key}: {message}" if key else message)
+    return f"{source}: " + "; ".join(problems)
