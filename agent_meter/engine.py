@@ -131,9 +131,7 @@ class Admission:
 def admission(call: MeteredCall) -> CheckRequest:
     """The check that admits ``call``: reserving with ``send_event`` under ``reserve``."""
     reserve = call.strategy == "reserve" and not call.gate_only and call.units > 0
-    return CheckRequest(
-        call.customer_id, call.feature_id, call.units, reserve, call.entity_id
-    )
+    return CheckRequest(call.customer_id, call.feature_id, call.units, reserve, call.entity_id)
 
 
 def admit(call: MeteredCall, result: CheckResult) -> Admission:
@@ -201,6 +199,4 @@ def settlement(
 
 
 def _track(call: MeteredCall, value: float, purpose: str) -> TrackRequest:
-    return TrackRequest(
-        call.customer_id, call.feature_id, value, call.key(purpose), call.entity_id
-    )
+    return TrackRequest(call.customer_id, call.feature_id, value, call.key(purpose), call.entity_id)

@@ -33,7 +33,7 @@ class AgentMeterError(Exception):
     """Root of every error agent_meter raises."""
 
 
-class UsageLimitExceeded(AgentMeterError):  # noqa: N818 - the name is the public contract
+class UsageLimitExceeded(AgentMeterError):
     """The customer may not use this feature now: no balance, or no access.
 
     Attributes:
@@ -102,11 +102,11 @@ def _rebuild_limit(
     )
 
 
-class InvalidUsage(AgentMeterError, ValueError):  # noqa: N818 - reads as "invalid usage"
+class InvalidUsage(AgentMeterError, ValueError):
     """A value, id or argument was rejected before anything was written."""
 
 
-class CustomerNotFound(AgentMeterError, LookupError):  # noqa: N818 - reads as a state
+class CustomerNotFound(AgentMeterError, LookupError):
     """A report, an admin call or the backend named a customer it has never seen."""
 
     def __init__(self, customer_id: str, where: str = "") -> None:
@@ -123,7 +123,7 @@ class BackendError(AgentMeterError):
     """The billing backend failed or refused a request."""
 
 
-class BackendUnavailable(BackendError):  # noqa: N818 - names a state, like TimeoutError
+class BackendUnavailable(BackendError):
     """The billing backend could not be reached or is overloaded; the call may be retried."""
 
 

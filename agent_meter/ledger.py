@@ -25,11 +25,9 @@ from agent_meter.validation import (
 
 __all__ = [
     "SCALE",
-    "admin_balance",
-    "price_request",
-    "readable",
     "Balance",
     "Charge",
+    "admin_balance",
     "apply_track",
     "charge_for",
     "decide_check",
@@ -37,6 +35,8 @@ __all__ = [
     "initial_balances",
     "plan_check",
     "plan_track",
+    "price_request",
+    "readable",
     "roll_forward",
     "to_nano",
 ]
@@ -94,14 +94,14 @@ def charge_for(pricing: Pricing, customer_id: str, feature_id: str, value: float
         )
         raise ConfigError(msg)
     if kind is FeatureType.BOOLEAN:
-        return Charge(feature_id, feature_id, True, value, 0)  # noqa: FBT003
+        return Charge(feature_id, feature_id, True, value, 0)
     pool = pricing.pool_of(feature_id)
     balance_id, rate = pool if pool is not None else (feature_id, Decimal(1))
     if value.is_integer():
         amount = int(value) * to_nano(rate)
     else:
         amount = to_nano(Decimal(repr(value)) * rate)
-    return Charge(feature_id, balance_id, False, value, amount)  # noqa: FBT003
+    return Charge(feature_id, balance_id, False, value, amount)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,10 +8,10 @@ integration (LangChain tools, callbacks, middleware, OpenAI) is a thin adapter o
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from contextvars import Token
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent_meter import engine
 from agent_meter.backends.base import AsyncBackend, Backend
@@ -21,7 +21,14 @@ from agent_meter.errors import BackendError, ConfigError, InvalidUsage
 from agent_meter.keys import new_call_id
 from agent_meter.pricing import FeatureType, Pricing
 from agent_meter.results import CheckResult, TrackResult
+from agent_meter.tokens import TokenFeatures, TokenUsage
 from agent_meter.validation import check_customer_id, check_entity_id, check_feature_id, check_units
+
+if TYPE_CHECKING:
+    from langchain_core.tools import BaseTool
+
+    from agent_meter.langchain.callbacks import MeteringCallbackHandler
+    from agent_meter.langchain.tools import MeteredTool
 
 __all__ = ["AsyncGuard", "CustomerScope", "Guard", "GuardedCall", "Meter"]
 
@@ -59,7 +66,9 @@ class Meter:
             msg = f"strategy must be one of {engine.STRATEGIES}, not {strategy!r}"
             raise ConfigError(msg)
         if on_backend_error not in engine.FAIL_POLICIES:
-            msg = f"on_backend_error must be one of {engine.FAIL_POLICIES}, not {on_backend_error!r}"
+            msg = (
+                f"on_backend_error must be one of {engine.FAIL_POLICIES}, not {on_backend_error!r}"
+            )
             raise ConfigError(msg)
         self.backend = backend
         self.strategy: Strategy = strategy
@@ -153,10 +162,12 @@ class Meter:
         ):
             msg = f"idempotency_key for {feature_id!r} must be a non-empty string"
             raise InvalidUsage(msg)
-        call = MeteredCall(customer_id, feature_id, value, idempotency_key or new_call_id(),
-                           entity_id)
-        return TrackRequest(customer_id, feature_id, value, call.key("track"), entity_id,
-                            properties)
+        call = MeteredCall(
+            customer_id, feature_id, value, idempotency_key or new_call_id(), entity_id
+        )
+        return TrackRequest(
+            customer_id, feature_id, value, call.key("track"), entity_id, properties
+        )
 
     # -- check and track -------------------------------------------------------------------
 
@@ -274,7 +285,10 @@ class Meter:
     def _keep(self, request: TrackRequest, exc: BackendError) -> None:
         logger.warning(
             "agent_meter: track %s of %s for %s not delivered (%s); kept for flush()",
-            request.idempotency_key, request.feature_id, request.customer_id, exc,
+            request.idempotency_key,
+            request.feature_id,
+            request.customer_id,
+            exc,
         )
         self._undelivered.append(request)
 
@@ -327,8 +341,13 @@ class Meter:
         return Guard(
             self,
             self.metered_call(
-                customer_id, feature_id, units, call_id=call_id, entity_id=entity_id,
-                strategy=strategy, on_backend_error=on_backend_error,
+                customer_id,
+                feature_id,
+                units,
+                call_id=call_id,
+                entity_id=entity_id,
+                strategy=strategy,
+                on_backend_error=on_backend_error,
             ),
         )
 
@@ -347,10 +366,150 @@ class Meter:
         return AsyncGuard(
             self,
             self.metered_call(
-                customer_id, feature_id, units, call_id=call_id, entity_id=entity_id,
-                strategy=strategy, on_backend_error=on_backend_error,
+                customer_id,
+                feature_id,
+                units,
+                call_id=call_id,
+                entity_id=entity_id,
+                strategy=strategy,
+                on_backend_error=on_backend_error,
             ),
         )
+
+    def gate(
+        self,
+        customer_id: str,
+        feature_id: str,
+        units: float = 1,
+        *,
+        entity_id: str | None = None,
+    ) -> Admission:
+        """Admit or refuse a use without reserving (the LLM gate): check, never deduct.
+
+        Raises:
+            UsageLimitExceeded: The customer has less than ``units`` left.
+            BackendError: The check failed and the fail policy is ``deny``.
+        """
+        call = self.metered_call(
+            customer_id, feature_id, units, entity_id=entity_id, strategy="check_then_track"
+        )
+        return self._admit(call)
+
+    async def agate(
+        self,
+        customer_id: str,
+        feature_id: str,
+        units: float = 1,
+        *,
+        entity_id: str | None = None,
+    ) -> Admission:
+        """Async :meth:`gate`."""
+        call = self.metered_call(
+            customer_id, feature_id, units, entity_id=entity_id, strategy="check_then_track"
+        )
+        return await self._aadmit(call)
+
+    def _token_requests(
+        self,
+        customer_id: str,
+        usage: TokenUsage,
+        call_id: str,
+        features: TokenFeatures,
+        entity_id: str | None,
+    ) -> list[TrackRequest]:
+        properties = {"model": usage.model} if usage.model else None
+        return [
+            self._track_request(customer_id, feature_id, tokens, call_id, entity_id, properties)
+            for feature_id, tokens in features.values(usage)
+        ]
+
+    def track_tokens(
+        self,
+        customer_id: str,
+        usage: TokenUsage,
+        *,
+        call_id: str,
+        features: TokenFeatures | None = None,
+        entity_id: str | None = None,
+    ) -> list[TrackResult]:
+        """Bill one LLM call's tokens as batch values, keyed by ``call_id`` (the run id).
+
+        The same ``call_id`` is billed once however often it is reported.
+        """
+        requests = self._token_requests(
+            customer_id, usage, call_id, features or TokenFeatures(), entity_id
+        )
+        return [self._send(request) for request in requests]
+
+    async def atrack_tokens(
+        self,
+        customer_id: str,
+        usage: TokenUsage,
+        *,
+        call_id: str,
+        features: TokenFeatures | None = None,
+        entity_id: str | None = None,
+    ) -> list[TrackResult]:
+        """Async :meth:`track_tokens`."""
+        requests = self._token_requests(
+            customer_id, usage, call_id, features or TokenFeatures(), entity_id
+        )
+        return [await self._asend(request) for request in requests]
+
+    # -- integrations (thin adapters, imported on use) -----------------------------------
+
+    def wrap_tool(
+        self, tool: BaseTool, feature_id: str, units: Any = 1, **options: Any
+    ) -> MeteredTool:
+        """Wrap a LangChain tool so every call is checked and only successes are billed.
+
+        See :func:`agent_meter.langchain.tools.wrap_tool` for the options.
+        """
+        from agent_meter.langchain.tools import wrap_tool  # noqa: PLC0415 - optional extra
+
+        return wrap_tool(self, tool, feature_id, units, **options)
+
+    def wrap_tools(
+        self, tools: Sequence[BaseTool], features: Mapping[str, str], **options: Any
+    ) -> list[MeteredTool]:
+        """Wrap several LangChain tools; ``features`` maps each tool name to its feature."""
+        from agent_meter.langchain.tools import wrap_tools  # noqa: PLC0415 - optional extra
+
+        return wrap_tools(self, tools, features, **options)
+
+    def metered(self, feature_id: str, units: Any = 1, **options: Any) -> Any:
+        """Decorate a plain sync or async function so each call is guarded."""
+        from agent_meter.langchain.tools import metered  # noqa: PLC0415
+
+        return metered(self, feature_id, units, **options)
+
+    def callback_handler(
+        self,
+        feature_id: str | None = "llm_tokens",
+        input_feature_id: str | None = None,
+        output_feature_id: str | None = None,
+        **options: Any,
+    ) -> MeteringCallbackHandler:
+        """A LangChain callback handler that meters (and gates) an agent's LLM tokens."""
+        from agent_meter.langchain.callbacks import MeteringCallbackHandler  # noqa: PLC0415
+
+        return MeteringCallbackHandler(
+            self,
+            feature_id=feature_id,
+            input_feature_id=input_feature_id,
+            output_feature_id=output_feature_id,
+            **options,
+        )
+
+    def verify(self, features: Iterable[str] | None = None) -> None:
+        """Confirm at start-up that each metered feature exists where it is billed.
+
+        Raises:
+            ConfigError: Every problem found, in one message.
+        """
+        from agent_meter.verification import verify  # noqa: PLC0415
+
+        verify(self, features)
 
     def customer(self, customer_id: str, entity_id: str | None = None) -> CustomerScope:
         """Bind a customer for code that has no LangChain config to carry one.
@@ -448,7 +607,7 @@ class Guard:
         self.handle = GuardedCall(call)
 
     def __enter__(self) -> GuardedCall:
-        self.handle.admission = self._meter._admit(self.handle.call)  # noqa: SLF001
+        self.handle.admission = self._meter._admit(self.handle.call)
         return self.handle
 
     def __exit__(
@@ -457,7 +616,7 @@ class Guard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._meter._settle(self.handle._settlement(exc_type))  # noqa: SLF001
+        self._meter._settle(self.handle._settlement(exc_type))
 
 
 class AsyncGuard:
@@ -470,7 +629,7 @@ class AsyncGuard:
         self.handle = GuardedCall(call)
 
     async def __aenter__(self) -> GuardedCall:
-        self.handle.admission = await self._meter._aadmit(self.handle.call)  # noqa: SLF001
+        self.handle.admission = await self._meter._aadmit(self.handle.call)
         return self.handle
 
     async def __aexit__(
@@ -479,7 +638,7 @@ class AsyncGuard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._meter._asettle(self.handle._settlement(exc_type))  # noqa: SLF001
+        await self._meter._asettle(self.handle._settlement(exc_type))
 
 
 class CustomerScope:
@@ -514,30 +673,36 @@ class CustomerScope:
 
     def check(self, feature_id: str, units: float = 1) -> CheckResult:
         """:meth:`Meter.check` for this customer."""
-        return self.meter.check(self.ref.customer_id, feature_id, units,
-                                entity_id=self.ref.entity_id)
+        return self.meter.check(
+            self.ref.customer_id, feature_id, units, entity_id=self.ref.entity_id
+        )
 
     async def acheck(self, feature_id: str, units: float = 1) -> CheckResult:
         """:meth:`Meter.acheck` for this customer."""
-        return await self.meter.acheck(self.ref.customer_id, feature_id, units,
-                                       entity_id=self.ref.entity_id)
+        return await self.meter.acheck(
+            self.ref.customer_id, feature_id, units, entity_id=self.ref.entity_id
+        )
 
     def track(self, feature_id: str, value: float, **kwargs: Any) -> TrackResult:
         """:meth:`Meter.track` for this customer."""
-        return self.meter.track(self.ref.customer_id, feature_id, value,
-                                entity_id=self.ref.entity_id, **kwargs)
+        return self.meter.track(
+            self.ref.customer_id, feature_id, value, entity_id=self.ref.entity_id, **kwargs
+        )
 
     async def atrack(self, feature_id: str, value: float, **kwargs: Any) -> TrackResult:
         """:meth:`Meter.atrack` for this customer."""
-        return await self.meter.atrack(self.ref.customer_id, feature_id, value,
-                                       entity_id=self.ref.entity_id, **kwargs)
+        return await self.meter.atrack(
+            self.ref.customer_id, feature_id, value, entity_id=self.ref.entity_id, **kwargs
+        )
 
     def guard(self, feature_id: str, units: float = 1, **kwargs: Any) -> Guard:
         """:meth:`Meter.guard` for this customer."""
-        return self.meter.guard(self.ref.customer_id, feature_id, units,
-                                entity_id=self.ref.entity_id, **kwargs)
+        return self.meter.guard(
+            self.ref.customer_id, feature_id, units, entity_id=self.ref.entity_id, **kwargs
+        )
 
     def aguard(self, feature_id: str, units: float = 1, **kwargs: Any) -> AsyncGuard:
         """:meth:`Meter.aguard` for this customer."""
-        return self.meter.aguard(self.ref.customer_id, feature_id, units,
-                                 entity_id=self.ref.entity_id, **kwargs)
+        return self.meter.aguard(
+            self.ref.customer_id, feature_id, units, entity_id=self.ref.entity_id, **kwargs
+        )

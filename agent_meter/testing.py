@@ -158,8 +158,12 @@ class MemoryBackend:
         """Answer a check; with ``send_event=True``, deduct atomically when allowed."""
         with self._lock:
             self._record(
-                "check", customer_id, feature_id, required_balance=required_balance,
-                send_event=send_event, entity_id=entity_id,
+                "check",
+                customer_id,
+                feature_id,
+                required_balance=required_balance,
+                send_event=send_event,
+                entity_id=entity_id,
             )
             customer_id, entity_id, charge = ledger.price_request(
                 self._pricing, customer_id, feature_id, required_balance, entity_id=entity_id
@@ -176,9 +180,18 @@ class MemoryBackend:
                 self._balances[customer_id, charge.balance_id] = after
             if result.deducted and charge.amount:
                 self._events.append(
-                    UsageEvent(now, customer_id, entity_id, feature_id, charge.balance_id,
-                               "reserve", charge.value, ledger.from_nano(charge.amount),
-                               -ledger.from_nano(charge.amount), None)
+                    UsageEvent(
+                        now,
+                        customer_id,
+                        entity_id,
+                        feature_id,
+                        charge.balance_id,
+                        "reserve",
+                        charge.value,
+                        ledger.from_nano(charge.amount),
+                        -ledger.from_nano(charge.amount),
+                        None,
+                    )
                 )
             return result
 
@@ -195,11 +208,21 @@ class MemoryBackend:
         """Record usage: capped at 0, refunded when negative, once per idempotency key."""
         with self._lock:
             self._record(
-                "track", customer_id, feature_id, value=value,
-                idempotency_key=idempotency_key, entity_id=entity_id, properties=properties,
+                "track",
+                customer_id,
+                feature_id,
+                value=value,
+                idempotency_key=idempotency_key,
+                entity_id=entity_id,
+                properties=properties,
             )
             customer_id, entity_id, charge = ledger.price_request(
-                self._pricing, customer_id, feature_id, value, entity_id=entity_id, track=True,
+                self._pricing,
+                customer_id,
+                feature_id,
+                value,
+                entity_id=entity_id,
+                track=True,
                 idempotency_key=idempotency_key,
             )
             if idempotency_key in self._keys:
@@ -214,9 +237,18 @@ class MemoryBackend:
                 self._balances[customer_id, charge.balance_id] = after
             self._keys.add(idempotency_key)
             self._events.append(
-                UsageEvent(now, customer_id, entity_id, feature_id, charge.balance_id, "track",
-                           charge.value, ledger.from_nano(charge.amount),
-                           ledger.from_nano(applied), idempotency_key)
+                UsageEvent(
+                    now,
+                    customer_id,
+                    entity_id,
+                    feature_id,
+                    charge.balance_id,
+                    "track",
+                    charge.value,
+                    ledger.from_nano(charge.amount),
+                    ledger.from_nano(applied),
+                    idempotency_key,
+                )
             )
             return TrackResult(customer_id, feature_id, charge.value, idempotency_key)
 
@@ -234,8 +266,11 @@ class MemoryBackend:
     ) -> CheckResult:
         """Async :meth:`check` (runs inline: nothing to wait for)."""
         return self.check(
-            customer_id, feature_id, required_balance=required_balance,
-            send_event=send_event, entity_id=entity_id,
+            customer_id,
+            feature_id,
+            required_balance=required_balance,
+            send_event=send_event,
+            entity_id=entity_id,
         )
 
     async def atrack(
@@ -250,8 +285,12 @@ class MemoryBackend:
     ) -> TrackResult:
         """Async :meth:`track` (runs inline: nothing to wait for)."""
         return self.track(
-            customer_id, feature_id, value, idempotency_key=idempotency_key,
-            entity_id=entity_id, properties=properties,
+            customer_id,
+            feature_id,
+            value,
+            idempotency_key=idempotency_key,
+            entity_id=entity_id,
+            properties=properties,
         )
 
     async def aclose(self) -> None:
@@ -306,4 +345,3 @@ class MemoryBackend:
                 and feature_id in (None, event.feature_id)
                 and (since is None or event.at >= since)
             ]
-

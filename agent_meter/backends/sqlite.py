@@ -182,9 +182,7 @@ class SQLiteBackend:
             msg = f"{self!r}: {action} failed: {exc}"
             raise BackendError(msg) from exc
 
-    def _load_or_store_pricing(
-        self, conn: sqlite3.Connection, pricing: Pricing | None
-    ) -> Pricing:
+    def _load_or_store_pricing(self, conn: sqlite3.Connection, pricing: Pricing | None) -> Pricing:
         row = conn.execute("SELECT value FROM meta WHERE key = 'pricing'").fetchone()
         if pricing is None:
             if row is None:
@@ -224,8 +222,15 @@ class SQLiteBackend:
                 "INSERT INTO balances (customer_id, balance_id, kind, included, balance,"
                 " reset_interval, next_reset_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (customer_id, b.balance_id, b.kind, b.included, b.balance, b.interval,
-                     b.next_reset_at)
+                    (
+                        customer_id,
+                        b.balance_id,
+                        b.kind,
+                        b.included,
+                        b.balance,
+                        b.interval,
+                        b.next_reset_at,
+                    )
                     for b in ledger.initial_balances(self._pricing, now)
                 ],
             )
@@ -274,8 +279,19 @@ class SQLiteBackend:
                 if result.deducted and charge.amount:
                     conn.execute(
                         _INSERT_EVENT,
-                        (now, customer_id, entity_id, feature_id, charge.balance_id, "reserve",
-                         charge.value, charge.amount, -charge.amount, None, None),
+                        (
+                            now,
+                            customer_id,
+                            entity_id,
+                            feature_id,
+                            charge.balance_id,
+                            "reserve",
+                            charge.value,
+                            charge.amount,
+                            -charge.amount,
+                            None,
+                            None,
+                        ),
                     )
                 return result
 
@@ -312,7 +328,12 @@ class SQLiteBackend:
             ConfigError: ``feature_id`` is not in the pricing.
         """
         customer_id, entity_id, charge = ledger.price_request(
-            self._pricing, customer_id, feature_id, value, entity_id=entity_id, track=True,
+            self._pricing,
+            customer_id,
+            feature_id,
+            value,
+            entity_id=entity_id,
+            track=True,
             idempotency_key=idempotency_key,
         )
         props = json.dumps(dict(properties), default=str) if properties else None
@@ -331,8 +352,19 @@ class SQLiteBackend:
                 self._store(conn, customer_id, after)
             conn.execute(
                 _INSERT_EVENT,
-                (now, customer_id, entity_id, feature_id, charge.balance_id, "track", charge.value,
-                 charge.amount, applied, idempotency_key, props),
+                (
+                    now,
+                    customer_id,
+                    entity_id,
+                    feature_id,
+                    charge.balance_id,
+                    "track",
+                    charge.value,
+                    charge.amount,
+                    applied,
+                    idempotency_key,
+                    props,
+                ),
             )
         return TrackResult(customer_id, feature_id, charge.value, idempotency_key)
 
@@ -417,8 +449,15 @@ class SQLiteBackend:
             new = replace(current, kind=kind, balance=nano)
             c.execute(
                 _UPSERT_BALANCE,
-                (customer_id, balance_id, new.kind, new.included, new.balance, new.interval,
-                 new.next_reset_at),
+                (
+                    customer_id,
+                    balance_id,
+                    new.kind,
+                    new.included,
+                    new.balance,
+                    new.interval,
+                    new.next_reset_at,
+                ),
             )
 
     def balances(self, customer_id: str) -> dict[str, float | bool]:
@@ -447,9 +486,11 @@ class SQLiteBackend:
     def customers(self) -> list[str]:
         """Every customer the ledger has seen, sorted."""
         with self._errors("list customers"):
-            rows = self._conn().execute(
-                "SELECT customer_id FROM customers ORDER BY customer_id"
-            ).fetchall()
+            rows = (
+                self._conn()
+                .execute("SELECT customer_id FROM customers ORDER BY customer_id")
+                .fetchall()
+            )
         return [row[0] for row in rows]
 
     def events(
@@ -472,14 +513,27 @@ class SQLiteBackend:
             params.append(since)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._errors("read events"):
-            rows = self._conn().execute(
-                "SELECT at, customer_id, entity_id, feature_id, balance_id, kind, value,"
-                f" credits, applied, idempotency_key FROM events{where} ORDER BY id",
-                params,
-            ).fetchall()
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT at, customer_id, entity_id, feature_id, balance_id, kind, value,"
+                    f" credits, applied, idempotency_key FROM events{where} ORDER BY id",
+                    params,
+                )
+                .fetchall()
+            )
         return [
-            UsageEvent(at, cus, ent, feat, bal, kind, value, ledger.from_nano(credits),
-                       ledger.from_nano(applied), key)
+            UsageEvent(
+                at,
+                cus,
+                ent,
+                feat,
+                bal,
+                kind,
+                value,
+                ledger.from_nano(credits),
+                ledger.from_nano(applied),
+                key,
+            )
             for at, cus, ent, feat, bal, kind, value, credits, applied, key in rows
         ]
-

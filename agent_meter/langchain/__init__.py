@@ -1,0 +1,34 @@
+"""LangChain integrations: tool wrappers, the token callback handler, agent middleware.
+
+Each is a thin adapter over :class:`agent_meter.Meter`; names are imported on first use so
+that ``import agent_meter.langchain`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "MeteredTool",
+    "MeteringCallbackHandler",
+    "MeteringMiddleware",
+    "wrap_tool",
+    "wrap_tools",
+]
+
+_HOMES = {
+    "MeteredTool": "agent_meter.langchain.tools",
+    "wrap_tool": "agent_meter.langchain.tools",
+    "wrap_tools": "agent_meter.langchain.tools",
+    "MeteringCallbackHandler": "agent_meter.langchain.callbacks",
+    "MeteringMiddleware": "agent_meter.langchain.middleware",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        msg = f"module {__name__!r} has no attribute {name!r}"
+        raise AttributeError(msg)
+    return getattr(importlib.import_module(home), name)
