@@ -43,6 +43,7 @@ __all__ = [
 
 SCALE = 10**9
 _SCALE_DECIMAL = Decimal(SCALE)
+_MAX_AMOUNT = 2**62  # fits SQLite's 64-bit integers with room for sums
 
 AMOUNT = "amount"
 BOOLEAN = "boolean"
@@ -101,6 +102,12 @@ def charge_for(pricing: Pricing, customer_id: str, feature_id: str, value: float
         amount = int(value) * to_nano(rate)
     else:
         amount = to_nano(Decimal(repr(value)) * rate)
+    if abs(amount) >= _MAX_AMOUNT:
+        msg = (
+            f"{value!r} units of {feature_id!r} (customer {customer_id!r}) is more than "
+            f"a ledger can hold"
+        )
+        raise InvalidUsage(msg)
     return Charge(feature_id, balance_id, False, value, amount)
 
 

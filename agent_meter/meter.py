@@ -139,7 +139,7 @@ class Meter:
             gate_only=self.feature_type(feature_id) is FeatureType.BOOLEAN,
         )
 
-    def _track_request(
+    def _track_request(  # noqa: PLR0917 - private, mirrors track()'s parameters in order
         self,
         customer_id: str,
         feature_id: str,

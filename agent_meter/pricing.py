@@ -41,6 +41,7 @@ __all__ = ["FeatureType", "Plan", "Pricing", "ResetInterval"]
 
 ResetInterval = Literal["day", "week", "month", "year", "never"]
 UNLIMITED = "unlimited"
+_SUBKEY = "@"  # marks a validator message that names a key below the field's location
 
 
 class FeatureType(str, Enum):
@@ -77,7 +78,7 @@ class Plan(BaseModel):
             if isinstance(amount, bool) or amount == UNLIMITED:
                 continue
             if not isinstance(amount, (int, float)) or not math.isfinite(amount) or amount < 0:
-                msg = f"grants.{key}: {amount!r} is not a non-negative amount"
+                msg = f"{_SUBKEY}{key}: {amount!r} is not a non-negative amount"
                 raise ValueError(msg)
         return grants
 
@@ -105,7 +106,7 @@ class Pricing(BaseModel):
                 self._pools[feature_id] = (pool, Decimal(repr(rate)))
 
     @model_validator(mode="after")
-    def _consistent(self) -> Pricing:
+    def _consistent(self) -> Pricing:  # noqa: PLR0912 - one flat list of checks reads best
         for pool, rates in self.credit_systems.items():
             if pool in self.features:
                 msg = f"credit_systems.{pool}: the id is already used by a feature"
@@ -214,6 +215,8 @@ def _describe(exc: ValidationError, source: str) -> str:
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function"))
         message = error["msg"].removeprefix("Value error, ")
+        if message.startswith(_SUBKEY):
+            key, message = f"{key}.{message[1:].split(': ', 1)[0]}", message.split(": ", 1)[1]
         if error["type"] == "enum":
             message = f"unknown feature type {error['input']!r} (use 'metered' or 'boolean')"
         problems.append(f"{key}: {message}" if key else message)

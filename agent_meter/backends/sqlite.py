@@ -501,7 +501,8 @@ class SQLiteBackend:
         feature_id: str | None = None,
     ) -> list[UsageEvent]:
         """The ledger's events in order, optionally for one customer, feature or period."""
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[object] = []
         if customer_id is not None:
             clauses.append("customer_id = ?")
             params.append(check_customer_id(customer_id))
