@@ -21,12 +21,15 @@ __all__ = [
     "Admission",
     "CheckRequest",
     "FailPolicy",
+    "Hold",
     "MeteredCall",
+    "Settlement",
     "Strategy",
     "TrackRequest",
     "admission",
     "admit",
     "admit_unverified",
+    "hold_for",
     "settlement",
 ]
 
@@ -113,6 +116,51 @@ class TrackRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class Hold:
+    """A reservation held by a process until its call is settled.
+
+    Attributes:
+        key: Names the hold (derived from the call).
+        customer_id: Who was charged.
+        feature_id: The feature reserved.
+        units: Units reserved.
+        entity_id: Sub-scope of the customer.
+        refund_key: The idempotency key of the refund, should the call fail or its owner die.
+        owner: ``host:pid:start`` of the process that holds it (see :mod:`agent_meter.owner`).
+        created_at: Unix time the hold was opened.
+    """
+
+    key: str
+    customer_id: str
+    feature_id: str
+    units: float
+    entity_id: str | None
+    refund_key: str
+    owner: str
+    created_at: float
+
+    def refund(self) -> TrackRequest:
+        """The track that gives this reservation back."""
+        return TrackRequest(
+            self.customer_id, self.feature_id, -self.units, self.refund_key, self.entity_id
+        )
+
+
+def hold_for(call: MeteredCall, owner: str, now: float) -> Hold:
+    """The hold a reservation of ``call`` opens."""
+    return Hold(
+        call.key("hold"),
+        call.customer_id,
+        call.feature_id,
+        call.units,
+        call.entity_id,
+        call.key("refund"),
+        owner,
+        now,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Admission:
     """The go-ahead for a call.
 
@@ -121,11 +169,13 @@ class Admission:
         verified: False when the backend could not be asked and the policy let the call
             run anyway (fail open); its usage is tracked after success.
         check: The backend's answer, when there was one.
+        hold: The hold that records the reservation until the call is settled.
     """
 
     reserved: float
     verified: bool = True
     check: CheckResult | None = None
+    hold: Hold | None = None
 
 
 def admission(call: MeteredCall) -> CheckRequest:
@@ -134,7 +184,7 @@ def admission(call: MeteredCall) -> CheckRequest:
     return CheckRequest(call.customer_id, call.feature_id, call.units, reserve, call.entity_id)
 
 
-def admit(call: MeteredCall, result: CheckResult) -> Admission:
+def admit(call: MeteredCall, result: CheckResult, hold: Hold | None = None) -> Admission:
     """Turn the backend's answer into a go-ahead.
 
     Raises:
@@ -148,28 +198,58 @@ def admit(call: MeteredCall, result: CheckResult) -> Admission:
             required=result.required,
             balance_feature_id=result.balance_feature_id,
         )
-    return Admission(reserved=call.units if result.deducted else 0.0, check=result)
+    if not result.deducted:
+        return Admission(reserved=0.0, check=result)
+    return Admission(reserved=call.units, check=result, hold=hold)
 
 
-def admit_unverified(call: MeteredCall, error: BackendError) -> Admission:
+def admit_unverified(
+    call: MeteredCall, error: BackendError, *, unverified: int = 0, limit: int = 10
+) -> Admission:
     """Decide a call whose check failed in the backend, following its fail policy.
 
     Fail open (``allow``) only when the backend is unavailable: a wrong key or a rejected
-    request is not an outage, and letting calls through would make them free.
+    request is not an outage, and letting calls through would make them free. Even then,
+    at most ``limit`` unverified calls per customer run before the meter fails closed.
+
+    Args:
+        call: The call.
+        error: Why the check failed.
+        unverified: Calls of this customer already let through unverified.
+        limit: The cap on unverified calls per customer.
 
     Raises:
         BackendError: The call is refused; the message says the billing service failed,
             which a reader must not confuse with a lack of credits.
     """
-    if call.on_backend_error == "allow" and isinstance(error, BackendUnavailable):
+    is_outage = isinstance(error, BackendUnavailable)
+    if call.on_backend_error == "allow" and is_outage and unverified < limit:
         return Admission(reserved=0.0, verified=False)
-    kind = BackendUnavailable if isinstance(error, BackendUnavailable) else BackendError
-    reason = "unreachable" if kind is BackendUnavailable else "refused the check"
+    kind = BackendUnavailable if is_outage else BackendError
+    reason = "unreachable" if is_outage else "refused the check"
+    capped = (
+        f"; {unverified} calls already ran unverified, the limit is {limit}"
+        if call.on_backend_error == "allow" and is_outage
+        else ""
+    )
     msg = (
         f"{call.feature_id} is unavailable: the billing service is {reason} "
-        f"(customer {call.customer_id!r}); no credits were used. Cause: {error}"
+        f"(customer {call.customer_id!r}){capped}; no credits were used. Cause: {error}"
     )
     raise kind(msg) from error
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What settles a call: the refund of its reservation, or the tracks of its usage.
+
+    Attributes:
+        refund: Gives the reservation back (the call failed).
+        tracks: Usage to record: the whole of it, or the difference to the estimate.
+    """
+
+    refund: TrackRequest | None = None
+    tracks: tuple[TrackRequest, ...] = ()
 
 
 def settlement(
@@ -178,24 +258,24 @@ def settlement(
     *,
     succeeded: bool,
     actual_units: float | None = None,
-) -> tuple[TrackRequest, ...]:
-    """The tracks that make the bill match the outcome.
+) -> Settlement:
+    """What makes the bill match the outcome.
 
     Success keeps what was reserved, tracks it when nothing was (``check_then_track`` or an
     unverified call), and tracks the difference when the real count (``actual_units``)
     differs from the estimate. Failure refunds what was reserved and tracks nothing else.
     """
     if call.gate_only:
-        return ()
+        return Settlement()
     if not succeeded:
         if admitted.reserved:
-            return (_track(call, -admitted.reserved, "refund"),)
-        return ()
+            return Settlement(refund=_track(call, -admitted.reserved, "refund"))
+        return Settlement()
     final = call.units if actual_units is None else actual_units
     delta = final - admitted.reserved
     if delta == 0:
-        return ()
-    return (_track(call, delta, "adjust" if admitted.reserved else "track"),)
+        return Settlement()
+    return Settlement(tracks=(_track(call, delta, "adjust" if admitted.reserved else "track"),))
 
 
 def _track(call: MeteredCall, value: float, purpose: str) -> TrackRequest:

@@ -31,6 +31,7 @@ __all__ = [
     "apply_track",
     "charge_for",
     "decide_check",
+    "deducted_result",
     "from_nano",
     "initial_balances",
     "plan_check",
@@ -264,6 +265,24 @@ def decide_check(
         deducted=allowed and send_event,
     )
     return result, (after if after is not balance else None)
+
+
+def deducted_result(
+    customer_id: str, charge: Charge, included: int, balance: int, entity_id: str | None
+) -> CheckResult:
+    """The answer to a check that deducted ``charge``, leaving ``balance`` (nano)."""
+    return CheckResult(
+        allowed=True,
+        customer_id=customer_id,
+        feature_id=charge.feature_id,
+        required=from_nano(charge.amount),
+        balance=from_nano(balance),
+        balance_feature_id=charge.balance_id,
+        included_usage=from_nano(included),
+        usage=from_nano(max(included - balance, 0)),
+        entity_id=entity_id,
+        deducted=True,
+    )
 
 
 def apply_track(charge: Charge, balance: Balance | None) -> Balance | None:

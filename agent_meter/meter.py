@@ -7,20 +7,37 @@ integration (LangChain tools, callbacks, middleware, OpenAI) is a thin adapter o
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
+import os
+import threading
+import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from contextvars import Token
-from types import TracebackType
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent_meter import engine
-from agent_meter.backends.base import AsyncBackend, Backend
-from agent_meter.context import CustomerRef, bind_customer, unbind_customer
-from agent_meter.engine import Admission, FailPolicy, MeteredCall, Strategy, TrackRequest
-from agent_meter.errors import BackendError, ConfigError, InvalidUsage
+from agent_meter.backends.base import AsyncBackend, Backend, ReservingBackend
+from agent_meter.context import CustomerRef
+from agent_meter.delivery import Deliverer
+from agent_meter.engine import Admission, FailPolicy, Hold, MeteredCall, Strategy, TrackRequest
+from agent_meter.errors import (
+    AgentMeterError,
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    InvalidUsage,
+)
+from agent_meter.guard import AsyncGuard, Guard, GuardedCall
 from agent_meter.keys import new_call_id
+from agent_meter.outbox import Outbox
+from agent_meter.owner import current_owner, owner_is_alive
 from agent_meter.pricing import FeatureType, Pricing
 from agent_meter.results import CheckResult, TrackResult
+from agent_meter.scope import CustomerScope
 from agent_meter.tokens import TokenFeatures, TokenUsage
 from agent_meter.validation import check_customer_id, check_entity_id, check_feature_id, check_units
 
@@ -30,9 +47,65 @@ if TYPE_CHECKING:
     from agent_meter.langchain.callbacks import MeteringCallbackHandler
     from agent_meter.langchain.tools import MeteredTool
 
-__all__ = ["AsyncGuard", "CustomerScope", "Guard", "GuardedCall", "Meter"]
+__all__ = ["AsyncGuard", "CustomerScope", "Guard", "GuardedCall", "Meter", "Recovery"]
 
 logger = logging.getLogger("agent_meter")
+
+_open_meters: weakref.WeakSet[Meter] = weakref.WeakSet()
+
+
+@atexit.register
+def _deliver_at_exit() -> None:
+    """A normal exit delivers what it can and says so when usage is left undelivered."""
+    for meter in list(_open_meters):
+        meter._exit()
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What :meth:`Meter.recover` did.
+
+    Attributes:
+        refunded: Reservations of dead processes given back.
+        uncertain: Reservations whose check was sent by a process that died before the
+            answer (remote backends only); closed without a refund.
+        delivered: Queued tracks delivered.
+        pending: Tracks still waiting in the outbox.
+    """
+
+    refunded: int
+    uncertain: int
+    delivered: int
+    pending: int
+
+
+def default_outbox_path(backend: object) -> Path | None:
+    """Where a meter keeps undelivered usage when no ``outbox`` is given.
+
+    Next to the ledger file for :class:`~agent_meter.SQLiteBackend` (``usage.db`` ->
+    ``usage.outbox.db``); in memory for a backend whose ledger is in memory; else
+    ``$AGENT_METER_OUTBOX``, or ``$XDG_STATE_HOME/agent_meter/outbox.db``.
+    """
+    ledger = getattr(backend, "path", None)
+    if isinstance(ledger, Path):
+        return ledger.with_name(f"{ledger.stem}.outbox{ledger.suffix or '.db'}")
+    if getattr(backend, "is_local", False):
+        return None
+    configured = os.environ.get("AGENT_METER_OUTBOX")
+    if configured:
+        return Path(configured)
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "agent_meter" / "outbox.db"
+
+
+def _queued(request: TrackRequest) -> TrackResult:
+    return TrackResult(
+        request.customer_id,
+        request.feature_id,
+        request.value,
+        request.idempotency_key,
+        queued=True,
+    )
 
 
 class Meter:
@@ -47,6 +120,17 @@ class Meter:
             ``"allow"`` runs it and bills it afterwards.
         pricing: The feature catalogue, when the backend does not carry one; lets the
             meter refuse unknown features and know which features are boolean.
+        outbox: The file where usage the backend has not acknowledged waits (see
+            :func:`default_outbox_path` for the default).
+        unverified_limit: Under ``on_backend_error="allow"``, how many calls per customer
+            may run while the backend is unreachable before the meter fails closed.
+        recover_on_start: Refund dead processes' reservations and deliver the outbox in
+            the background when the meter starts (else call :meth:`recover` yourself).
+
+    Usage that could not be delivered (the backend is down; a remote backend always,
+    off the caller's path) waits in a durable outbox and is delivered by a background
+    thread with back-off; :meth:`flush` waits for it and :meth:`close` flushes. A new
+    meter on the same outbox delivers what an earlier process left.
 
     Example:
         >>> meter = Meter(SQLiteBackend("usage.db", pricing=pricing))
@@ -61,6 +145,9 @@ class Meter:
         strategy: Strategy = "reserve",
         on_backend_error: FailPolicy = "deny",
         pricing: Pricing | None = None,
+        outbox: str | Path | None = None,
+        unverified_limit: int = 10,
+        recover_on_start: bool = True,
     ) -> None:
         if strategy not in engine.STRATEGIES:
             msg = f"strategy must be one of {engine.STRATEGIES}, not {strategy!r}"
@@ -74,7 +161,40 @@ class Meter:
         self.strategy: Strategy = strategy
         self.on_backend_error: FailPolicy = on_backend_error
         self.pricing = pricing if pricing is not None else getattr(backend, "pricing", None)
-        self._undelivered: list[TrackRequest] = []
+        self.unverified_limit = unverified_limit
+        self.outbox = Outbox(outbox if outbox is not None else default_outbox_path(backend))
+        self.deliverer = Deliverer(self.outbox, self._send)
+        self._ledger_holds = isinstance(backend, ReservingBackend)
+        self._inline = bool(getattr(backend, "is_local", False))
+        self._lock = threading.Lock()
+        self._unverified: dict[str, int] = {}
+        self._queued_customers: set[str] = set()
+        self._closed = False
+        _open_meters.add(self)
+        if recover_on_start:
+            self._recover_in_background()
+
+    def _recover_in_background(self) -> None:
+        """Start recovery in a thread, only when there is something to recover."""
+        if self.outbox.pending():
+            self.deliverer.wake()
+        holds = (
+            self.backend.holds()  # type: ignore[union-attr]
+            if self._ledger_holds
+            else [hold for hold, _ in self.outbox.holds()]
+        )
+        if any(not owner_is_alive(hold.owner) for hold in holds):
+            threading.Thread(
+                target=self._recover_quietly, name="agent_meter-recover", daemon=True
+            ).start()
+
+    def _recover_quietly(self) -> None:
+        try:
+            report = self.recover()
+        except Exception:  # a background thread has no caller to raise to
+            logger.exception("agent_meter: recovery on start failed; call meter.recover()")
+            return
+        logger.info("agent_meter: recovery on start: %s", report)
 
     def __repr__(self) -> str:
         return (
@@ -210,11 +330,18 @@ class Meter:
                 and feature before it reaches the backend. Generated when omitted.
             entity_id: Sub-scope of the customer.
             properties: Free-form details stored with the event.
+
+        Returns:
+            The backend's answer; ``queued=True`` when the backend was unreachable and the
+            track waits in the outbox (it is delivered later, with the same key).
         """
         request = self._track_request(
             customer_id, feature_id, value, idempotency_key, entity_id, properties
         )
-        return self._send(request)
+        try:
+            return self._send(request)
+        except BackendUnavailable:
+            return self._enqueue((request,))[0]
 
     async def atrack(
         self,
@@ -230,33 +357,107 @@ class Meter:
         request = self._track_request(
             customer_id, feature_id, value, idempotency_key, entity_id, properties
         )
-        return await self._asend(request)
+        try:
+            return await self._asend(request)
+        except BackendUnavailable:
+            return self._enqueue((request,))[0]
 
-    # -- the drivers -------------------------------------------------------------------
+    # -- the drivers: carry the engine's requests to the backend -------------------------
 
     def _admit(self, call: MeteredCall) -> Admission:
         request = engine.admission(call)
+        hold = None
+        try:
+            self._deliver_queued_first(call.customer_id)
+            if request.send_event:
+                hold = engine.hold_for(call, current_owner(), time.time())
+                result = self._reserve(hold, request)
+            else:
+                result = self.backend.check(  # type: ignore[union-attr]
+                    request.customer_id, request.feature_id, **request.kwargs()
+                )
+        except BackendError as exc:
+            return self._admit_unverified(call, exc)
+        self._unverified.pop(call.customer_id, None)
+        return engine.admit(call, result, hold)
+
+    async def _aadmit(self, call: MeteredCall) -> Admission:
+        request = engine.admission(call)
+        hold = None
+        try:
+            if call.customer_id in self._queued_customers:
+                await asyncio.to_thread(self._deliver_queued_first, call.customer_id)
+            if request.send_event:
+                hold = engine.hold_for(call, current_owner(), time.time())
+                result = await self._areserve(hold, request)
+            else:
+                result = await self.backend.acheck(  # type: ignore[union-attr]
+                    request.customer_id, request.feature_id, **request.kwargs()
+                )
+        except BackendError as exc:
+            return self._admit_unverified(call, exc)
+        self._unverified.pop(call.customer_id, None)
+        return engine.admit(call, result, hold)
+
+    def _reserve(self, hold: Hold, request: engine.CheckRequest) -> CheckResult:
+        if self._ledger_holds:
+            return self.backend.reserve(hold)  # type: ignore[union-attr]
+        self.outbox.open_hold(hold)
         try:
             result = self.backend.check(  # type: ignore[union-attr]
                 request.customer_id, request.feature_id, **request.kwargs()
             )
-        except ConfigError:
+        except BaseException:
+            self.outbox.close_hold(hold.key)
             raise
-        except BackendError as exc:
-            return engine.admit_unverified(call, exc)
-        return engine.admit(call, result)
+        self._journal_answer(hold, result)
+        return result
 
-    async def _aadmit(self, call: MeteredCall) -> Admission:
-        request = engine.admission(call)
+    async def _areserve(self, hold: Hold, request: engine.CheckRequest) -> CheckResult:
+        if self._ledger_holds:
+            return await self.backend.areserve(hold)  # type: ignore[union-attr]
+        self.outbox.open_hold(hold)
         try:
             result = await self.backend.acheck(  # type: ignore[union-attr]
                 request.customer_id, request.feature_id, **request.kwargs()
             )
-        except ConfigError:
+        except BaseException:
+            self.outbox.close_hold(hold.key)
             raise
-        except BackendError as exc:
-            return engine.admit_unverified(call, exc)
-        return engine.admit(call, result)
+        self._journal_answer(hold, result)
+        return result
+
+    def _journal_answer(self, hold: Hold, result: CheckResult) -> None:
+        if result.deducted:
+            self.outbox.mark_held(hold.key)
+        else:
+            self.outbox.close_hold(hold.key)
+
+    def _admit_unverified(self, call: MeteredCall, error: BackendError) -> Admission:
+        with self._lock:
+            count = self._unverified.get(call.customer_id, 0)
+            admission = engine.admit_unverified(
+                call, error, unverified=count, limit=self.unverified_limit
+            )
+            self._unverified[call.customer_id] = count + 1
+        logger.warning(
+            "agent_meter: %s for %s runs unverified (%d of %d): %s",
+            call.feature_id,
+            call.customer_id,
+            count + 1,
+            self.unverified_limit,
+            error,
+        )
+        return admission
+
+    def _deliver_queued_first(self, customer_id: str) -> None:
+        """Deliver this customer's queued tracks before a check, so it sees all of them."""
+        if customer_id not in self._queued_customers:
+            return
+        if not self.deliverer.drain(customer_id):
+            msg = f"usage of {customer_id!r} queued earlier could not be delivered before the check"
+            raise BackendUnavailable(msg)
+        self._queued_customers.discard(customer_id)
 
     def _send(self, request: TrackRequest) -> TrackResult:
         return self.backend.track(  # type: ignore[union-attr]
@@ -268,41 +469,143 @@ class Meter:
             request.customer_id, request.feature_id, request.value, **request.kwargs()
         )
 
-    def _settle(self, requests: tuple[TrackRequest, ...]) -> None:
+    def _enqueue(
+        self, requests: Sequence[TrackRequest], *, close_hold: str | None = None
+    ) -> list[TrackResult]:
+        """Keep tracks in the durable outbox and wake the deliverer."""
+        self.outbox.put(requests, now=time.time(), close_hold=close_hold)
         for request in requests:
-            try:
-                self._send(request)
-            except BackendError as exc:
-                self._keep(request, exc)
+            self._queued_customers.add(request.customer_id)
+        self.deliverer.wake()
+        return [_queued(request) for request in requests]
 
-    async def _asettle(self, requests: tuple[TrackRequest, ...]) -> None:
-        for request in requests:
+    def _deliver(self, requests: Sequence[TrackRequest]) -> list[TrackResult]:
+        """Deliver now to a local backend, else through the outbox; never lose one."""
+        if not self._inline:
+            return self._enqueue(requests)
+        results = []
+        for index, request in enumerate(requests):
             try:
-                await self._asend(request)
-            except BackendError as exc:
-                self._keep(request, exc)
+                results.append(self._send(request))
+            except BackendError:
+                return results + self._enqueue(requests[index:])
+        return results
 
-    def _keep(self, request: TrackRequest, exc: BackendError) -> None:
-        logger.warning(
-            "agent_meter: track %s of %s for %s not delivered (%s); kept for flush()",
-            request.idempotency_key,
-            request.feature_id,
-            request.customer_id,
+    async def _adeliver(self, requests: Sequence[TrackRequest]) -> list[TrackResult]:
+        """Async :meth:`_deliver`."""
+        if not self._inline:
+            return self._enqueue(requests)
+        results = []
+        for index, request in enumerate(requests):
+            try:
+                results.append(await self._asend(request))
+            except BackendError:
+                return results + self._enqueue(requests[index:])
+        return results
+
+    def _settle(self, admission: Admission, settlement: engine.Settlement) -> None:
+        hold = admission.hold
+        if hold is not None:
+            if self._ledger_holds:
+                try:
+                    self.backend.release(hold.key, settlement.refund)  # type: ignore[union-attr]
+                except BackendError as exc:
+                    self._release_failed(hold, settlement.refund, exc)
+            elif settlement.refund is not None:
+                self._enqueue((settlement.refund,), close_hold=hold.key)
+            else:
+                self.outbox.close_hold(hold.key)
+        if settlement.tracks:
+            self._deliver(settlement.tracks)
+
+    async def _asettle(self, admission: Admission, settlement: engine.Settlement) -> None:
+        hold = admission.hold
+        if hold is not None:
+            if self._ledger_holds:
+                try:
+                    await self.backend.arelease(hold.key, settlement.refund)  # type: ignore[union-attr]
+                except BackendError as exc:
+                    self._release_failed(hold, settlement.refund, exc)
+            elif settlement.refund is not None:
+                self._enqueue((settlement.refund,), close_hold=hold.key)
+            else:
+                self.outbox.close_hold(hold.key)
+        if settlement.tracks:
+            await self._adeliver(settlement.tracks)
+
+    def _release_failed(self, hold: Hold, refund: TrackRequest | None, exc: BackendError) -> None:
+        if refund is not None:
+            # The refund waits in the outbox; the ledger's hold is closed by recover() once
+            # this process has ended, and its refund carries the same key: it counts once.
+            self._enqueue((refund,))
+            return
+        logger.error(
+            "agent_meter: could not close the hold of %s (%s); it stays until this process "
+            "ends: %s",
+            hold.feature_id,
+            hold.customer_id,
             exc,
         )
-        self._undelivered.append(request)
 
-    def flush(self) -> int:
-        """Send again the tracks the backend did not acknowledge; return how many remain."""
-        pending, self._undelivered = self._undelivered, []
-        self._settle(tuple(pending))
-        return len(self._undelivered)
+    def flush(self, timeout: float | None = None) -> int:
+        """Wait until the queued usage is delivered, or ``timeout`` seconds have passed.
 
-    async def aflush(self) -> int:
-        """Async :meth:`flush`."""
-        pending, self._undelivered = self._undelivered, []
-        await self._asettle(tuple(pending))
-        return len(self._undelivered)
+        Returns:
+            How many tracks are still undelivered (they stay in the outbox).
+
+        Raises:
+            AgentMeterError: A track the backend rejected for good since the last flush
+                (``ConfigError`` for an unknown feature); it is set aside in the outbox.
+        """
+        return self.deliverer.flush(timeout)
+
+    async def aflush(self, timeout: float | None = None) -> int:
+        """Async :meth:`flush` (delivery runs in a worker thread)."""
+        return await asyncio.to_thread(self.flush, timeout)
+
+    def recover(self) -> Recovery:
+        """Refund the reservations of processes that died, and deliver the outbox.
+
+        A reservation whose owner process is gone was never settled: its work's outcome
+        is unknown and its result never reached the agent, so it is refunded (once, under
+        its refund key). Reservations of live processes are never touched, so this is safe
+        to call while other processes use the same files.
+        """
+        refunded = uncertain = 0
+        if self._ledger_holds:
+            for hold in self.backend.holds():  # type: ignore[union-attr]
+                if not owner_is_alive(hold.owner) and self.backend.release(  # type: ignore[union-attr]
+                    hold.key, hold.refund()
+                ):
+                    refunded += 1
+        else:
+            for hold, state in self.outbox.holds():
+                if owner_is_alive(hold.owner):
+                    continue
+                if state == "held":
+                    self.outbox.put([hold.refund()], now=time.time(), close_hold=hold.key)
+                    self._queued_customers.add(hold.customer_id)
+                    refunded += 1
+                elif self.outbox.close_hold(hold.key):
+                    uncertain += 1
+                    logger.warning(
+                        "agent_meter: a reservation of %s for %s was sent by a process that "
+                        "died before the answer; it may stay billed",
+                        hold.feature_id,
+                        hold.customer_id,
+                    )
+        before = self.deliverer.delivered
+        self.deliverer.run_once(ignore_backoff=True)
+        return Recovery(
+            refunded=refunded,
+            uncertain=uncertain,
+            delivered=self.deliverer.delivered - before,
+            pending=self.outbox.pending(),
+        )
+
+    async def arecover(self) -> Recovery:
+        """Async :meth:`recover` (runs in a worker thread)."""
+        return await asyncio.to_thread(self.recover)
 
     # -- guards ----------------------------------------------------------------------------
 
@@ -439,7 +742,7 @@ class Meter:
         requests = self._token_requests(
             customer_id, usage, call_id, features or TokenFeatures(), entity_id
         )
-        return [self._send(request) for request in requests]
+        return self._deliver(requests)
 
     async def atrack_tokens(
         self,
@@ -454,7 +757,7 @@ class Meter:
         requests = self._token_requests(
             customer_id, usage, call_id, features or TokenFeatures(), entity_id
         )
-        return [await self._asend(request) for request in requests]
+        return await self._adeliver(requests)
 
     # -- integrations (thin adapters, imported on use) -----------------------------------
 
@@ -521,19 +824,60 @@ class Meter:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Deliver what is pending, then close the backend."""
-        remaining = self.flush()
-        if remaining:
-            logger.error("agent_meter: closing with %d undelivered tracks", remaining)
-        self.backend.close()  # type: ignore[union-attr]
+    def close(self, timeout: float = 10.0) -> None:
+        """Deliver what is queued (waiting up to ``timeout`` seconds), then close.
 
-    async def aclose(self) -> None:
+        Usage still undelivered stays in the outbox, says so in a log line, and is
+        delivered by the next meter opened on the same outbox.
+        """
+        if self._closed:
+            return
+        try:
+            self._flush_before_closing(timeout)
+        finally:
+            self._closed = True
+            _open_meters.discard(self)
+            self.deliverer.stop()
+            self.outbox.close()
+            self.backend.close()  # type: ignore[union-attr]
+
+    async def aclose(self, timeout: float = 10.0) -> None:
         """Async :meth:`close`."""
-        remaining = await self.aflush()
+        if self._closed:
+            return
+        try:
+            await asyncio.to_thread(self._flush_before_closing, timeout)
+        finally:
+            self._closed = True
+            _open_meters.discard(self)
+            self.deliverer.stop()
+            self.outbox.close()
+            await self.backend.aclose()  # type: ignore[union-attr]
+
+    def _flush_before_closing(self, timeout: float) -> None:
+        try:
+            remaining = self.flush(timeout)
+        except AgentMeterError as exc:
+            logger.error("agent_meter: usage rejected by the backend, set aside: %s", exc)
+            remaining = self.outbox.pending()
         if remaining:
-            logger.error("agent_meter: closing with %d undelivered tracks", remaining)
-        await self.backend.aclose()  # type: ignore[union-attr]
+            logger.warning(
+                "agent_meter: %d tracks not delivered yet; they wait in %r and are delivered "
+                "by the next meter that opens it",
+                remaining,
+                self.outbox,
+            )
+
+    def _exit(self) -> None:
+        """At interpreter exit: a short flush, and a log line for what is left."""
+        if self._closed:
+            return
+        try:
+            if self.outbox.pending():
+                self._flush_before_closing(timeout=2.0)
+        except Exception:  # interpreter shutdown: report, never raise
+            logger.exception("agent_meter: delivering at exit failed")
+        self.deliverer.stop()
 
     def __enter__(self) -> Meter:
         return self
@@ -546,163 +890,3 @@ class Meter:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-
-class GuardedCall:
-    """The handle a guard yields: what was admitted, and how the block reports its outcome.
-
-    Attributes:
-        call: The metered call (customer, feature, units, call id).
-        admission: The go-ahead, once the guard is entered.
-        billed: Units that stayed billed, once the guard has exited.
-    """
-
-    __slots__ = ("_actual", "_failure", "admission", "billed", "call")
-
-    def __init__(self, call: MeteredCall) -> None:
-        self.call = call
-        self.admission: Admission | None = None
-        self.billed: float | None = None
-        self._actual: float | None = None
-        self._failure: str | None = None
-
-    @property
-    def check(self) -> CheckResult | None:
-        """The backend's answer to the admitting check (None for an unverified call)."""
-        return None if self.admission is None else self.admission.check
-
-    def bill(self, units: float) -> None:
-        """Bill ``units`` instead of the estimate (the real count, known after the work)."""
-        self._actual = check_units(
-            units, feature_id=self.call.feature_id, customer_id=self.call.customer_id
-        )
-
-    def fail(self, reason: str = "failed") -> None:
-        """Mark the call failed without raising (an error result): nothing stays billed."""
-        self._failure = reason
-
-    @property
-    def failed(self) -> bool:
-        """Whether :meth:`fail` was called."""
-        return self._failure is not None
-
-    def _settlement(self, exc_type: type[BaseException] | None) -> tuple[TrackRequest, ...]:
-        assert self.admission is not None  # noqa: S101 - set by __enter__
-        succeeded = exc_type is None and self._failure is None
-        requests = engine.settlement(
-            self.call, self.admission, succeeded=succeeded, actual_units=self._actual
-        )
-        final = self._actual if self._actual is not None else self.call.units
-        self.billed = final if succeeded and not self.call.gate_only else 0.0
-        return requests
-
-
-class Guard:
-    """Context manager returned by :meth:`Meter.guard`."""
-
-    __slots__ = ("_meter", "handle")
-
-    def __init__(self, meter: Meter, call: MeteredCall) -> None:
-        self._meter = meter
-        self.handle = GuardedCall(call)
-
-    def __enter__(self) -> GuardedCall:
-        self.handle.admission = self._meter._admit(self.handle.call)
-        return self.handle
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._meter._settle(self.handle._settlement(exc_type))
-
-
-class AsyncGuard:
-    """Async context manager returned by :meth:`Meter.aguard`."""
-
-    __slots__ = ("_meter", "handle")
-
-    def __init__(self, meter: Meter, call: MeteredCall) -> None:
-        self._meter = meter
-        self.handle = GuardedCall(call)
-
-    async def __aenter__(self) -> GuardedCall:
-        self.handle.admission = await self._meter._aadmit(self.handle.call)
-        return self.handle
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._meter._asettle(self.handle._settlement(exc_type))
-
-
-class CustomerScope:
-    """A meter bound to one customer: a context manager and a set of bound methods.
-
-    Example:
-        >>> with meter.customer("cus_1"):
-        ...     agent.invoke(inputs)            # wrapped tools bill cus_1
-        >>> meter.customer("cus_1").check("web_search").allowed
-    """
-
-    def __init__(self, meter: Meter, ref: CustomerRef) -> None:
-        self.meter = meter
-        self.ref = ref
-        self._tokens: list[Token[CustomerRef | None]] = []
-
-    def __repr__(self) -> str:
-        return f"CustomerScope({self.ref.customer_id!r}, entity_id={self.ref.entity_id!r})"
-
-    def __enter__(self) -> CustomerScope:
-        self._tokens.append(bind_customer(self.ref))
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        unbind_customer(self._tokens.pop())
-
-    async def __aenter__(self) -> CustomerScope:
-        return self.__enter__()
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.__exit__()
-
-    def check(self, feature_id: str, units: float = 1) -> CheckResult:
-        """:meth:`Meter.check` for this customer."""
-        return self.meter.check(
-            self.ref.customer_id, feature_id, units, entity_id=self.ref.entity_id
-        )
-
-    async def acheck(self, feature_id: str, units: float = 1) -> CheckResult:
-        """:meth:`Meter.acheck` for this customer."""
-        return await self.meter.acheck(
-            self.ref.customer_id, feature_id, units, entity_id=self.ref.entity_id
-        )
-
-    def track(self, feature_id: str, value: float, **kwargs: Any) -> TrackResult:
-        """:meth:`Meter.track` for this customer."""
-        return self.meter.track(
-            self.ref.customer_id, feature_id, value, entity_id=self.ref.entity_id, **kwargs
-        )
-
-    async def atrack(self, feature_id: str, value: float, **kwargs: Any) -> TrackResult:
-        """:meth:`Meter.atrack` for this customer."""
-        return await self.meter.atrack(
-            self.ref.customer_id, feature_id, value, entity_id=self.ref.entity_id, **kwargs
-        )
-
-    def guard(self, feature_id: str, units: float = 1, **kwargs: Any) -> Guard:
-        """:meth:`Meter.guard` for this customer."""
-        return self.meter.guard(
-            self.ref.customer_id, feature_id, units, entity_id=self.ref.entity_id, **kwargs
-        )
-
-    def aguard(self, feature_id: str, units: float = 1, **kwargs: Any) -> AsyncGuard:
-        """:meth:`Meter.aguard` for this customer."""
-        return self.meter.aguard(
-            self.ref.customer_id, feature_id, units, entity_id=self.ref.entity_id, **kwargs
-        )

@@ -54,6 +54,8 @@ class TrackResult:
         idempotency_key: The key the track was sent with.
         duplicate: The key had been recorded before, so this track changed nothing
             (Autumn's 409 ``duplicate_idempotency_key``). Still a success.
+        queued: Not delivered yet: the track waits in the meter's outbox and will be
+            delivered with the same key.
     """
 
     customer_id: str
@@ -61,6 +63,7 @@ class TrackResult:
     value: float
     idempotency_key: str
     duplicate: bool = False
+    queued: bool = False
 
 
 @dataclass(frozen=True, slots=True)

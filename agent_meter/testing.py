@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent_meter import ledger
+from agent_meter.engine import Hold, TrackRequest
 from agent_meter.errors import BackendUnavailable, CustomerNotFound
 from agent_meter.ledger import Balance
 from agent_meter.pricing import Pricing
@@ -63,6 +64,9 @@ class MemoryBackend:
         clock: Returns the current Unix time.
     """
 
+    is_local = True
+    """The ledger is in this process's reach: the meter settles calls inline."""
+
     def __init__(self, *, pricing: Pricing, clock: Callable[[], float] = time.time) -> None:
         self._pricing = pricing
         self._clock = clock
@@ -73,6 +77,7 @@ class MemoryBackend:
         self._events: list[UsageEvent] = []
         self._denied: list[tuple[str | None, str | None]] = []
         self._faults: list[_Fault] = []
+        self._holds: dict[str, Hold] = {}
         self.calls: list[RecordedCall] = []
         """Every check and track received, in order (also those that failed)."""
 
@@ -165,35 +170,47 @@ class MemoryBackend:
                 send_event=send_event,
                 entity_id=entity_id,
             )
-            customer_id, entity_id, charge = ledger.price_request(
-                self._pricing, customer_id, feature_id, required_balance, entity_id=entity_id
-            )
-            now = self._clock()
-            stored = self._stored(customer_id, charge.balance_id, now)
-            if self._is_denied(customer_id, feature_id):
-                result, _ = ledger.plan_check(customer_id, charge, stored, now, send_event=False)
-                return replace(result, allowed=False, deducted=False)
-            result, after = ledger.plan_check(
-                customer_id, charge, stored, now, send_event=send_event, entity_id=entity_id
-            )
-            if after is not None:
-                self._balances[customer_id, charge.balance_id] = after
-            if result.deducted and charge.amount:
-                self._events.append(
-                    UsageEvent(
-                        now,
-                        customer_id,
-                        entity_id,
-                        feature_id,
-                        charge.balance_id,
-                        "reserve",
-                        charge.value,
-                        ledger.from_nano(charge.amount),
-                        -ledger.from_nano(charge.amount),
-                        None,
-                    )
+            return self._check(customer_id, feature_id, required_balance, entity_id, send_event)
+
+    def _check(
+        self,
+        customer_id: str,
+        feature_id: str,
+        units: float,
+        entity_id: str | None,
+        send_event: bool,
+    ) -> CheckResult:
+        """A check under the lock; records the reservation it makes."""
+        customer_id, entity_id, charge = ledger.price_request(
+            self._pricing, customer_id, feature_id, units, entity_id=entity_id
+        )
+        now = self._clock()
+        stored = self._stored(customer_id, charge.balance_id, now)
+        if self._is_denied(customer_id, feature_id):
+            result, _ = ledger.plan_check(customer_id, charge, stored, now, send_event=False)
+            return replace(result, allowed=False, deducted=False)
+        result, after = ledger.plan_check(
+            customer_id, charge, stored, now, send_event=send_event, entity_id=entity_id
+        )
+        if after is not None:
+            self._balances[customer_id, charge.balance_id] = after
+        if result.deducted and charge.amount:
+            credits = ledger.from_nano(charge.amount)
+            self._events.append(
+                UsageEvent(
+                    now,
+                    customer_id,
+                    entity_id,
+                    feature_id,
+                    charge.balance_id,
+                    "reserve",
+                    charge.value,
+                    credits,
+                    -credits,
+                    None,
                 )
-            return result
+            )
+        return result
 
     def track(
         self,
@@ -216,41 +233,110 @@ class MemoryBackend:
                 entity_id=entity_id,
                 properties=properties,
             )
-            customer_id, entity_id, charge = ledger.price_request(
-                self._pricing,
+            return self._track(customer_id, feature_id, value, idempotency_key, entity_id)
+
+    def _track(
+        self,
+        customer_id: str,
+        feature_id: str,
+        value: float,
+        idempotency_key: str,
+        entity_id: str | None,
+    ) -> TrackResult:
+        """A track under the lock."""
+        customer_id, entity_id, charge = ledger.price_request(
+            self._pricing,
+            customer_id,
+            feature_id,
+            value,
+            entity_id=entity_id,
+            track=True,
+            idempotency_key=idempotency_key,
+        )
+        if idempotency_key in self._keys:
+            return TrackResult(
+                customer_id, feature_id, charge.value, idempotency_key, duplicate=True
+            )
+        now = self._clock()
+        after, applied = ledger.plan_track(
+            charge, self._stored(customer_id, charge.balance_id, now), now
+        )
+        if after is not None:
+            self._balances[customer_id, charge.balance_id] = after
+        self._keys.add(idempotency_key)
+        self._events.append(
+            UsageEvent(
+                now,
                 customer_id,
+                entity_id,
                 feature_id,
-                value,
-                entity_id=entity_id,
-                track=True,
-                idempotency_key=idempotency_key,
+                charge.balance_id,
+                "track",
+                charge.value,
+                ledger.from_nano(charge.amount),
+                ledger.from_nano(applied),
+                idempotency_key,
             )
-            if idempotency_key in self._keys:
-                return TrackResult(
-                    customer_id, feature_id, charge.value, idempotency_key, duplicate=True
-                )
-            now = self._clock()
-            after, applied = ledger.plan_track(
-                charge, self._stored(customer_id, charge.balance_id, now), now
+        )
+        return TrackResult(customer_id, feature_id, charge.value, idempotency_key)
+
+    # -- reservations held by a process ------------------------------------------------------
+
+    def reserve(self, hold: Hold) -> CheckResult:
+        """Check and deduct ``hold.units`` atomically, recording the hold with it."""
+        with self._lock:
+            self._record(
+                "check",
+                hold.customer_id,
+                hold.feature_id,
+                required_balance=hold.units,
+                send_event=True,
+                entity_id=hold.entity_id,
             )
-            if after is not None:
-                self._balances[customer_id, charge.balance_id] = after
-            self._keys.add(idempotency_key)
-            self._events.append(
-                UsageEvent(
-                    now,
-                    customer_id,
-                    entity_id,
-                    feature_id,
-                    charge.balance_id,
+            result = self._check(
+                hold.customer_id, hold.feature_id, hold.units, hold.entity_id, True
+            )
+            if result.deducted:
+                self._holds[hold.key] = hold
+            return result
+
+    def release(self, key: str, refund: TrackRequest | None = None) -> bool:
+        """Close a hold, refunding in the same step when ``refund`` is given."""
+        with self._lock:
+            if refund is not None:
+                self._record(
                     "track",
-                    charge.value,
-                    ledger.from_nano(charge.amount),
-                    ledger.from_nano(applied),
-                    idempotency_key,
+                    refund.customer_id,
+                    refund.feature_id,
+                    value=refund.value,
+                    idempotency_key=refund.idempotency_key,
+                    entity_id=refund.entity_id,
+                    properties=None,
                 )
-            )
-            return TrackResult(customer_id, feature_id, charge.value, idempotency_key)
+            if self._holds.pop(key, None) is None:
+                return False
+            if refund is not None:
+                self._track(
+                    refund.customer_id,
+                    refund.feature_id,
+                    refund.value,
+                    refund.idempotency_key,
+                    refund.entity_id,
+                )
+            return True
+
+    def holds(self) -> list[Hold]:
+        """Every open hold, oldest first."""
+        with self._lock:
+            return sorted(self._holds.values(), key=lambda hold: hold.created_at)
+
+    async def areserve(self, hold: Hold) -> CheckResult:
+        """Async :meth:`reserve` (runs inline)."""
+        return self.reserve(hold)
+
+    async def arelease(self, key: str, refund: TrackRequest | None = None) -> bool:
+        """Async :meth:`release` (runs inline)."""
+        return self.release(key, refund)
 
     def close(self) -> None:
         """Nothing to release; present for the protocol."""

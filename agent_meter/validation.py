@@ -22,8 +22,8 @@ def _check_id(kind: str, value: object) -> str:
     if len(value) > MAX_ID_LENGTH:
         msg = f"{kind} is {len(value)} characters long; the limit is {MAX_ID_LENGTH}"
         raise InvalidUsage(msg)
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        msg = f"{kind} {value!r} contains control characters"
+    if not value.isprintable():
+        msg = f"{kind} {value!r} contains control or separator characters"
         raise InvalidUsage(msg)
     return value
 

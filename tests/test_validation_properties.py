@@ -29,7 +29,7 @@ def _valid_id(value: object) -> bool:
         isinstance(value, str)
         and bool(value.strip())
         and len(value) <= 256
-        and not any(ord(ch) < 32 or ord(ch) == 127 for ch in value)
+        and value.isprintable()
     )
 
 

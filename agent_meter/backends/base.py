@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
+from agent_meter.engine import Hold, TrackRequest
 from agent_meter.pricing import Pricing
 from agent_meter.results import CheckResult, TrackResult
 
-__all__ = ["AsyncBackend", "Backend", "CatalogueBackend"]
+__all__ = ["AsyncBackend", "Backend", "CatalogueBackend", "ReservingBackend"]
 
 
 @runtime_checkable
@@ -93,4 +94,33 @@ class CatalogueBackend(Protocol):
     @property
     def pricing(self) -> Pricing:
         """The features, credit systems and plans the backend bills by."""
+        ...
+
+
+@runtime_checkable
+class ReservingBackend(Protocol):
+    """A backend that records a reservation's hold in the same commit as the deduction.
+
+    The embedded backends do; the meter keeps holds in its own journal for the others
+    (Autumn), where a crash between the deduction and the journal leaves a window.
+    """
+
+    def reserve(self, hold: Hold) -> CheckResult:
+        """Check with ``send_event=True`` for ``hold.units``; record the hold if deducted."""
+        ...
+
+    def release(self, key: str, refund: TrackRequest | None = None) -> bool:
+        """Close a hold, refunding in the same commit when ``refund`` is given."""
+        ...
+
+    def holds(self) -> list[Hold]:
+        """Every open hold."""
+        ...
+
+    async def areserve(self, hold: Hold) -> CheckResult:
+        """Async :meth:`reserve`."""
+        ...
+
+    async def arelease(self, key: str, refund: TrackRequest | None = None) -> bool:
+        """Async :meth:`release`."""
         ...

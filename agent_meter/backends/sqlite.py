@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_meter import ledger
+from agent_meter.engine import Hold, TrackRequest
 from agent_meter.errors import (
     BackendError,
     BackendUnavailable,
@@ -62,9 +63,12 @@ CREATE TABLE IF NOT EXISTS events (
     credits INTEGER NOT NULL,      -- cost in billionths of a balance unit
     applied INTEGER NOT NULL,      -- what it changed on the balance (capped at 0)
     idempotency_key TEXT UNIQUE,
-    properties TEXT
+    properties TEXT,
+    owner TEXT,                    -- a reservation's holder (host:pid:start) until settled
+    refund_key TEXT                -- the key its refund is tracked under
 );
 CREATE INDEX IF NOT EXISTS events_by_customer ON events (customer_id, at);
+CREATE INDEX IF NOT EXISTS events_held ON events (owner) WHERE owner IS NOT NULL;
 """
 
 _SELECT_BALANCE = (
@@ -82,8 +86,10 @@ _UPDATE_BALANCE = (
 )
 _INSERT_EVENT = (
     "INSERT INTO events (at, customer_id, entity_id, feature_id, balance_id, kind, value,"
-    " credits, applied, idempotency_key, properties) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " credits, applied, idempotency_key, properties, owner, refund_key)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_RELEASE = "UPDATE events SET owner = NULL WHERE idempotency_key = ? AND owner IS NOT NULL"
 
 
 class SQLiteBackend:
@@ -103,6 +109,9 @@ class SQLiteBackend:
         >>> backend.check("cus_1", "web_search").balance
         100.0
     """
+
+    is_local = True
+    """The ledger is in this process's reach: the meter settles calls inline."""
 
     def __init__(
         self,
@@ -270,30 +279,76 @@ class SQLiteBackend:
                 if fast is not None:
                     return fast
             with self._write() as conn:
-                stored = self._balance(conn, customer_id, charge.balance_id, now)
-                result, after = ledger.plan_check(
-                    customer_id, charge, stored, now, send_event=send_event, entity_id=entity_id
-                )
-                if after is not None:
-                    self._store(conn, customer_id, after)
-                if result.deducted and charge.amount:
-                    conn.execute(
-                        _INSERT_EVENT,
-                        (
-                            now,
-                            customer_id,
-                            entity_id,
-                            feature_id,
-                            charge.balance_id,
-                            "reserve",
-                            charge.value,
-                            charge.amount,
-                            -charge.amount,
-                            None,
-                            None,
-                        ),
-                    )
-                return result
+                return self._check_in(conn, customer_id, charge, entity_id, now, send_event, None)
+
+    def _check_in(  # noqa: PLR0917 - private; one call site per public method
+        self,
+        conn: sqlite3.Connection,
+        customer_id: str,
+        charge: ledger.Charge,
+        entity_id: str | None,
+        now: float,
+        send_event: bool,
+        hold: Hold | None,
+    ) -> CheckResult:
+        """A check inside a write transaction; records the reservation (and hold) it makes."""
+        result = (
+            self._deduct_known(conn, customer_id, charge, entity_id, now) if send_event else None
+        )
+        if result is None:
+            stored = self._balance(conn, customer_id, charge.balance_id, now)
+            result, after = ledger.plan_check(
+                customer_id, charge, stored, now, send_event=send_event, entity_id=entity_id
+            )
+            if after is not None:
+                self._store(conn, customer_id, after)
+        if result.deducted and (charge.amount or hold is not None):
+            # the reservation's event is its hold too: one row, in the deduction's commit
+            held = (None, None, None) if hold is None else (hold.key, hold.owner, hold.refund_key)
+            conn.execute(
+                _INSERT_EVENT,
+                (
+                    now,
+                    customer_id,
+                    entity_id,
+                    charge.feature_id,
+                    charge.balance_id,
+                    "reserve",
+                    charge.value,
+                    charge.amount,
+                    -charge.amount,
+                    held[0],
+                    None,
+                    held[1],
+                    held[2],
+                ),
+            )
+        return result
+
+    def _deduct_known(
+        self,
+        conn: sqlite3.Connection,
+        customer_id: str,
+        charge: ledger.Charge,
+        entity_id: str | None,
+        now: float,
+    ) -> CheckResult | None:
+        """The hot path of a reservation: one UPDATE that deducts when the balance suffices.
+
+        Returns None (take the general path) for anything unusual: a new customer, a reset
+        due, a boolean or unlimited balance, or not enough balance.
+        """
+        if charge.boolean or customer_id not in self._known_customers:
+            return None
+        row = conn.execute(
+            "UPDATE balances SET balance = balance - ?1 WHERE customer_id = ?2"
+            " AND balance_id = ?3 AND kind = 'amount' AND balance >= ?1"
+            " AND (next_reset_at IS NULL OR next_reset_at > ?4) RETURNING included, balance",
+            (charge.amount, customer_id, charge.balance_id, now),
+        ).fetchone()
+        if row is None:
+            return None
+        return ledger.deducted_result(customer_id, charge, row[0], row[1], entity_id)
 
     def _read_only_check(
         self, customer_id: str, charge: ledger.Charge, entity_id: str | None, now: float
@@ -336,37 +391,120 @@ class SQLiteBackend:
             track=True,
             idempotency_key=idempotency_key,
         )
-        props = json.dumps(dict(properties), default=str) if properties else None
         now = self._clock()
         with self._errors(f"track {feature_id!r} for {customer_id!r}"), self._write() as conn:
-            seen = conn.execute(
-                "SELECT 1 FROM events WHERE idempotency_key = ?", (idempotency_key,)
-            ).fetchone()
-            if seen is not None:
-                return TrackResult(
-                    customer_id, feature_id, charge.value, idempotency_key, duplicate=True
-                )
-            stored = self._balance(conn, customer_id, charge.balance_id, now)
-            after, applied = ledger.plan_track(charge, stored, now)
-            if after is not None:
-                self._store(conn, customer_id, after)
-            conn.execute(
-                _INSERT_EVENT,
-                (
-                    now,
-                    customer_id,
-                    entity_id,
-                    feature_id,
-                    charge.balance_id,
-                    "track",
-                    charge.value,
-                    charge.amount,
-                    applied,
-                    idempotency_key,
-                    props,
-                ),
+            duplicate = self._track_in(
+                conn, customer_id, charge, entity_id, idempotency_key, properties, now
             )
-        return TrackResult(customer_id, feature_id, charge.value, idempotency_key)
+        return TrackResult(customer_id, feature_id, charge.value, idempotency_key, duplicate)
+
+    def _track_in(  # noqa: PLR0917 - private; mirrors track()
+        self,
+        conn: sqlite3.Connection,
+        customer_id: str,
+        charge: ledger.Charge,
+        entity_id: str | None,
+        idempotency_key: str,
+        properties: Mapping[str, Any] | None,
+        now: float,
+    ) -> bool:
+        """A track inside a write transaction; returns True when the key was seen before."""
+        seen = conn.execute(
+            "SELECT 1 FROM events WHERE idempotency_key = ?", (idempotency_key,)
+        ).fetchone()
+        if seen is not None:
+            return True
+        stored = self._balance(conn, customer_id, charge.balance_id, now)
+        after, applied = ledger.plan_track(charge, stored, now)
+        if after is not None:
+            self._store(conn, customer_id, after)
+        props = json.dumps(dict(properties), default=str) if properties else None
+        conn.execute(
+            _INSERT_EVENT,
+            (
+                now,
+                customer_id,
+                entity_id,
+                charge.feature_id,
+                charge.balance_id,
+                "track",
+                charge.value,
+                charge.amount,
+                applied,
+                idempotency_key,
+                props,
+                None,
+                None,
+            ),
+        )
+        return False
+
+    # -- reservations held by a process (see agent_meter.owner) --------------------------
+
+    def reserve(self, hold: Hold) -> CheckResult:
+        """Check and deduct ``hold.units`` atomically, recording the hold in the same commit.
+
+        The hold names its owner process, so that ``meter.recover()`` can refund it if that
+        process dies before :meth:`release`.
+        """
+        customer_id, entity_id, charge = ledger.price_request(
+            self._pricing,
+            hold.customer_id,
+            hold.feature_id,
+            hold.units,
+            entity_id=hold.entity_id,
+        )
+        now = self._clock()
+        with self._errors(f"reserve {hold.feature_id!r} for {customer_id!r}"), self._write() as c:
+            return self._check_in(c, customer_id, charge, entity_id, now, True, hold)
+
+    def release(self, key: str, refund: TrackRequest | None = None) -> bool:
+        """Close a hold; with ``refund``, give the reservation back in the same commit.
+
+        Returns:
+            False when the hold was already closed (then nothing is refunded twice).
+        """
+        with self._errors(f"release hold {key!r}"):
+            if refund is None:  # the hot path: one statement, committed on its own
+                return self._conn().execute(_RELEASE, (key,)).rowcount > 0
+            customer_id, entity_id, charge = ledger.price_request(
+                self._pricing,
+                refund.customer_id,
+                refund.feature_id,
+                refund.value,
+                entity_id=refund.entity_id,
+                track=True,
+                idempotency_key=refund.idempotency_key,
+            )
+            now = self._clock()
+            with self._write() as conn:
+                if conn.execute(_RELEASE, (key,)).rowcount == 0:
+                    return False
+                self._track_in(
+                    conn, customer_id, charge, entity_id, refund.idempotency_key, None, now
+                )
+                return True
+
+    def holds(self) -> list[Hold]:
+        """Every open hold, oldest first."""
+        with self._errors("list holds"):
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT idempotency_key, customer_id, feature_id, value, entity_id,"
+                    " refund_key, owner, at FROM events WHERE owner IS NOT NULL ORDER BY id"
+                )
+                .fetchall()
+            )
+        return [Hold(*row) for row in rows]
+
+    async def areserve(self, hold: Hold) -> CheckResult:
+        """Async :meth:`reserve`, in a worker thread."""
+        return await asyncio.to_thread(self.reserve, hold)
+
+    async def arelease(self, key: str, refund: TrackRequest | None = None) -> bool:
+        """Async :meth:`release`, in a worker thread."""
+        return await asyncio.to_thread(self.release, key, refund)
 
     def close(self) -> None:
         """Close every thread's connection."""

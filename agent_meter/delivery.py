@@ -1,0 +1,186 @@
+"""Delivering the outbox: in the background, with exponential back-off and jitter.
+
+One daemon thread per meter delivers queued tracks (sync and async callers alike, so that
+a sync ``flush()`` still delivers what an async caller queued after its event loop has
+closed). A track the backend answers with 200 or 409 is done; one it cannot take now
+(:class:`BackendUnavailable`) waits and is tried again later with the same key; one it
+rejects for good is set aside with its reason and reported by ``flush()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+
+from agent_meter.engine import TrackRequest
+from agent_meter.errors import AgentMeterError, BackendUnavailable
+from agent_meter.outbox import Outbox, OutboxEntry
+from agent_meter.results import TrackResult
+
+__all__ = ["Deliverer", "backoff_delay"]
+
+logger = logging.getLogger("agent_meter")
+
+
+def backoff_delay(attempts: int, *, base: float, cap: float) -> float:
+    """Seconds before attempt ``attempts + 1``: exponential, capped, with full jitter."""
+    ceiling = min(cap, base * 2 ** min(attempts, 32))
+    return ceiling * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not cryptography
+
+
+class Deliverer:
+    """Sends the outbox's tracks to the backend until each is acknowledged or set aside.
+
+    Args:
+        outbox: Where tracks wait.
+        send: Delivers one track (the meter's backend call); raises on failure.
+        clock: Unix time, for back-off.
+        base_delay: First back-off, in seconds.
+        max_delay: Longest back-off, in seconds.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        send: Callable[[TrackRequest], TrackResult],
+        *,
+        clock: Callable[[], float] = time.time,
+        base_delay: float = 0.2,
+        max_delay: float = 60.0,
+    ) -> None:
+        self.outbox = outbox
+        self._send = send
+        self._clock = clock
+        self._base = base_delay
+        self._cap = max_delay
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._round_lock = threading.Lock()
+        self._rejected: list[AgentMeterError] = []
+        self.delivered = 0
+        """Tracks acknowledged by the backend since this deliverer started."""
+
+    # -- one round ---------------------------------------------------------------------------
+
+    def deliver(self, entries: list[OutboxEntry]) -> bool:
+        """Try each entry once, in order; stop at the first sign the backend is down.
+
+        Returns:
+            False if the backend was unavailable (the rest of ``entries`` was not tried).
+        """
+        for entry in entries:
+            request = entry.request
+            try:
+                self._send(request)
+            except BackendUnavailable as exc:
+                at = self._clock() + backoff_delay(entry.attempts, base=self._base, cap=self._cap)
+                self.outbox.retry_later(request.idempotency_key, str(exc), at)
+                return False
+            except AgentMeterError as exc:
+                self.outbox.set_aside(request.idempotency_key, f"{type(exc).__name__}: {exc}")
+                logger.error(
+                    "agent_meter: track %s (%s x %s for %s) rejected for good and set aside: %s",
+                    request.idempotency_key,
+                    request.value,
+                    request.feature_id,
+                    request.customer_id,
+                    exc,
+                )
+                self._rejected.append(exc)
+            except Exception as exc:  # a bug in a backend must not kill delivery
+                logger.exception(
+                    "agent_meter: unexpected error delivering %s", request.idempotency_key
+                )
+                at = self._clock() + backoff_delay(entry.attempts, base=self._base, cap=self._cap)
+                self.outbox.retry_later(request.idempotency_key, repr(exc), at)
+                return False
+            else:
+                self.outbox.delivered(request.idempotency_key)
+                self.delivered += 1
+        return True
+
+    def drain(self, customer_id: str) -> bool:
+        """Deliver every queued track of ``customer_id`` now, ignoring back-off.
+
+        Returns:
+            True when none is left (the backend has seen all of them).
+        """
+        with self._round_lock:
+            entries = self.outbox.due(self._clock(), customer_id=customer_id, limit=10_000)
+            return self.deliver(entries) and not self.outbox.pending(customer_id)
+
+    def run_once(self, *, ignore_backoff: bool = False) -> bool:
+        """Deliver what is due; returns False if the backend was unavailable."""
+        with self._round_lock:
+            now = float("inf") if ignore_backoff else self._clock()
+            while True:
+                entries = self.outbox.due(now, limit=100)
+                if not entries:
+                    return True
+                if not self.deliver(entries):
+                    return False
+
+    # -- the background thread -----------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Make the background thread look at the outbox now (starting it if needed)."""
+        if self._thread is None or not self._thread.is_alive():
+            with self._start_lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._stop.clear()
+                    self._thread = threading.Thread(
+                        target=self._loop, name="agent_meter-deliverer", daemon=True
+                    )
+                    self._thread.start()
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                self.run_once()
+            except AgentMeterError as exc:  # the outbox file itself failed; try again later
+                logger.warning("agent_meter: outbox delivery round failed: %s", exc)
+            due = self.outbox.next_due()
+            timeout = 5.0 if due is None else min(max(due - self._clock(), 0.001), 5.0)
+            self._wake.wait(timeout)
+
+    def flush(self, timeout: float | None = None) -> int:
+        """Deliver everything queued, retrying with back-off until done or ``timeout``.
+
+        Returns:
+            How many tracks are still undelivered.
+
+        Raises:
+            AgentMeterError: The first of the tracks the backend rejected for good since
+                the last flush (``ConfigError`` for an unknown feature, ...).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 0
+        while True:
+            if self.run_once(ignore_backoff=True) and not self.outbox.pending():
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            pause = backoff_delay(attempt, base=0.05, cap=1.0)
+            if deadline is not None:
+                pause = min(pause, max(deadline - time.monotonic(), 0))
+            time.sleep(pause)
+            attempt += 1
+        rejected, self._rejected = self._rejected, []
+        if rejected:
+            raise rejected[0]
+        return self.outbox.pending()
+
+    def stop(self) -> None:
+        """Stop the background thread (what is queued stays in the outbox)."""
+        self._stop.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)

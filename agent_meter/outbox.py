@@ -1,0 +1,274 @@
+"""The durable outbox: usage the backend has not acknowledged yet, and open reservations.
+
+Every track or refund that cannot be delivered at once (the backend is down, or it is
+remote and delivery happens off the caller's path) waits here, in a SQLite file, with its
+original idempotency key, until the backend acknowledges it (200, or 409 duplicate). A
+track the backend rejects for good is set aside with its reason instead of being retried
+forever. Entries survive the process: the next meter opened on the same file delivers them.
+
+For backends that cannot record a reservation in the same commit as the deduction
+(Autumn), the outbox is also the journal of open holds, so that ``meter.recover()`` can
+refund the reservations of processes that died.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent_meter.engine import Hold, TrackRequest
+from agent_meter.errors import BackendError, BackendUnavailable
+
+__all__ = ["Outbox", "OutboxEntry"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tracks (
+    key TEXT PRIMARY KEY,
+    customer_id TEXT NOT NULL,
+    feature_id TEXT NOT NULL,
+    value REAL NOT NULL,
+    entity_id TEXT,
+    properties TEXT,
+    created_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',   -- pending | set_aside
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS tracks_due ON tracks (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS tracks_by_customer ON tracks (customer_id, state);
+CREATE TABLE IF NOT EXISTS holds (
+    key TEXT PRIMARY KEY,
+    customer_id TEXT NOT NULL,
+    feature_id TEXT NOT NULL,
+    units REAL NOT NULL,
+    entity_id TEXT,
+    refund_key TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    state TEXT NOT NULL                       -- asking (answer unknown) | held
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """A track waiting in the outbox.
+
+    Attributes:
+        request: The track, with its original idempotency key.
+        attempts: Delivery attempts so far.
+        error: Why the last attempt failed (or why it was set aside).
+    """
+
+    request: TrackRequest
+    attempts: int
+    error: str | None
+
+
+class Outbox:
+    """A durable queue of tracks and a journal of holds, in one SQLite file.
+
+    Args:
+        path: The file (created if missing); None keeps the outbox in memory, for
+            backends whose ledger is in memory too.
+        busy_timeout: Seconds to wait for another process holding the file.
+    """
+
+    def __init__(self, path: str | Path | None, *, busy_timeout: float = 30.0) -> None:
+        self.path = None if path is None else Path(path)
+        target = ":memory:" if self.path is None else str(self.path)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        try:
+            self._conn = sqlite3.connect(
+                target, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+            self._conn.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            msg = f"cannot open the outbox {target}: {exc}"
+            raise BackendError(msg) from exc
+
+    def __repr__(self) -> str:
+        return f"Outbox({str(self.path) if self.path else ':memory:'!r})"
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                msg = f"{self!r}: {exc}"
+                raise BackendUnavailable(msg) from exc
+
+    def _query(self, sql: str, params: Iterable[object] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            return self._conn.execute(sql, tuple(params)).fetchall()
+
+    # -- tracks ----------------------------------------------------------------------------
+
+    def put(
+        self, requests: Iterable[TrackRequest], *, now: float, close_hold: str | None = None
+    ) -> None:
+        """Queue tracks durably (a key already queued is kept once), closing a hold with them."""
+        rows = [
+            (
+                r.idempotency_key,
+                r.customer_id,
+                r.feature_id,
+                r.value,
+                r.entity_id,
+                json.dumps(dict(r.properties), default=str) if r.properties else None,
+                now,
+                now,
+            )
+            for r in requests
+        ]
+        with self._transaction() as conn:
+            conn.executemany(
+                "INSERT INTO tracks (key, customer_id, feature_id, value, entity_id, properties,"
+                " created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (key) DO NOTHING",
+                rows,
+            )
+            if close_hold is not None:
+                conn.execute("DELETE FROM holds WHERE key = ?", (close_hold,))
+
+    def due(
+        self, now: float, *, customer_id: str | None = None, limit: int = 100
+    ) -> list[OutboxEntry]:
+        """Pending tracks due now (or all of one customer's), oldest first."""
+        if customer_id is None:
+            rows = self._query(
+                "SELECT key, customer_id, feature_id, value, entity_id, properties, attempts,"
+                " error FROM tracks WHERE state = 'pending' AND next_attempt_at <= ?"
+                " ORDER BY created_at LIMIT ?",
+                (now, limit),
+            )
+        else:
+            rows = self._query(
+                "SELECT key, customer_id, feature_id, value, entity_id, properties, attempts,"
+                " error FROM tracks WHERE state = 'pending' AND customer_id = ?"
+                " ORDER BY created_at LIMIT ?",
+                (customer_id, limit),
+            )
+        return [_entry(row) for row in rows]
+
+    def delivered(self, key: str) -> None:
+        """The backend acknowledged ``key``: forget it."""
+        with self._lock:
+            self._conn.execute("DELETE FROM tracks WHERE key = ?", (key,))
+
+    def retry_later(self, key: str, error: str, at: float) -> None:
+        """Delivery of ``key`` failed for now: try again at ``at``."""
+        with self._lock:
+            self._conn.execute(
+                "UPDATE tracks SET attempts = attempts + 1, next_attempt_at = ?, error = ?"
+                " WHERE key = ?",
+                (at, error, key),
+            )
+
+    def set_aside(self, key: str, reason: str) -> None:
+        """The backend rejected ``key`` for good: keep it, with the reason, undelivered."""
+        with self._lock:
+            self._conn.execute(
+                "UPDATE tracks SET attempts = attempts + 1, state = 'set_aside', error = ?"
+                " WHERE key = ?",
+                (reason, key),
+            )
+
+    def pending(self, customer_id: str | None = None) -> int:
+        """How many tracks wait for delivery (for one customer when named)."""
+        if customer_id is None:
+            rows = self._query("SELECT count(*) FROM tracks WHERE state = 'pending'")
+        else:
+            rows = self._query(
+                "SELECT count(*) FROM tracks WHERE state = 'pending' AND customer_id = ?",
+                (customer_id,),
+            )
+        return int(rows[0][0])  # type: ignore[call-overload]
+
+    def next_due(self) -> float | None:
+        """When the earliest pending track is due, or None when nothing is pending."""
+        rows = self._query("SELECT min(next_attempt_at) FROM tracks WHERE state = 'pending'")
+        value = rows[0][0]
+        return None if value is None else float(value)  # type: ignore[arg-type]
+
+    def set_aside_entries(self) -> list[OutboxEntry]:
+        """Tracks the backend rejected for good, with their reasons."""
+        rows = self._query(
+            "SELECT key, customer_id, feature_id, value, entity_id, properties, attempts, error"
+            " FROM tracks WHERE state = 'set_aside' ORDER BY created_at"
+        )
+        return [_entry(row) for row in rows]
+
+    # -- the hold journal (for backends that cannot hold in the ledger) ----------------------
+
+    def open_hold(self, hold: Hold) -> None:
+        """Record a hold before its check is sent: its answer is unknown until marked."""
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO holds (key, customer_id, feature_id, units, entity_id, refund_key,"
+                " owner, created_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'asking')"
+                " ON CONFLICT (key) DO NOTHING",
+                (
+                    hold.key,
+                    hold.customer_id,
+                    hold.feature_id,
+                    hold.units,
+                    hold.entity_id,
+                    hold.refund_key,
+                    hold.owner,
+                    hold.created_at,
+                ),
+            )
+
+    def mark_held(self, key: str) -> None:
+        """The check deducted: the hold now stands for a reservation to settle."""
+        with self._lock:
+            self._conn.execute("UPDATE holds SET state = 'held' WHERE key = ?", (key,))
+
+    def close_hold(self, key: str) -> bool:
+        """Forget a hold (settled, or never deducted); False if it was already gone."""
+        with self._lock:
+            return self._conn.execute("DELETE FROM holds WHERE key = ?", (key,)).rowcount > 0
+
+    def holds(self) -> list[tuple[Hold, str]]:
+        """Every hold in the journal with its state (``asking`` or ``held``)."""
+        rows = self._query(
+            "SELECT key, customer_id, feature_id, units, entity_id, refund_key, owner, created_at,"
+            " state FROM holds ORDER BY created_at"
+        )
+        return [(Hold(*row[:8]), str(row[8])) for row in rows]  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """Close the file."""
+        with self._lock:
+            self._conn.close()
+
+
+def _entry(row: tuple[object, ...]) -> OutboxEntry:
+    key, customer_id, feature_id, value, entity_id, properties, attempts, error = row
+    request = TrackRequest(
+        str(customer_id),
+        str(feature_id),
+        float(value),  # type: ignore[arg-type]
+        str(key),
+        None if entity_id is None else str(entity_id),
+        json.loads(str(properties)) if properties else None,
+    )
+    return OutboxEntry(request, int(attempts), None if error is None else str(error))  # type: ignore[call-overload]
