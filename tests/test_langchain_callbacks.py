@@ -278,7 +278,9 @@ def test_a_reply_without_usage_is_warned_and_counted_unmetered(
     with caplog.at_level(logging.WARNING, logger="agent_meter"):
         model.invoke("hi", config=run_config(handler))
 
-    assert any("mystery-7b" in r.getMessage() and "not metered" in r.getMessage() for r in caplog.records)
+    assert any(
+        "mystery-7b" in r.getMessage() and "not metered" in r.getMessage() for r in caplog.records
+    )
     usage = handler.summary.models["mystery-7b"]
     assert (usage.calls, usage.unmetered_calls, usage.total_tokens) == (1, 1, 0)
     assert tracks(backend) == []
@@ -302,7 +304,9 @@ async def test_a_stream_without_usage_is_warned_and_counted_unmetered(
 def test_legacy_llm_output_token_usage_is_the_fallback(meter: Meter, backend: MemoryBackend):
     model = ScriptedChatModel(
         replies=[reply(tokens=None)],
-        llm_output={"token_usage": {"prompt_tokens": 70, "completion_tokens": 5, "total_tokens": 75}},
+        llm_output={
+            "token_usage": {"prompt_tokens": 70, "completion_tokens": 5, "total_tokens": 75}
+        },
     )
     handler = meter.callback_handler()
 
@@ -347,10 +351,11 @@ def test_the_run_id_keys_the_track_across_handlers(meter: Meter, backend: Memory
 
 def test_customer_from_configurable_of_the_enclosing_runnable(meter: Meter, backend: MemoryBackend):
     model = ScriptedChatModel(replies=[reply()])
-    chain = RunnableLambda(lambda text: model.invoke(text))
+    chain = RunnableLambda(model.invoke)
 
     chain.invoke(
-        "hi", config={"callbacks": [meter.callback_handler()], "configurable": {"customer_id": "cus_9"}}
+        "hi",
+        config={"callbacks": [meter.callback_handler()], "configurable": {"customer_id": "cus_9"}},
     )
 
     assert backend.balances("cus_9")["credits"] == credits_left(100, 42 * TOKEN_RATE)
@@ -365,7 +370,8 @@ async def test_customer_from_configurable_of_the_enclosing_runnable_async(
         return await model.ainvoke(text)
 
     await RunnableLambda(call).ainvoke(
-        "hi", config={"callbacks": [meter.callback_handler()], "configurable": {"customer_id": "cus_9"}}
+        "hi",
+        config={"callbacks": [meter.callback_handler()], "configurable": {"customer_id": "cus_9"}},
     )
 
     assert backend.balances("cus_9")["credits"] == credits_left(100, 42 * TOKEN_RATE)
@@ -413,7 +419,9 @@ def test_no_customer_is_a_clear_error(meter: Meter) -> None:
 
 def test_summary_adds_up_every_run_per_model(meter: Meter) -> None:
     small = ScriptedChatModel(replies=[reply(tokens=(10, 5))], model="small")
-    large = ScriptedChatModel(replies=[reply(tokens=(1000, 500)), reply(tokens=None)], model="large")
+    large = ScriptedChatModel(
+        replies=[reply(tokens=(1000, 500)), reply(tokens=None)], model="large"
+    )
     handler = meter.callback_handler()
 
     small.invoke("a", config=run_config(handler))
@@ -463,3 +471,60 @@ def test_summary_of_a_split_handler_counts_credits(meter: Meter) -> None:
 
     assert handler.summary.total.credits == float(2 * INPUT_RATE + 3 * OUTPUT_RATE)
     assert Decimal(str(handler.summary.total.credits)) == Decimal("0.014")
+
+
+# -- on an agent run ----------------------------------------------------------------------
+
+
+def _agent(model: ScriptedChatModel):
+    from langchain.agents import create_agent  # noqa: PLC0415 - dev dependency
+    from langchain_core.tools import tool  # noqa: PLC0415
+
+    @tool
+    def lookup(query: str) -> str:
+        """Look something up."""
+        return "found"
+
+    return create_agent(model, tools=[lookup])
+
+
+def _lookup_then_answer() -> ScriptedChatModel:
+    return ScriptedChatModel(
+        replies=[
+            reply(
+                "",
+                tokens=(10, 20),
+                tool_calls=[{"name": "lookup", "args": {"query": "q"}, "id": "c1"}],
+            ),
+            reply("answer", tokens=(50, 7)),
+        ]
+    )
+
+
+def test_agent_run_with_configurable_customer(meter: Meter, backend: MemoryBackend) -> None:
+    model = _lookup_then_answer()
+    handler = meter.callback_handler()
+
+    _agent(model).invoke(
+        {"messages": [("user", "q")]},
+        config={"callbacks": [handler], "configurable": {"customer_id": "cus_agent"}},
+    )
+
+    assert model.calls == 2
+    assert backend.balances("cus_agent")["credits"] == credits_left(100, 87 * TOKEN_RATE)
+    assert handler.summary.total.calls == 2
+
+
+async def test_agent_run_stops_when_credit_runs_out_async(meter: Meter, backend: MemoryBackend):
+    backend.set_balance("cus_agent", "credits", 0.02)  # 20 tokens: the first call uses 30
+    model = _lookup_then_answer()
+    handler = meter.callback_handler()
+
+    with pytest.raises(UsageLimitExceeded):
+        await _agent(model).ainvoke(
+            {"messages": [("user", "q")]},
+            config={"callbacks": [handler], "configurable": {"customer_id": "cus_agent"}},
+        )
+
+    assert model.calls == 1  # the second call was refused before it started
+    assert backend.balances("cus_agent")["credits"] == 0  # 30 tokens tracked, capped at 0

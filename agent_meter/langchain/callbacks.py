@@ -140,7 +140,7 @@ class UsageSummary:
         lines = [
             "  ".join(
                 cell.ljust(width) if i == 0 else cell.rjust(width)
-                for i, (cell, width) in enumerate(zip(row, widths))
+                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
             )
             for row in rows
         ]
@@ -271,9 +271,7 @@ class MeteringCallbackHandler(BaseCallbackHandler):
         if config:
             configurable = config.get("configurable") or {}
             if configurable.get("customer_id") is not None:
-                return CustomerRef.of(
-                    configurable["customer_id"], configurable.get("entity_id")
-                )
+                return CustomerRef.of(configurable["customer_id"], configurable.get("entity_id"))
         bound = current_customer()
         if bound is not None:
             return bound
@@ -315,7 +313,7 @@ class MeteringCallbackHandler(BaseCallbackHandler):
         parent_run_id: UUID | None = None,
         tags: list[str] | None = None,
         metadata: dict[str, Any] | None = None,
-        **kwargs: Any,
+        **kwargs: Any,  # noqa: ANN401 - LangChain's callback signature
     ) -> None:
         """Find who pays and, with ``gate=True``, refuse the call if they have no credit.
 
@@ -334,7 +332,7 @@ class MeteringCallbackHandler(BaseCallbackHandler):
         parent_run_id: UUID | None = None,
         tags: list[str] | None = None,
         metadata: dict[str, Any] | None = None,
-        **kwargs: Any,
+        **kwargs: Any,  # noqa: ANN401 - LangChain's callback signature
     ) -> None:
         """:meth:`on_chat_model_start` for completion-style LLMs."""
         self._start(run_id, serialized, metadata, kwargs.get("invocation_params"))
@@ -346,7 +344,7 @@ class MeteringCallbackHandler(BaseCallbackHandler):
         run_id: UUID,
         parent_run_id: UUID | None = None,
         tags: list[str] | None = None,
-        **kwargs: Any,
+        **kwargs: Any,  # noqa: ANN401 - LangChain's callback signature
     ) -> None:
         """Bill the call's tokens once, keyed by its run id.
 
@@ -394,7 +392,7 @@ class MeteringCallbackHandler(BaseCallbackHandler):
         run_id: UUID,
         parent_run_id: UUID | None = None,
         tags: list[str] | None = None,
-        **kwargs: Any,
+        **kwargs: Any,  # noqa: ANN401 - LangChain's callback signature
     ) -> None:
         """Forget a failed call: it reported no usage and is not billed."""
         with self._lock:

@@ -26,9 +26,13 @@ def _count(values: Mapping[str, Any], keys: tuple[str, ...]) -> int | None:
     for key in keys:
         value = values.get(key)
         # Providers report integers; a float like 12.0 from a JSON round trip is accepted.
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-            if value == int(value):
-                return int(value)
+        if (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and value >= 0
+            and value == int(value)
+        ):
+            return int(value)
     return None
 
 
@@ -67,7 +71,7 @@ def usage_from_message(message: BaseMessage, model: str | None = None) -> TokenU
     if not isinstance(message, AIMessage):
         return None
     name = model_name_of(message) or model
-    return _usage(message.usage_metadata, name)  # type: ignore[arg-type]
+    return _usage(message.usage_metadata, name)
 
 
 def usage_from_result(response: LLMResult, model: str | None = None) -> TokenUsage | None:
