@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from langchain_core.outputs import ChatGeneration, LLMResult
@@ -528,3 +532,25 @@ async def test_agent_run_stops_when_credit_runs_out_async(meter: Meter, backend:
 
     assert model.calls == 1  # the second call was refused before it started
     assert backend.balances("cus_agent")["credits"] == 0  # 30 tokens tracked, capped at 0
+
+
+def run_example(name: str) -> subprocess.CompletedProcess[str]:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run(
+        [sys.executable, str(root / "examples" / name)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_token_budget_example_runs_offline() -> None:
+    done = run_example("token_budget.py")
+
+    assert done.returncode == 0, done.stderr
+    assert "credits left: 0.6" in done.stdout
+    assert "second run refused: llm_tokens is unavailable" in done.stdout
+    assert "scripted-gpt      2   1300     100   1400" in done.stdout

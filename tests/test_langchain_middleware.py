@@ -342,3 +342,16 @@ def test_unknown_feature_is_a_config_error() -> None:
         MeteringMiddleware(meter, features={"web_search": "web_serch"})
     with pytest.raises(ConfigError):
         MeteringMiddleware(meter, token_feature_id="tokens")  # noqa: S106
+
+
+def test_agent_middleware_example_runs_offline() -> None:
+    from tests.test_langchain_callbacks import run_example  # noqa: PLC0415
+
+    done = run_example("agent_middleware.py")
+
+    assert done.returncode == 0, done.stderr
+    assert "= 97.6" in done.stdout
+    assert (
+        "cus_broke's search: [error] web_search is unavailable: 0.975 credits left" in done.stdout
+    )
+    assert "cus_broke credits left: 0.1" in done.stdout
