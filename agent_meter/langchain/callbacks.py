@@ -1,0 +1,453 @@
+"""Meter (and gate) the LLM tokens of a LangChain run with a callback handler.
+
+:class:`MeteringCallbackHandler` is passed in a run's ``callbacks`` and sees every chat
+model and LLM call of that run, agents included:
+
+- before each call (``on_chat_model_start`` / ``on_llm_start``) it checks that the customer
+  has credit for at least ``gate_estimate`` tokens (:meth:`agent_meter.Meter.gate`); a
+  denial raises :class:`~agent_meter.UsageLimitExceeded` and the model is never called;
+- after each call (``on_llm_end``) it bills the tokens the reply reports, as one batch
+  track keyed by the LLM run id (:meth:`agent_meter.Meter.track_tokens`), so the same
+  call is billed once however often its end is reported. A streamed call ends once, with
+  the merged reply, so usage sent on the last chunk is billed exactly once;
+- a reply that reports no usage is logged as a warning and counted as unmetered in
+  :attr:`MeteringCallbackHandler.summary`, never silently free.
+
+It is a synchronous ``BaseCallbackHandler`` on purpose. LangChain honours ``raise_error``
+for a sync handler in sync runs and in async runs (where it runs the handler in a worker
+thread with the caller's context copied, so ``meter.customer(...)`` is still visible). An
+``AsyncCallbackHandler`` driven by a sync run has its exceptions logged and dropped by
+langchain-core (``_run_coros``), which would let a denied customer call the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.runnables.config import var_child_runnable_config
+
+from agent_meter.context import NO_CUSTOMER_HELP, CustomerRef, current_customer
+from agent_meter.errors import AgentMeterError, ConfigError
+from agent_meter.langchain.usage import usage_from_result
+from agent_meter.tokens import TokenFeatures, TokenUsage
+
+if TYPE_CHECKING:
+    from uuid import UUID
+
+    from langchain_core.messages import BaseMessage
+    from langchain_core.outputs import LLMResult
+
+    from agent_meter.meter import Meter
+
+__all__ = ["MeteringCallbackHandler", "ModelUsage", "UsageSummary"]
+
+logger = logging.getLogger("agent_meter")
+
+UNKNOWN_MODEL = "unknown"
+# Run ids already billed, kept so that a repeated on_llm_end is not counted twice in the
+# summary; bounded because a long-lived handler may see millions of calls.
+_REMEMBERED_RUNS = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class ModelUsage:
+    """What one model used, over every run a handler saw.
+
+    Attributes:
+        model: The model name (``"unknown"`` when neither the reply nor the call named it).
+        calls: LLM calls that ended.
+        input_tokens: Prompt tokens billed.
+        output_tokens: Completion tokens billed.
+        total_tokens: Total tokens billed.
+        credits: What those tokens cost in the credit system, when the pricing is known
+            and every billed feature draws from a credit system; else None.
+        unmetered_calls: Calls whose reply reported no usage (billed nothing).
+    """
+
+    model: str
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    credits: float | None = 0.0
+    unmetered_calls: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSummary:
+    """A snapshot of the usage a :class:`MeteringCallbackHandler` has seen, per model.
+
+    ``str(summary)`` is a small table; :meth:`to_dict` a plain structure for JSON or logs.
+
+    Attributes:
+        models: Model name to its :class:`ModelUsage`.
+        credit_system: The pool credits are counted in (``"credits"``), when known.
+    """
+
+    models: Mapping[str, ModelUsage] = field(default_factory=dict)
+    credit_system: str | None = None
+
+    @property
+    def total(self) -> ModelUsage:
+        """Every model added up (``model`` is ``"total"``)."""
+        credits: float | None = 0.0
+        for usage in self.models.values():
+            credits = None if credits is None or usage.credits is None else credits + usage.credits
+        return ModelUsage(
+            "total",
+            calls=sum(u.calls for u in self.models.values()),
+            input_tokens=sum(u.input_tokens for u in self.models.values()),
+            output_tokens=sum(u.output_tokens for u in self.models.values()),
+            total_tokens=sum(u.total_tokens for u in self.models.values()),
+            credits=credits,
+            unmetered_calls=sum(u.unmetered_calls for u in self.models.values()),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"models": {name: {...}}, "total": {...}, "credit_system": ...}``."""
+        return {
+            "models": {name: asdict(usage) for name, usage in self.models.items()},
+            "total": asdict(self.total),
+            "credit_system": self.credit_system,
+        }
+
+    def __str__(self) -> str:
+        unit = self.credit_system or "credits"
+        header = ("model", "calls", "input", "output", "total", unit, "unmetered")
+        rows = [header]
+        for usage in [*self.models.values(), self.total]:
+            credits = "?" if usage.credits is None else f"{usage.credits:.6f}".rstrip("0")
+            rows.append(
+                (
+                    usage.model,
+                    str(usage.calls),
+                    str(usage.input_tokens),
+                    str(usage.output_tokens),
+                    str(usage.total_tokens),
+                    credits.rstrip("."),
+                    str(usage.unmetered_calls),
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = [
+            "  ".join(
+                cell.ljust(width) if i == 0 else cell.rjust(width)
+                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+            )
+            for row in rows
+        ]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.insert(len(lines) - 1, "-" * len(lines[0]))
+        return "\n".join(lines)
+
+
+@dataclass(slots=True)
+class _Tally:
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    credits: Decimal | None = Decimal(0)
+    unmetered_calls: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    customer: CustomerRef
+    model: str | None
+
+
+class MeteringCallbackHandler(BaseCallbackHandler):
+    """Meters every LLM call of the runs it is passed to, and refuses calls without credit.
+
+    Create it with :meth:`agent_meter.Meter.callback_handler`. Thread-safe: one handler may
+    serve concurrent runs (its summary adds them all up).
+
+    Who pays is read, in order, from the run's ``metadata["customer_id"]``, from
+    ``configurable["customer_id"]`` of the runnable the model runs in (an agent, a graph
+    node, a chain: langchain-core does not copy ``configurable`` into callback metadata,
+    so a bare ``model.invoke`` must pass ``metadata`` instead), from
+    ``meter.customer(...)``, and last from the handler's own ``customer_id``.
+
+    Args:
+        meter: The meter to bill through.
+        feature_id: The feature that receives ``total_tokens`` (``"llm_tokens"``).
+        input_feature_id: The feature that receives input tokens, to split the bill;
+            set together with ``output_feature_id``.
+        output_feature_id: The feature that receives output tokens.
+        gate: Check the customer's credit before each call.
+        gate_estimate: Tokens the customer must have credit for before a call starts
+            (default 1: any credit left lets a call start).
+        customer_id: Bill this customer when the run names none.
+        entity_id: The entity of ``customer_id``.
+
+    Raises:
+        ConfigError: A feature the meter's pricing does not declare, or only one of
+            ``input_feature_id`` and ``output_feature_id``.
+
+    Example:
+        >>> handler = meter.callback_handler(feature_id="llm_tokens")
+        >>> agent.invoke(inputs, config={"callbacks": [handler],
+        ...                              "configurable": {"customer_id": "cus_1"}})
+        >>> print(handler.summary)
+    """
+
+    raise_error: bool = True
+    """Billing failures and denials must stop the run, never be logged and dropped."""
+
+    def __init__(
+        self,
+        meter: Meter,
+        *,
+        feature_id: str | None = "llm_tokens",
+        input_feature_id: str | None = None,
+        output_feature_id: str | None = None,
+        gate: bool = True,
+        gate_estimate: float = 1,
+        customer_id: str | None = None,
+        entity_id: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.meter = meter
+        self.features = TokenFeatures(feature_id, input_feature_id, output_feature_id)
+        for feature in self._billed_features():
+            meter.feature_type(feature)  # ConfigError now rather than on the first call
+        self.gate = gate
+        if (
+            isinstance(gate_estimate, bool)
+            or not isinstance(gate_estimate, (int, float))
+            or not math.isfinite(gate_estimate)
+            or gate_estimate <= 0
+        ):
+            msg = f"gate_estimate must be a positive number of tokens, not {gate_estimate!r}"
+            raise ConfigError(msg)
+        self.gate_estimate = float(gate_estimate)
+        self.customer = None if customer_id is None else CustomerRef.of(customer_id, entity_id)
+        self._rates, self._credit_system = self._credit_rates()
+        self._lock = threading.Lock()
+        self._runs: dict[UUID, _Run] = {}
+        self._billed: OrderedDict[UUID, None] = OrderedDict()
+        self._tallies: dict[str, _Tally] = {}
+
+    def __repr__(self) -> str:
+        return f"MeteringCallbackHandler({self.features!r}, gate={self.gate})"
+
+    def _billed_features(self) -> list[str]:
+        if self.features.split:
+            return [self.features.input, self.features.output]  # type: ignore[list-item]
+        return [self.features.total]  # type: ignore[list-item]
+
+    def _credit_rates(self) -> tuple[dict[str, Decimal] | None, str | None]:
+        """Credits per token for each billed feature, when all draw from one known pool."""
+        pricing = self.meter.pricing
+        if pricing is None:
+            return None, None
+        rates: dict[str, Decimal] = {}
+        pools = set()
+        for feature in self._billed_features():
+            pool = pricing.pool_of(feature)
+            if pool is None:
+                return None, None
+            pools.add(pool[0])
+            rates[feature] = pool[1]
+        return rates, pools.pop() if len(pools) == 1 else None
+
+    # -- who pays ------------------------------------------------------------------------
+
+    def _customer_of(self, metadata: Mapping[str, Any] | None) -> CustomerRef:
+        if metadata and metadata.get("customer_id") is not None:
+            return CustomerRef.of(metadata["customer_id"], metadata.get("entity_id"))
+        # The config of the runnable the model runs in (a graph node, a chain step): the
+        # only place a callback can see ``configurable`` in langchain-core 1.x.
+        config = var_child_runnable_config.get()
+        if config:
+            configurable = config.get("configurable") or {}
+            if configurable.get("customer_id") is not None:
+                return CustomerRef.of(configurable["customer_id"], configurable.get("entity_id"))
+        bound = current_customer()
+        if bound is not None:
+            return bound
+        if self.customer is not None:
+            return self.customer
+        msg = (
+            f"{NO_CUSTOMER_HELP}, or pass metadata={{'customer_id': ...}} to a bare model "
+            "call, or create the handler with customer_id=..."
+        )
+        raise AgentMeterError(msg)
+
+    # -- LangChain events ----------------------------------------------------------------
+
+    def _start(
+        self,
+        run_id: UUID,
+        serialized: Mapping[str, Any] | None,
+        metadata: Mapping[str, Any] | None,
+        invocation_params: Mapping[str, Any] | None,
+    ) -> None:
+        customer = self._customer_of(metadata)
+        if self.gate:
+            self.meter.gate(
+                customer.customer_id,
+                self.features.gate_feature,
+                self.gate_estimate,
+                entity_id=customer.entity_id,
+            )
+        run = _Run(customer, _model_of(serialized, metadata, invocation_params))
+        with self._lock:
+            self._runs[run_id] = run
+
+    def on_chat_model_start(
+        self,
+        serialized: dict[str, Any],
+        messages: list[list[BaseMessage]],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,  # noqa: ANN401 - LangChain's callback signature
+    ) -> None:
+        """Find who pays and, with ``gate=True``, refuse the call if they have no credit.
+
+        Raises:
+            UsageLimitExceeded: The customer has less than ``gate_estimate`` tokens left.
+            AgentMeterError: No customer for the run.
+        """
+        self._start(run_id, serialized, metadata, kwargs.get("invocation_params"))
+
+    def on_llm_start(
+        self,
+        serialized: dict[str, Any],
+        prompts: list[str],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,  # noqa: ANN401 - LangChain's callback signature
+    ) -> None:
+        """:meth:`on_chat_model_start` for completion-style LLMs."""
+        self._start(run_id, serialized, metadata, kwargs.get("invocation_params"))
+
+    def on_llm_end(
+        self,
+        response: LLMResult,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,  # noqa: ANN401 - LangChain's callback signature
+    ) -> None:
+        """Bill the call's tokens once, keyed by its run id.
+
+        Raises:
+            BackendError: The track could not be recorded.
+        """
+        with self._lock:
+            if run_id in self._billed:
+                return
+            run = self._runs.get(run_id)
+        customer = run.customer if run is not None else self._customer_of(None)
+        model = run.model if run is not None else None
+        usage = usage_from_result(response, model)
+        if usage is None:
+            logger.warning(
+                "agent_meter: model %s reported no token usage (run %s); the call is not "
+                "metered. Ask the model for usage: stream_usage=True, or OpenAI's "
+                "stream_options={'include_usage': True}",
+                model or UNKNOWN_MODEL,
+                run_id,
+            )
+        else:
+            # The key comes from the run id: a repeated on_llm_end, even racing this one
+            # from another thread, is recorded once by the backend.
+            self.meter.track_tokens(
+                customer.customer_id,
+                usage,
+                call_id=str(run_id),
+                features=self.features,
+                entity_id=customer.entity_id,
+            )
+        with self._lock:
+            self._runs.pop(run_id, None)
+            if run_id in self._billed:
+                return
+            self._billed[run_id] = None
+            if len(self._billed) > _REMEMBERED_RUNS:
+                self._billed.popitem(last=False)
+            self._count(usage, model)
+
+    def on_llm_error(
+        self,
+        error: BaseException,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,  # noqa: ANN401 - LangChain's callback signature
+    ) -> None:
+        """Forget a failed call: it reported no usage and is not billed."""
+        with self._lock:
+            self._runs.pop(run_id, None)
+
+    # -- the summary ---------------------------------------------------------------------
+
+    def _count(self, usage: TokenUsage | None, model: str | None) -> None:
+        name = (usage.model if usage is not None else None) or model or UNKNOWN_MODEL
+        tally = self._tallies.setdefault(name, _Tally())
+        tally.calls += 1
+        if usage is None:
+            tally.unmetered_calls += 1
+            return
+        tally.input_tokens += usage.input_tokens
+        tally.output_tokens += usage.output_tokens
+        tally.total_tokens += usage.total_tokens
+        if self._rates is None or tally.credits is None:
+            tally.credits = None
+            return
+        for feature, tokens in self.features.values(usage):
+            tally.credits += self._rates[feature] * tokens
+
+    @property
+    def summary(self) -> UsageSummary:
+        """The usage seen so far, per model, over every run this handler was passed to."""
+        with self._lock:
+            models = {
+                name: ModelUsage(
+                    name,
+                    calls=tally.calls,
+                    input_tokens=tally.input_tokens,
+                    output_tokens=tally.output_tokens,
+                    total_tokens=tally.total_tokens,
+                    credits=None if tally.credits is None else float(tally.credits),
+                    unmetered_calls=tally.unmetered_calls,
+                )
+                for name, tally in self._tallies.items()
+            }
+        return UsageSummary(models, self._credit_system)
+
+
+def _model_of(
+    serialized: Mapping[str, Any] | None,
+    metadata: Mapping[str, Any] | None,
+    invocation_params: Mapping[str, Any] | None,
+) -> str | None:
+    """The model a call is about to use, so that a reply without a name is still named."""
+    for source, key in (
+        (metadata, "ls_model_name"),
+        (invocation_params, "model"),
+        (invocation_params, "model_name"),
+        (serialized, "name"),
+    ):
+        value = (source or {}).get(key)
+        if isinstance(value, str) and value:
+            return value
+    return None

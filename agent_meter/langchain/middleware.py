@@ -1,0 +1,305 @@
+"""Meter an agent built with ``langchain.agents.create_agent``, as LangChain v1 middleware.
+
+:class:`MeteringMiddleware` guards both kinds of work an agent pays for:
+
+- each **tool call** whose tool has a feature: checked (and, under the default
+  ``reserve`` strategy, reserved) before the tool runs, billed only if it succeeds, keyed
+  by the model's ``tool_call_id``. A denial does not stop the run: the model receives an
+  error ``ToolMessage`` that says why (``"web_search is unavailable: 0 credits left, 1
+  needed"``) and can tell the user. An exception, or a ``ToolMessage`` with
+  ``status="error"``, is a failure and is not billed;
+- each **model call**: refused before it starts when the customer has no credit for
+  ``gate_estimate`` tokens (:class:`~agent_meter.UsageLimitExceeded` ends the run), and
+  billed afterwards with the tokens its ``AIMessage.usage_metadata`` reports.
+
+Use it instead of the tool wrapper and the callback handler on the same agent, not with
+them: each of the three bills what it sees.
+
+This module imports ``langchain`` (v1); nothing else in agent_meter imports it eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack, ExitStack
+from typing import Any
+
+from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
+from langchain.agents.middleware.types import ExtendedModelResponse
+from langchain_core.messages import AIMessage, ToolMessage
+from langgraph.config import get_config
+from langgraph.prebuilt.tool_node import ToolCallRequest
+from langgraph.types import Command
+
+from agent_meter.context import CustomerRef, customer_from_config
+from agent_meter.errors import BackendError, ConfigError, UsageLimitExceeded
+from agent_meter.keys import new_call_id
+from agent_meter.langchain.usage import usage_from_message
+from agent_meter.meter import GuardedCall, Meter
+from agent_meter.tokens import TokenFeatures, TokenUsage
+
+__all__ = ["MeteringMiddleware"]
+
+logger = logging.getLogger("agent_meter")
+
+ToolResult = ToolMessage | Command[Any]
+ModelResult = ModelResponse[Any] | AIMessage | ExtendedModelResponse[Any]
+
+
+class MeteringMiddleware(AgentMiddleware):
+    """Guard an agent's tool calls and meter its model calls, for ``create_agent``.
+
+    Who pays comes from the run's config (``configurable`` or ``metadata``
+    ``customer_id``), else from the runtime context (``context={"customer_id": ...}`` or
+    an object with a ``customer_id`` attribute), else from ``meter.customer(...)``.
+
+    Args:
+        meter: The meter to bill through.
+        features: Tool name to the feature a call of it uses (one unit per call). Tools
+            not named here run unmetered.
+        token_feature_id: The feature that receives a model call's ``total_tokens``;
+            None to leave model calls unmetered.
+        input_feature_id: The feature for input tokens, to split the bill (set with
+            ``output_feature_id``).
+        output_feature_id: The feature for output tokens.
+        gate_estimate: Tokens the customer must have credit for before a model call.
+
+    Raises:
+        ConfigError: A feature the meter's pricing does not declare.
+
+    Example:
+        >>> agent = create_agent(model, tools=[search],
+        ...     middleware=[MeteringMiddleware(meter, features={"search": "web_search"})])
+        >>> agent.invoke(inputs, config={"configurable": {"customer_id": "cus_1"}})
+    """
+
+    def __init__(
+        self,
+        meter: Meter,
+        features: Mapping[str, str] | None = None,
+        token_feature_id: str | None = "llm_tokens",  # noqa: S107 - a feature id
+        *,
+        input_feature_id: str | None = None,
+        output_feature_id: str | None = None,
+        gate_estimate: float = 1,
+    ) -> None:
+        super().__init__()
+        self.meter = meter
+        self.features = dict(features or {})
+        for feature in self.features.values():
+            meter.feature_type(feature)  # a typo fails here, not on the first tool call
+        self.tokens: TokenFeatures | None = None
+        if token_feature_id is not None or input_feature_id is not None:
+            self.tokens = TokenFeatures(token_feature_id, input_feature_id, output_feature_id)
+            meter.feature_type(self.tokens.gate_feature)
+            if self.tokens.output is not None:
+                meter.feature_type(self.tokens.output)
+        if (
+            isinstance(gate_estimate, bool)
+            or not isinstance(gate_estimate, (int, float))
+            or not math.isfinite(gate_estimate)
+            or gate_estimate <= 0
+        ):
+            msg = f"gate_estimate must be a positive number of tokens, not {gate_estimate!r}"
+            raise ConfigError(msg)
+        self.gate_estimate = float(gate_estimate)
+
+    def __repr__(self) -> str:
+        return f"MeteringMiddleware(features={self.features!r}, tokens={self.tokens!r})"
+
+    # -- who pays ------------------------------------------------------------------------
+
+    @staticmethod
+    def _customer(config: Mapping[str, Any] | None, context: object) -> CustomerRef:
+        for section in ("configurable", "metadata"):
+            if ((config or {}).get(section) or {}).get("customer_id") is not None:
+                return customer_from_config(config)
+        if isinstance(context, Mapping):
+            found = context.get("customer_id"), context.get("entity_id")
+        else:
+            found = getattr(context, "customer_id", None), getattr(context, "entity_id", None)
+        if found[0] is not None:
+            return CustomerRef.of(*found)
+        return customer_from_config(None)  # meter.customer(...), or a clear error
+
+    @staticmethod
+    def _run_config() -> Mapping[str, Any] | None:
+        try:
+            return get_config()
+        except RuntimeError:  # called outside a runnable (a unit test of the middleware)
+            return None
+
+    # -- tool calls ----------------------------------------------------------------------
+
+    def _tool_guard(self, request: ToolCallRequest) -> tuple[str, CustomerRef] | None:
+        feature = self.features.get(request.tool_call["name"])
+        if feature is None:
+            return None
+        runtime = request.runtime
+        config = getattr(runtime, "config", None) or self._run_config()
+        return feature, self._customer(config, getattr(runtime, "context", None))
+
+    @staticmethod
+    def _refusal(request: ToolCallRequest, exc: UsageLimitExceeded | BackendError) -> ToolMessage:
+        reason = exc.reason if isinstance(exc, UsageLimitExceeded) else str(exc)
+        if not isinstance(exc, UsageLimitExceeded):
+            logger.warning("agent_meter: tool %s refused: %s", request.tool_call["name"], exc)
+        return ToolMessage(
+            content=reason,
+            tool_call_id=request.tool_call["id"] or "",
+            name=request.tool_call["name"],
+            status="error",
+        )
+
+    @staticmethod
+    def _judge(call: GuardedCall, result: ToolResult) -> None:
+        if isinstance(result, ToolMessage) and result.status == "error":
+            call.fail(str(result.content)[:200])
+
+    def wrap_tool_call(
+        self,
+        request: ToolCallRequest,
+        handler: Callable[[ToolCallRequest], ToolResult],
+    ) -> ToolResult:
+        """Check, run the tool, bill it only if it succeeded; a denial is an error result."""
+        guarded = self._tool_guard(request)
+        if guarded is None:
+            return handler(request)
+        feature, customer = guarded
+        with ExitStack() as stack:
+            try:
+                call = stack.enter_context(
+                    self.meter.guard(
+                        customer.customer_id,
+                        feature,
+                        call_id=request.tool_call["id"] or None,
+                        entity_id=customer.entity_id,
+                    )
+                )
+            except (UsageLimitExceeded, BackendError) as exc:
+                return self._refusal(request, exc)
+            result = handler(request)
+            self._judge(call, result)
+            return result
+        raise AssertionError  # pragma: no cover - ExitStack does not swallow exceptions
+
+    async def awrap_tool_call(
+        self,
+        request: ToolCallRequest,
+        handler: Callable[[ToolCallRequest], Awaitable[ToolResult]],
+    ) -> ToolResult:
+        """Async :meth:`wrap_tool_call`."""
+        guarded = self._tool_guard(request)
+        if guarded is None:
+            return await handler(request)
+        feature, customer = guarded
+        async with AsyncExitStack() as stack:
+            try:
+                call = await stack.enter_async_context(
+                    self.meter.aguard(
+                        customer.customer_id,
+                        feature,
+                        call_id=request.tool_call["id"] or None,
+                        entity_id=customer.entity_id,
+                    )
+                )
+            except (UsageLimitExceeded, BackendError) as exc:
+                return self._refusal(request, exc)
+            result = await handler(request)
+            self._judge(call, result)
+            return result
+        raise AssertionError  # pragma: no cover - AsyncExitStack does not swallow exceptions
+
+    # -- model calls ---------------------------------------------------------------------
+
+    def _model_customer(self, request: ModelRequest[Any]) -> CustomerRef:
+        return self._customer(self._run_config(), getattr(request.runtime, "context", None))
+
+    @staticmethod
+    def _reply(result: ModelResult) -> AIMessage | None:
+        if isinstance(result, ExtendedModelResponse):
+            result = result.model_response
+        messages = [result] if isinstance(result, AIMessage) else result.result
+        return next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
+
+    def _usage(
+        self, request: ModelRequest[Any], result: ModelResult
+    ) -> tuple[str, TokenUsage] | None:
+        reply = self._reply(result)
+        model = getattr(request.model, "model_name", None) or getattr(request.model, "model", None)
+        usage = (
+            None
+            if reply is None
+            else usage_from_message(reply, model if isinstance(model, str) else None)
+        )
+        if usage is None:
+            logger.warning(
+                "agent_meter: model %s reported no token usage; the call is not metered. "
+                "Ask the model for usage: stream_usage=True, or OpenAI's "
+                "stream_options={'include_usage': True}",
+                model or type(request.model).__name__,
+            )
+            return None
+        # LangChain names a reply after its LLM run (lc_run-<run id>) when the provider
+        # gives no id, so the key is stable for one model call and unique across calls.
+        return (reply.id if reply is not None and reply.id else new_call_id()), usage
+
+    def wrap_model_call(
+        self,
+        request: ModelRequest[Any],
+        handler: Callable[[ModelRequest[Any]], ModelResponse[Any]],
+    ) -> ModelResult:
+        """Refuse the call without credit; bill the tokens its reply reports.
+
+        Raises:
+            UsageLimitExceeded: The customer has less than ``gate_estimate`` tokens left.
+        """
+        if self.tokens is None:
+            return handler(request)
+        customer = self._model_customer(request)
+        self.meter.gate(
+            customer.customer_id,
+            self.tokens.gate_feature,
+            self.gate_estimate,
+            entity_id=customer.entity_id,
+        )
+        result = handler(request)
+        billed = self._usage(request, result)
+        if billed is not None:
+            self.meter.track_tokens(
+                customer.customer_id,
+                billed[1],
+                call_id=billed[0],
+                features=self.tokens,
+                entity_id=customer.entity_id,
+            )
+        return result
+
+    async def awrap_model_call(
+        self,
+        request: ModelRequest[Any],
+        handler: Callable[[ModelRequest[Any]], Awaitable[ModelResponse[Any]]],
+    ) -> ModelResult:
+        """Async :meth:`wrap_model_call`."""
+        if self.tokens is None:
+            return await handler(request)
+        customer = self._model_customer(request)
+        await self.meter.agate(
+            customer.customer_id,
+            self.tokens.gate_feature,
+            self.gate_estimate,
+            entity_id=customer.entity_id,
+        )
+        result = await handler(request)
+        billed = self._usage(request, result)
+        if billed is not None:
+            await self.meter.atrack_tokens(
+                customer.customer_id,
+                billed[1],
+                call_id=billed[0],
+                features=self.tokens,
+                entity_id=customer.entity_id,
+            )
+        return result
