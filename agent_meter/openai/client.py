@@ -63,11 +63,21 @@ def _found(obj: Any, usage: TokenUsage | None) -> Found | None:
 
 @dataclass(frozen=True, slots=True)
 class _Endpoint:
-    """How one API reports usage: on a finished object, and on the items of its stream."""
+    """How one API reports usage: on a finished object, and on the items of its stream.
 
-    name: str
+    Attributes:
+        read: The usage of a finished object (a completion, a response).
+        read_item: The usage a stream item carries, if any.
+        final: Whether an item is the stream's last word on usage (billed at once).
+        finishing: Whether more usage follows right after an item (read one item ahead,
+            so a caller that stops at the end of the text still pays for it).
+        asks_for_usage: Whether streams must request usage (``include_usage``).
+    """
+
     read: Callable[[Any], Found | None]
     read_item: Callable[[Any], Found | None]
+    final: Callable[[Any], bool]
+    finishing: Callable[[Any], bool]
     asks_for_usage: bool
 
 
@@ -78,16 +88,28 @@ def _read_event(event: Any) -> Found | None:
     return _found(response, usage_from_response(response))
 
 
+def _usage_only(chunk: Any) -> bool:
+    return not field(chunk, "choices")
+
+
+def _finished_choice(chunk: Any) -> bool:
+    return any(field(choice, "finish_reason") for choice in field(chunk, "choices") or ())
+
+
 _CHAT = _Endpoint(
-    "chat.completions",
     read=lambda completion: _found(completion, usage_from_completion(completion)),
     read_item=lambda chunk: _found(chunk, usage_from_chunk(chunk)),
+    # OpenAI sends usage once, on a last chunk without choices; servers that repeat a
+    # cumulative count on every chunk are billed their latest count when the stream ends.
+    final=_usage_only,
+    finishing=_finished_choice,
     asks_for_usage=True,
 )
 _RESPONSES = _Endpoint(
-    "responses",
     read=lambda response: _found(response, usage_from_response(response)),
     read_item=_read_event,
+    final=lambda event: True,
+    finishing=lambda event: False,
     asks_for_usage=False,
 )
 
@@ -101,10 +123,6 @@ def _ask_for_usage(endpoint: _Endpoint, kwargs: dict[str, Any]) -> tuple[dict[st
     if options.get("include_usage") is True:
         return kwargs, False
     return {**kwargs, "stream_options": {**options, "include_usage": True}}, True
-
-
-def _usage_only(chunk: Any) -> bool:
-    return not field(chunk, "choices")
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,40 +190,77 @@ class _Billing:
         )
 
 
+_END = object()
+
+
+class _StreamMeter:
+    """The bookkeeping of one stream: which item carries usage, what to hide, what to bill."""
+
+    def __init__(self, endpoint: _Endpoint, *, hide: bool) -> None:
+        self.endpoint = endpoint
+        self.hide = hide
+        self.pending: Found | None = None
+
+    def see(self, item: Any) -> tuple[bool, Found | None]:
+        """Whether to pass ``item`` on, and the usage to bill now."""
+        found = self.endpoint.read_item(item)
+        if found is None:
+            return True, None
+        if not self.endpoint.final(item):
+            self.pending = found
+            return True, None
+        self.pending = None
+        return not (self.hide and _usage_only(item)), found
+
+
 def _metered_items(
-    items: Iterator[Any], billing: _Billing, ref: CustomerRef, endpoint: _Endpoint, hide: bool
+    items: Iterator[Any], billing: _Billing, ref: CustomerRef, meter: _StreamMeter
 ) -> Iterator[Any]:
-    found: Found | None = None
     try:
         for item in items:
-            usage = endpoint.read_item(item)
-            if usage is not None:
-                # Keep the latest report: servers that repeat cumulative usage on every
-                # chunk are billed their final count, once.
-                found = usage
-                if hide and _usage_only(item):
-                    continue
-            yield item
+            batch = [item]
+            if meter.endpoint.finishing(item):
+                # The usage chunk follows the last text chunk at once: read it before the
+                # caller, who may stop at finish_reason, gets the chance to walk away.
+                ahead = next(items, _END)
+                if ahead is not _END:
+                    batch.append(ahead)
+            kept = []
+            for each in batch:  # bill the whole batch before the caller sees any of it
+                keep, found = meter.see(each)
+                if found is not None:
+                    billing.bill(ref, found)
+                if keep:
+                    kept.append(each)
+            for each in kept:
+                yield each
     finally:
-        if found is not None:
-            billing.bill(ref, found)
+        if meter.pending is not None:
+            billing.bill(ref, meter.pending)
 
 
 async def _ametered_items(
-    items: AsyncIterator[Any], billing: _Billing, ref: CustomerRef, endpoint: _Endpoint, hide: bool
+    items: AsyncIterator[Any], billing: _Billing, ref: CustomerRef, meter: _StreamMeter
 ) -> AsyncIterator[Any]:
-    found: Found | None = None
     try:
         async for item in items:
-            usage = endpoint.read_item(item)
-            if usage is not None:
-                found = usage
-                if hide and _usage_only(item):
-                    continue
-            yield item
+            batch = [item]
+            if meter.endpoint.finishing(item):
+                ahead = await anext(items, _END)
+                if ahead is not _END:
+                    batch.append(ahead)
+            kept = []
+            for each in batch:  # bill the whole batch before the caller sees any of it
+                keep, found = meter.see(each)
+                if found is not None:
+                    await billing.abill(ref, found)
+                if keep:
+                    kept.append(each)
+            for each in kept:
+                yield each
     finally:
-        if found is not None:
-            await billing.abill(ref, found)
+        if meter.pending is not None:
+            await billing.abill(ref, meter.pending)
 
 
 class _Proxy:
@@ -238,11 +293,7 @@ class _SyncEndpoint(_Proxy):
         value = result.parse() if self._raw else result
         if isinstance(value, Stream):
             value._iterator = _metered_items(  # meter the SDK's stream in place
-                value._iterator,
-                self._billing,
-                ref,
-                self._endpoint,
-                hide,
+                value._iterator, self._billing, ref, _StreamMeter(self._endpoint, hide=hide)
             )
         else:
             found = self._endpoint.read(value)
@@ -286,11 +337,7 @@ class _AsyncEndpoint(_Proxy):
         value = result.parse() if self._raw else result
         if isinstance(value, AsyncStream):
             value._iterator = _ametered_items(  # meter the SDK's stream in place
-                value._iterator,
-                self._billing,
-                ref,
-                self._endpoint,
-                hide,
+                value._iterator, self._billing, ref, _StreamMeter(self._endpoint, hide=hide)
             )
         else:
             found = self._endpoint.read(value)
