@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -375,3 +378,27 @@ async def test_async_denial_when_the_customer_is_out_of_credit(meter: Meter, bac
     assert reply["content"] == "Error: web_search is unavailable: 0 credits left, 1 needed"
     assert ran == []
     assert credits(backend) == 0
+
+
+# -- the example -------------------------------------------------------------------------
+
+
+def test_the_example_runs_a_complete_metered_loop_offline() -> None:
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    env["PYTHONPATH"] = str(root)
+
+    done = subprocess.run(
+        [sys.executable, str(root / "examples" / "openai_tools.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "17 * 23 + 4 = 395" in done.stdout
+    # 665 tokens (0.665 credits) + one search (1) + one calculation (2)
+    assert "credits left for cus_demo: 96.335" in done.stdout
