@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import openai
+import pydantic
 import pytest
 from openai import AsyncOpenAI, AsyncStream, OpenAI, Stream
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -312,6 +313,20 @@ def test_with_raw_response_is_metered_and_returns_the_raw_response(
     assert raw.http_response.status_code == 200
     assert raw.parse().id == "chatcmpl-raw"
     assert credits(backend) == 98
+
+
+def test_parse_is_metered_and_returns_the_parsed_object(meter: Meter, backend: Any) -> None:
+    class Greeting(pydantic.BaseModel):
+        text: str
+
+    reply = chat_completion("chatcmpl-parse", content='{"text": "hi"}', usage=(600, 400))
+    api = ScriptedAPI(json_reply(reply))
+    client = wrap_client(sync_client(api), meter, customer_id=CUSTOMER)
+
+    parsed = client.chat.completions.parse(model=MODEL, messages=MESSAGES, response_format=Greeting)
+
+    assert parsed.choices[0].message.parsed == Greeting(text="hi")
+    assert credits(backend) == 99
 
 
 def test_the_stream_helper_is_metered(meter: Meter, backend: Any) -> None:

@@ -192,6 +192,19 @@ def test_the_dict_form_of_the_message_works_the_same(meter: Meter, backend: Any)
     assert credits(backend) == 98
 
 
+def test_a_custom_tool_receives_the_models_text(meter: Meter, backend: Any) -> None:
+    message = assistant_message(
+        {"id": "call_c1", "type": "custom", "custom": {"name": "run_python", "input": "2+2"}}
+    )
+    tools = Tools()
+
+    [reply] = run_tool_calls(meter, message, tools.functions(), FEATURES, customer_id=CUSTOMER)
+
+    assert reply == {"role": "tool", "tool_call_id": "call_c1", "content": "4"}
+    assert tools.ran == [("run_python", {"code": "2+2"})]
+    assert credits(backend) == 98
+
+
 def test_a_message_without_tool_calls_runs_nothing() -> None:
     backend = MemoryBackend(pricing=example_pricing())
     message = ChatCompletion.model_validate(chat_completion()).choices[0].message
