@@ -396,6 +396,8 @@ def test_wrong_wiring_is_refused_at_wrap_time() -> None:
         wrap_client(client, meter, customer_id=CUSTOMER, feature_id="tokens")
     with pytest.raises(ConfigError, match="both"):
         wrap_client(client, meter, customer_id=CUSTOMER, input_feature_id="llm_input_tokens")
+    with pytest.raises(ConfigError, match="entity_id needs customer_id"):
+        wrap_client(client, meter, customer_id=None, entity_id="seat_1")
     with pytest.raises(TypeError, match="OpenAI"):
         wrap_client(object(), meter, customer_id=CUSTOMER)  # type: ignore[type-var]
 

@@ -27,7 +27,7 @@ from typing import Any, TypeVar, cast
 from openai import AsyncOpenAI, AsyncStream, OpenAI, Stream
 
 from agent_meter.context import NO_CUSTOMER_HELP, CustomerRef, current_customer
-from agent_meter.errors import AgentMeterError, BackendError
+from agent_meter.errors import AgentMeterError, BackendError, ConfigError
 from agent_meter.keys import new_call_id
 from agent_meter.meter import Meter
 from agent_meter.openai.usage import (
@@ -467,8 +467,9 @@ def wrap_client(
 
     Raises:
         TypeError: ``client`` is not an ``OpenAI`` or ``AsyncOpenAI`` client.
-        ConfigError: A feature is unknown to the meter's pricing, or only one of
-            ``input_feature_id`` / ``output_feature_id`` is set.
+        ConfigError: A feature is unknown to the meter's pricing, only one of
+            ``input_feature_id`` / ``output_feature_id`` is set, or ``entity_id`` comes
+            without ``customer_id``.
         UsageLimitExceeded: From the wrapped methods: the customer has no credit left; the
             request was not sent.
 
@@ -487,6 +488,9 @@ def wrap_client(
     for feature in (features.gate_feature, features.output, features.total):
         if feature is not None:
             meter.feature_type(feature)
+    if customer_id is None and entity_id is not None:
+        msg = "entity_id needs customer_id (or bind both with meter.customer(...))"
+        raise ConfigError(msg)
     customer = None if customer_id is None else CustomerRef.of(customer_id, entity_id)
     billing = _Billing(meter, customer, features)
     return cast(ClientT, _Client(client, billing, raw=False, is_async=is_async))
