@@ -1,0 +1,496 @@
+"""Meter every LLM request an ``OpenAI`` / ``AsyncOpenAI`` client sends.
+
+:func:`wrap_client` returns a proxy of the client. ``chat.completions.create`` / ``parse``
+/ ``stream`` and ``responses.create`` / ``parse`` / ``stream`` (also through
+``with_raw_response``) are gated before the request leaves: a customer without credit gets
+:class:`~agent_meter.UsageLimitExceeded` and nothing reaches OpenAI. After the answer, the
+usage it reports is billed with :meth:`agent_meter.Meter.track_tokens`, keyed by the
+response id, so a response is never billed twice. Every other attribute is the client's
+own: return types, errors, retries and options are unchanged.
+
+Streams are billed when their usage arrives. A chat stream reports usage only when asked
+(``stream_options={"include_usage": True}``); when the caller did not ask, the proxy asks
+for it and hides the extra usage-only chunk (``choices == []``), so the caller's loop sees
+exactly the chunks it would have seen. The stream object returned is the SDK's own
+``Stream`` / ``AsyncStream``, metered in place.
+"""
+
+# ruff: noqa: ANN401 - a proxy forwards whatever the SDK takes and returns
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+from openai import AsyncOpenAI, AsyncStream, OpenAI, Stream
+
+from agent_meter.context import NO_CUSTOMER_HELP, CustomerRef, current_customer
+from agent_meter.errors import AgentMeterError, BackendError, ConfigError
+from agent_meter.keys import new_call_id
+from agent_meter.meter import Meter
+from agent_meter.openai.usage import (
+    field,
+    usage_from_chunk,
+    usage_from_completion,
+    usage_from_response,
+)
+from agent_meter.tokens import TokenFeatures, TokenUsage
+
+__all__ = ["wrap_client"]
+
+logger = logging.getLogger("agent_meter")
+
+ClientT = TypeVar("ClientT", bound="OpenAI | AsyncOpenAI")
+
+Found = tuple[str, TokenUsage]
+"""A response id and the tokens it reports."""
+
+# Stream events of the Responses API that carry the finished response and its usage.
+_FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+# Tokens a request must be able to pay for before it is sent: its size is unknown until
+# the answer, so the gate asks only that the balance is not exhausted.
+_GATE_TOKENS = 1
+
+
+def _found(obj: Any, usage: TokenUsage | None) -> Found | None:
+    if usage is None:
+        return None
+    response_id = field(obj, "id")
+    return (response_id if isinstance(response_id, str) and response_id else new_call_id(), usage)
+
+
+@dataclass(frozen=True, slots=True)
+class _Endpoint:
+    """How one API reports usage: on a finished object, and on the items of its stream.
+
+    Attributes:
+        read: The usage of a finished object (a completion, a response).
+        read_item: The usage a stream item carries, if any.
+        final: Whether an item is the stream's last word on usage (billed at once).
+        finishing: Whether more usage follows right after an item (read one item ahead,
+            so a caller that stops at the end of the text still pays for it).
+        asks_for_usage: Whether streams must request usage (``include_usage``).
+    """
+
+    read: Callable[[Any], Found | None]
+    read_item: Callable[[Any], Found | None]
+    final: Callable[[Any], bool]
+    finishing: Callable[[Any], bool]
+    asks_for_usage: bool
+
+
+def _read_event(event: Any) -> Found | None:
+    if field(event, "type") not in _FINAL_EVENTS:
+        return None
+    response = field(event, "response")
+    return _found(response, usage_from_response(response))
+
+
+def _usage_only(chunk: Any) -> bool:
+    return not field(chunk, "choices")
+
+
+def _finished_choice(chunk: Any) -> bool:
+    return any(field(choice, "finish_reason") for choice in field(chunk, "choices") or ())
+
+
+_CHAT = _Endpoint(
+    read=lambda completion: _found(completion, usage_from_completion(completion)),
+    read_item=lambda chunk: _found(chunk, usage_from_chunk(chunk)),
+    # OpenAI sends usage once, on a last chunk without choices; servers that repeat a
+    # cumulative count on every chunk are billed their latest count when the stream ends.
+    final=_usage_only,
+    finishing=_finished_choice,
+    asks_for_usage=True,
+)
+_RESPONSES = _Endpoint(
+    read=lambda response: _found(response, usage_from_response(response)),
+    read_item=_read_event,
+    final=lambda event: True,
+    finishing=lambda event: False,
+    asks_for_usage=False,
+)
+
+
+def _ask_for_usage(endpoint: _Endpoint, kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Add ``include_usage`` to a chat stream request; say whether the caller lacked it."""
+    if not endpoint.asks_for_usage or kwargs.get("stream") is not True:
+        return kwargs, False
+    options = kwargs.get("stream_options")
+    options = dict(options) if isinstance(options, Mapping) else {}
+    if options.get("include_usage") is True:
+        return kwargs, False
+    return {**kwargs, "stream_options": {**options, "include_usage": True}}, True
+
+
+@dataclass(frozen=True, slots=True)
+class _Billing:
+    """Who pays and where the tokens go; gates and bills through the meter."""
+
+    meter: Meter
+    customer: CustomerRef | None
+    features: TokenFeatures
+
+    def _ref(self) -> CustomerRef:
+        ref = self.customer or current_customer()
+        if ref is None:
+            raise AgentMeterError(NO_CUSTOMER_HELP)
+        return ref
+
+    def gate(self) -> CustomerRef:
+        ref = self._ref()
+        self.meter.gate(
+            ref.customer_id, self.features.gate_feature, _GATE_TOKENS, entity_id=ref.entity_id
+        )
+        return ref
+
+    async def agate(self) -> CustomerRef:
+        ref = self._ref()
+        await self.meter.agate(
+            ref.customer_id, self.features.gate_feature, _GATE_TOKENS, entity_id=ref.entity_id
+        )
+        return ref
+
+    def bill(self, ref: CustomerRef, found: Found) -> None:
+        try:
+            self.meter.track_tokens(
+                ref.customer_id,
+                found[1],
+                call_id=found[0],
+                features=self.features,
+                entity_id=ref.entity_id,
+            )
+        except BackendError as exc:
+            # The answer is already paid for at OpenAI: losing it for the caller would not
+            # undo that, so the failure is reported here instead of raised.
+            self._lost(ref, found, exc)
+
+    async def abill(self, ref: CustomerRef, found: Found) -> None:
+        try:
+            await self.meter.atrack_tokens(
+                ref.customer_id,
+                found[1],
+                call_id=found[0],
+                features=self.features,
+                entity_id=ref.entity_id,
+            )
+        except BackendError as exc:
+            self._lost(ref, found, exc)
+
+    @staticmethod
+    def _lost(ref: CustomerRef, found: Found, exc: BackendError) -> None:
+        logger.error(
+            "agent_meter: tokens of %s (%d) for %s not billed: %s",
+            found[0],
+            found[1].total_tokens,
+            ref.customer_id,
+            exc,
+        )
+
+
+_END = object()
+
+
+class _StreamMeter:
+    """The bookkeeping of one stream: which item carries usage, what to hide, what to bill."""
+
+    def __init__(self, endpoint: _Endpoint, *, hide: bool) -> None:
+        self.endpoint = endpoint
+        self.hide = hide
+        self.pending: Found | None = None
+
+    def see(self, item: Any) -> tuple[bool, Found | None]:
+        """Whether to pass ``item`` on, and the usage to bill now."""
+        found = self.endpoint.read_item(item)
+        if found is None:
+            return True, None
+        if not self.endpoint.final(item):
+            self.pending = found
+            return True, None
+        self.pending = None
+        return not (self.hide and _usage_only(item)), found
+
+
+def _metered_items(
+    items: Iterator[Any], billing: _Billing, ref: CustomerRef, meter: _StreamMeter
+) -> Iterator[Any]:
+    try:
+        for item in items:
+            batch = [item]
+            if meter.endpoint.finishing(item):
+                # The usage chunk follows the last text chunk at once: read it before the
+                # caller, who may stop at finish_reason, gets the chance to walk away.
+                ahead = next(items, _END)
+                if ahead is not _END:
+                    batch.append(ahead)
+            kept = []
+            for each in batch:  # bill the whole batch before the caller sees any of it
+                keep, found = meter.see(each)
+                if found is not None:
+                    billing.bill(ref, found)
+                if keep:
+                    kept.append(each)
+            for each in kept:
+                yield each
+    finally:
+        if meter.pending is not None:
+            billing.bill(ref, meter.pending)
+
+
+async def _ametered_items(
+    items: AsyncIterator[Any], billing: _Billing, ref: CustomerRef, meter: _StreamMeter
+) -> AsyncIterator[Any]:
+    try:
+        async for item in items:
+            batch = [item]
+            if meter.endpoint.finishing(item):
+                ahead = await anext(items, _END)
+                if ahead is not _END:
+                    batch.append(ahead)
+            kept = []
+            for each in batch:  # bill the whole batch before the caller sees any of it
+                keep, found = meter.see(each)
+                if found is not None:
+                    await billing.abill(ref, found)
+                if keep:
+                    kept.append(each)
+            for each in kept:
+                yield each
+    finally:
+        if meter.pending is not None:
+            await billing.abill(ref, meter.pending)
+
+
+class _Proxy:
+    """Delegates every attribute it does not define to the object it wraps."""
+
+    def __init__(self, inner: Any, billing: _Billing) -> None:
+        self._inner = inner
+        self._billing = billing
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __repr__(self) -> str:
+        return f"<metered {self._inner!r}>"
+
+
+class _SyncEndpoint(_Proxy):
+    """``chat.completions`` or ``responses`` of a sync client, metered."""
+
+    def __init__(self, inner: Any, billing: _Billing, endpoint: _Endpoint, *, raw: bool) -> None:
+        super().__init__(inner, billing)
+        self._endpoint = endpoint
+        self._raw = raw
+
+    def _call(self, method: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        ref = self._billing.gate()
+        kwargs, hide = _ask_for_usage(self._endpoint, kwargs)
+        result = method(**kwargs)
+        # A raw response parses once and caches: the caller's .parse() gets this object.
+        value = result.parse() if self._raw else result
+        if isinstance(value, Stream):
+            value._iterator = _metered_items(  # meter the SDK's stream in place
+                value._iterator, self._billing, ref, _StreamMeter(self._endpoint, hide=hide)
+            )
+        else:
+            found = self._endpoint.read(value)
+            if found is not None:
+                self._billing.bill(ref, found)
+        return result
+
+    def create(self, **kwargs: Any) -> Any:
+        """The client's ``create``, gated before and billed after."""
+        return self._call(self._inner.create, kwargs)
+
+    def parse(self, **kwargs: Any) -> Any:
+        """The client's ``parse``, gated before and billed after."""
+        return self._call(self._inner.parse, kwargs)
+
+    def stream(self, **kwargs: Any) -> Any:
+        """The client's ``stream`` helper, over the metered :meth:`create`."""
+        if self._raw:
+            return self._inner.stream(**kwargs)
+        # The SDK's helper calls resource.create: handing it this proxy meters the stream.
+        return type(self._inner).stream(cast(Any, self), **kwargs)
+
+    @property
+    def with_raw_response(self) -> _SyncEndpoint:
+        """The raw-response variant, metered too."""
+        return _SyncEndpoint(self._inner.with_raw_response, self._billing, self._endpoint, raw=True)
+
+
+class _AsyncEndpoint(_Proxy):
+    """``chat.completions`` or ``responses`` of an async client, metered."""
+
+    def __init__(self, inner: Any, billing: _Billing, endpoint: _Endpoint, *, raw: bool) -> None:
+        super().__init__(inner, billing)
+        self._endpoint = endpoint
+        self._raw = raw
+
+    async def _call(self, method: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        ref = await self._billing.agate()
+        kwargs, hide = _ask_for_usage(self._endpoint, kwargs)
+        result = await method(**kwargs)
+        value = result.parse() if self._raw else result
+        if isinstance(value, AsyncStream):
+            value._iterator = _ametered_items(  # meter the SDK's stream in place
+                value._iterator, self._billing, ref, _StreamMeter(self._endpoint, hide=hide)
+            )
+        else:
+            found = self._endpoint.read(value)
+            if found is not None:
+                await self._billing.abill(ref, found)
+        return result
+
+    async def create(self, **kwargs: Any) -> Any:
+        """The client's ``create``, gated before and billed after."""
+        return await self._call(self._inner.create, kwargs)
+
+    async def parse(self, **kwargs: Any) -> Any:
+        """The client's ``parse``, gated before and billed after."""
+        return await self._call(self._inner.parse, kwargs)
+
+    def stream(self, **kwargs: Any) -> Any:
+        """The client's ``stream`` helper, over the metered :meth:`create`."""
+        if self._raw:
+            return self._inner.stream(**kwargs)
+        return type(self._inner).stream(cast(Any, self), **kwargs)
+
+    @property
+    def with_raw_response(self) -> _AsyncEndpoint:
+        """The raw-response variant, metered too."""
+        return _AsyncEndpoint(
+            self._inner.with_raw_response, self._billing, self._endpoint, raw=True
+        )
+
+
+def _endpoint(
+    inner: Any, billing: _Billing, endpoint: _Endpoint, *, raw: bool, is_async: bool
+) -> Any:
+    kind = _AsyncEndpoint if is_async else _SyncEndpoint
+    return kind(inner, billing, endpoint, raw=raw)
+
+
+class _Chat(_Proxy):
+    """``client.chat`` with metered ``completions``."""
+
+    def __init__(self, inner: Any, billing: _Billing, *, raw: bool, is_async: bool) -> None:
+        super().__init__(inner, billing)
+        self._raw = raw
+        self._async = is_async
+
+    @property
+    def completions(self) -> Any:
+        """Metered ``chat.completions``."""
+        return _endpoint(
+            self._inner.completions, self._billing, _CHAT, raw=self._raw, is_async=self._async
+        )
+
+    @property
+    def with_raw_response(self) -> _Chat:
+        """``chat.with_raw_response``, metered too."""
+        return _Chat(self._inner.with_raw_response, self._billing, raw=True, is_async=self._async)
+
+
+class _Client(_Proxy):
+    """A client (or its ``with_raw_response`` view) whose LLM endpoints are metered."""
+
+    def __init__(self, inner: Any, billing: _Billing, *, raw: bool, is_async: bool) -> None:
+        super().__init__(inner, billing)
+        self._raw = raw
+        self._async = is_async
+
+    @property
+    def chat(self) -> _Chat:
+        """Metered ``client.chat``."""
+        return _Chat(self._inner.chat, self._billing, raw=self._raw, is_async=self._async)
+
+    @property
+    def responses(self) -> Any:
+        """Metered ``client.responses``."""
+        return _endpoint(
+            self._inner.responses, self._billing, _RESPONSES, raw=self._raw, is_async=self._async
+        )
+
+    @property
+    def with_raw_response(self) -> _Client:
+        """``client.with_raw_response``, metered too."""
+        return _Client(self._inner.with_raw_response, self._billing, raw=True, is_async=self._async)
+
+    def with_options(self, **options: Any) -> Any:
+        """The client's ``with_options``, still metered."""
+        return _Client(
+            self._inner.with_options(**options), self._billing, raw=self._raw, is_async=self._async
+        )
+
+    def copy(self, **options: Any) -> Any:
+        """The client's ``copy``, still metered."""
+        return _Client(
+            self._inner.copy(**options), self._billing, raw=self._raw, is_async=self._async
+        )
+
+
+def wrap_client(
+    client: ClientT,
+    meter: Meter,
+    *,
+    customer_id: str | None,
+    feature_id: str | None = "llm_tokens",
+    input_feature_id: str | None = None,
+    output_feature_id: str | None = None,
+    entity_id: str | None = None,
+) -> ClientT:
+    """Wrap an ``OpenAI`` or ``AsyncOpenAI`` client so its LLM requests are metered.
+
+    Every ``chat.completions.create`` / ``parse`` / ``stream`` and ``responses.create`` /
+    ``parse`` / ``stream`` is gated before the request is sent and its tokens billed after,
+    keyed by the response id (a repeat is never billed twice). Streams are billed once,
+    when their usage arrives at the end.
+
+    Args:
+        client: The client to wrap; it is not modified and keeps working unmetered.
+        meter: The meter that gates and bills.
+        customer_id: Who pays. None: the customer bound by ``meter.customer(...)`` at the
+            time of each request (one wrapped client shared by a server's requests).
+        feature_id: The feature billed ``total_tokens``.
+        input_feature_id: With ``output_feature_id``: bill input and output tokens to
+            features of their own instead.
+        output_feature_id: See ``input_feature_id``.
+        entity_id: Sub-scope of the customer.
+
+    Returns:
+        A proxy typed as the client: ``chat``, ``responses``, ``with_raw_response``,
+        ``with_options`` and ``copy`` are metered; every other attribute is the client's.
+
+    Raises:
+        TypeError: ``client`` is not an ``OpenAI`` or ``AsyncOpenAI`` client.
+        ConfigError: A feature is unknown to the meter's pricing, only one of
+            ``input_feature_id`` / ``output_feature_id`` is set, or ``entity_id`` comes
+            without ``customer_id``.
+        UsageLimitExceeded: From the wrapped methods: the customer has no credit left; the
+            request was not sent.
+
+    Example:
+        >>> client = wrap_client(OpenAI(), meter, customer_id="cus_1")
+        >>> client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+    """
+    if isinstance(client, AsyncOpenAI):
+        is_async = True
+    elif isinstance(client, OpenAI):
+        is_async = False
+    else:
+        msg = f"wrap_client needs an openai.OpenAI or openai.AsyncOpenAI client, not {client!r}"
+        raise TypeError(msg)
+    features = TokenFeatures(total=feature_id, input=input_feature_id, output=output_feature_id)
+    for feature in (features.gate_feature, features.output, features.total):
+        if feature is not None:
+            meter.feature_type(feature)
+    if customer_id is None and entity_id is not None:
+        msg = "entity_id needs customer_id (or bind both with meter.customer(...))"
+        raise ConfigError(msg)
+    customer = None if customer_id is None else CustomerRef.of(customer_id, entity_id)
+    billing = _Billing(meter, customer, features)
+    return cast(ClientT, _Client(client, billing, raw=False, is_async=is_async))
