@@ -49,6 +49,7 @@ class RecordedCall:
 class _Fault:
     error: Callable[[], Exception]
     method: str | None
+    feature_id: str | None
     remaining: int | None
 
 
@@ -102,13 +103,16 @@ class MemoryBackend:
         *,
         method: str | None = None,
         times: int | None = None,
+        feature_id: str | None = None,
     ) -> None:
         """Make calls raise ``error`` (default: BackendUnavailable).
 
         Args:
             error: An exception, or a factory of exceptions.
-            method: ``"check"`` or ``"track"``; None fails both.
+            method: ``"check"`` (reservations included) or ``"track"`` (refunds included);
+                None fails both.
             times: Fail this many calls, then behave again; None fails until :meth:`heal`.
+            feature_id: Fail only calls about this feature; None fails all.
         """
         if error is None:
             factory: Callable[[], Exception] = lambda: BackendUnavailable(  # noqa: E731
@@ -119,7 +123,7 @@ class MemoryBackend:
         else:
             factory = error
         with self._lock:
-            self._faults.append(_Fault(factory, method, times))
+            self._faults.append(_Fault(factory, method, feature_id, times))
 
     def heal(self) -> None:
         """Forget every :meth:`deny` and :meth:`fail`."""
@@ -131,6 +135,8 @@ class MemoryBackend:
         self.calls.append(RecordedCall(method, customer_id, feature_id, kwargs))
         for fault in self._faults:
             if fault.method not in (None, method) or fault.remaining == 0:
+                continue
+            if fault.feature_id not in (None, feature_id):
                 continue
             if fault.remaining is not None:
                 fault.remaining -= 1

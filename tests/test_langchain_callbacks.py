@@ -216,21 +216,38 @@ def test_backend_down_on_the_gate_refuses_the_call(backend: MemoryBackend):
     assert model.calls == 0
 
 
-def test_billing_failure_is_raised_not_swallowed(meter: Meter, backend: MemoryBackend):
-    backend.fail(method="track")
+def test_billing_rejection_is_raised_not_swallowed(meter: Meter, backend: MemoryBackend):
+    backend.fail(ConfigError("feature llm_tokens not found"), method="track")
     model = ScriptedChatModel(replies=[reply()])
 
-    with pytest.raises(BackendError):
+    with pytest.raises(ConfigError):
         model.invoke("hi", config=run_config(meter.callback_handler()))
     assert model.calls == 1
 
 
-async def test_billing_failure_is_raised_not_swallowed_async(meter: Meter, backend: MemoryBackend):
+async def test_billing_rejection_is_raised_not_swallowed_async(
+    meter: Meter, backend: MemoryBackend
+):
+    backend.fail(ConfigError("feature llm_tokens not found"), method="track")
+    model = ScriptedChatModel(replies=[reply()])
+
+    with pytest.raises(ConfigError):
+        await model.ainvoke("hi", config=run_config(meter.callback_handler()))
+
+
+def test_usage_that_meets_an_outage_waits_and_is_billed_once(meter: Meter, backend: MemoryBackend):
     backend.fail(method="track")
     model = ScriptedChatModel(replies=[reply()])
 
-    with pytest.raises(BackendError):
-        await model.ainvoke("hi", config=run_config(meter.callback_handler()))
+    model.invoke("hi", config=run_config(meter.callback_handler()))
+
+    assert meter.outbox.pending(CUSTOMER) == 1
+    assert backend.balances(CUSTOMER)["credits"] == 100
+    backend.heal()
+    assert meter.flush(timeout=5) == 0
+    billed = [e for e in backend.events(CUSTOMER) if e.kind == "track"]
+    assert [(e.feature_id, e.value) for e in billed] == [("llm_tokens", 42)]
+    assert backend.balances(CUSTOMER)["credits"] == credits_left(100, 42 * TOKEN_RATE)
 
 
 # -- split features -----------------------------------------------------------------------

@@ -192,15 +192,8 @@ def test_backend_down_on_a_tool_check_is_an_error_result_not_a_charge(web_search
     backend = MemoryBackend(pricing=make_pricing())
     meter = Meter(backend)
     agent = agent_for(meter, search_then_answer(), [web_search])
-    original = backend.check
-
-    def check(customer_id, feature_id, **kwargs):
-        # Only the tool's check fails; the model gates still pass.
-        if feature_id == "web_search":
-            raise BackendUnavailable("connection refused")
-        return original(customer_id, feature_id, **kwargs)
-
-    backend.check = check  # type: ignore[method-assign]
+    # Only the tool's check fails; the model gates still pass.
+    backend.fail(BackendUnavailable("connection refused"), method="check", feature_id="web_search")
     result = agent.invoke({"messages": [("user", "x")]}, config=CONFIG)
 
     [refusal] = tool_messages(result)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -402,20 +401,19 @@ def test_wrong_wiring_is_refused_at_wrap_time() -> None:
         wrap_client(object(), meter, customer_id=CUSTOMER)  # type: ignore[type-var]
 
 
-def test_a_track_the_backend_refuses_is_logged_and_the_answer_kept(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_usage_the_backend_cannot_take_now_waits_in_the_outbox_and_is_billed_once() -> None:
     backend = MemoryBackend(pricing=example_pricing())
     backend.fail(method="track", times=1)
-    api = ScriptedAPI(json_reply(chat_completion("chatcmpl-lost", usage=(10, 10))))
-    client = wrap_client(sync_client(api), Meter(backend), customer_id=CUSTOMER)
+    meter = Meter(backend)
+    api = ScriptedAPI(json_reply(chat_completion("chatcmpl-late", usage=(10, 10))))
+    client = wrap_client(sync_client(api), meter, customer_id=CUSTOMER)
 
-    with caplog.at_level(logging.ERROR, logger="agent_meter"):
-        completion = client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    completion = client.chat.completions.create(model=MODEL, messages=MESSAGES)
 
-    assert completion.id == "chatcmpl-lost"
-    assert "chatcmpl-lost" in caplog.text
-    assert "not billed" in caplog.text
+    assert completion.id == "chatcmpl-late"
+    assert meter.flush(timeout=5) == 0
+    billed = [e for e in backend.events(CUSTOMER) if e.kind == "track"]
+    assert [(e.feature_id, e.value) for e in billed] == [("llm_tokens", 20)]
 
 
 # -- async client ------------------------------------------------------------------------

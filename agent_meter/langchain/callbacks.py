@@ -313,7 +313,7 @@ class MeteringCallbackHandler(BaseCallbackHandler):
         parent_run_id: UUID | None = None,
         tags: list[str] | None = None,
         metadata: dict[str, Any] | None = None,
-        **kwargs: Any,  # noqa: ANN401 - LangChain's callback signature
+        **kwargs: Any,
     ) -> None:
         """Find who pays and, with ``gate=True``, refuse the call if they have no credit.
 
@@ -332,7 +332,7 @@ class MeteringCallbackHandler(BaseCallbackHandler):
         parent_run_id: UUID | None = None,
         tags: list[str] | None = None,
         metadata: dict[str, Any] | None = None,
-        **kwargs: Any,  # noqa: ANN401 - LangChain's callback signature
+        **kwargs: Any,
     ) -> None:
         """:meth:`on_chat_model_start` for completion-style LLMs."""
         self._start(run_id, serialized, metadata, kwargs.get("invocation_params"))
@@ -344,7 +344,7 @@ class MeteringCallbackHandler(BaseCallbackHandler):
         run_id: UUID,
         parent_run_id: UUID | None = None,
         tags: list[str] | None = None,
-        **kwargs: Any,  # noqa: ANN401 - LangChain's callback signature
+        **kwargs: Any,
     ) -> None:
         """Bill the call's tokens once, keyed by its run id.
 
@@ -392,7 +392,7 @@ class MeteringCallbackHandler(BaseCallbackHandler):
         run_id: UUID,
         parent_run_id: UUID | None = None,
         tags: list[str] | None = None,
-        **kwargs: Any,  # noqa: ANN401 - LangChain's callback signature
+        **kwargs: Any,
     ) -> None:
         """Forget a failed call: it reported no usage and is not billed."""
         with self._lock:

@@ -15,7 +15,7 @@ exactly the chunks it would have seen. The stream object returned is the SDK's o
 ``Stream`` / ``AsyncStream``, metered in place.
 """
 
-# ruff: noqa: ANN401 - a proxy forwards whatever the SDK takes and returns
+
 
 from __future__ import annotations
 

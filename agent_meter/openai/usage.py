@@ -18,7 +18,7 @@ from agent_meter.tokens import TokenUsage
 __all__ = ["usage_from_chunk", "usage_from_completion", "usage_from_response"]
 
 
-def field(obj: object, name: str) -> Any:  # noqa: ANN401 - SDK objects are untyped here
+def field(obj: object, name: str) -> Any:
     """``obj.name`` for an SDK object, ``obj[name]`` for its dict form; None when absent."""
     if isinstance(obj, Mapping):
         return obj.get(name)
