@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
@@ -875,3 +879,20 @@ def test_metered_bad_options_are_refused(meter: Meter) -> None:
 def test_wrap_tool_function_matches_meter_method(meter: Meter) -> None:
     direct = wrap_tool(meter, search, "web_search", 2)
     assert (direct.feature_id, direct.units, direct.meter) == ("web_search", 2, meter)
+
+
+def test_example_runs_offline() -> None:
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, str(root / "examples" / "langchain_tools.py")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "credits left: 97 of 100" in done.stdout
+    assert "code_exec is unavailable: 1 credits left, 2 needed" in done.stdout
