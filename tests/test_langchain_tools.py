@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import subprocess
 import sys
@@ -783,7 +784,7 @@ async def test_metered_coroutine_is_billed(meter: Meter, backend: MemoryBackend)
         await asyncio.sleep(0)
         return len(source)
 
-    assert asyncio.iscoroutinefunction(run_code)
+    assert inspect.iscoroutinefunction(run_code)
     async with meter.customer(CUSTOMER):
         assert await run_code("print(1)") == 8
     assert credits(backend) == 98
