@@ -353,4 +353,3 @@ def test_a_wrong_key_through_the_meter_refuses_the_call_without_the_key():
             pytest.fail("the guarded block must not run")
     assert not isinstance(info.value, UsageLimitExceeded)
     assert SECRET[:12] not in exception_texts(info.value)
-
