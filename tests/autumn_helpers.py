@@ -20,7 +20,7 @@ CASSETTES = Path(__file__).parent / "cassettes" / "autumn"
 # The key every cassette was replayed with; headers are not matched, any key replays.
 REPLAY_KEY = "am_sk_test_REDACTED"
 # A key that must never show up anywhere: in messages, causes, reprs or logs.
-SECRET = "am_sk_test_s3cr3tK3yThatMustNeverLeak0123"
+SECRET = "am_sk_test_s3cr3tK3yThatMustNeverLeak0123"  # noqa: S105 - a fake, for leak checks
 
 # The configuration the cassettes were recorded against (their README, "Seeded configuration").
 PRICING = Pricing(
@@ -123,7 +123,7 @@ class FaultServer:
 
             do_GET = do_POST = _answer
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 return
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

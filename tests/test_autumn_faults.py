@@ -144,7 +144,7 @@ async def test_502_with_an_html_page_is_retried_then_unavailable_async():
 def test_no_retries_means_one_attempt():
     with FaultServer([Reply(500)]) as server:
         backend = backend_for(server.url, max_retries=0)
-        with pytest.raises(BackendUnavailable, match="after 1 attempt\\b"):
+        with pytest.raises(BackendUnavailable, match=r"after 1 attempt\b"):
             track(backend)
         backend.close()
     assert len(server.requests) == 1
