@@ -353,3 +353,28 @@ def test_a_wrong_key_through_the_meter_refuses_the_call_without_the_key():
             pytest.fail("the guarded block must not run")
     assert not isinstance(info.value, UsageLimitExceeded)
     assert SECRET[:12] not in exception_texts(info.value)
+
+
+# -- the example -------------------------------------------------------------------------
+
+
+def test_the_example_explains_the_setup_and_exits_cleanly_without_a_key():
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    root = Path(__file__).parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "AUTUMN_SECRET_KEY"}
+    env["PYTHONPATH"] = str(root)
+    done = subprocess.run(
+        [sys.executable, str(root / "examples" / "autumn_backend.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "AUTUMN_SECRET_KEY is not set" in done.stdout
+    assert "export AUTUMN_SECRET_KEY=" in done.stdout

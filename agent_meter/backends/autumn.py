@@ -768,7 +768,7 @@ def _what(failure: _Failure) -> str:
     if failure.kind == "timeout":
         return "timed out"
     if failure.kind == "connection":
-        return "connection refused" if failure.unsent else "connection failed"
+        return "could not connect" if failure.unsent else "connection failed"
     if failure.kind == "unreadable":
         status = f"HTTP {failure.status}, " if failure.status else ""
         return f"unreadable answer ({status}not JSON)"
