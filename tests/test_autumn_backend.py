@@ -4,6 +4,18 @@ Sync cassettes are replayed matching request bodies too, which proves that our r
 are the ones autumn-py sent when they were recorded. The contract cases (what every
 backend must do, DESIGN.md §5) are written over AutumnBackend here, where the cassettes
 cover them; the embedded backends run the lead's suite in test_backend_contract.py.
+
+Contract cases covered here (cassette): new customers created with the auto-enabled plan
+(unknown_customer_autocreate), checks about the pool with required converted
+(credit_conversion, reserve_then_refund, negative_and_fractional_values), send_event
+deducting in one step (reserve_then_refund) and a denial deducting nothing
+(reserve_until_denied), tracks lowering the pool by the converted cost (credit_conversion),
+capped at 0 (track_over_balance), refunds and zero (negative_and_fractional_values),
+repeated keys recorded once (track_duplicate_idempotency, async_duplicate_idempotency),
+keys global across customers (idempotency_key_scope), boolean gates
+(boolean_feature_gate), bad input refused before any request, async twins. Not
+recorded, so not covered: plan resets, set_balance (Autumn's admin API is not wrapped),
+entities.
 """
 
 from __future__ import annotations

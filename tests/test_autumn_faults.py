@@ -191,6 +191,26 @@ async def test_429_with_an_html_body_is_still_a_rate_limit_async():
     assert len(server.requests) == 2
 
 
+async def test_429_with_a_broken_json_body_is_still_a_rate_limit_async():
+    # A JSON content type with a broken body: aiohttp's decoding error carries no
+    # status, so the status seen by the session's trace decides.
+    with FaultServer([Reply(429, "{oops", "application/json")]) as server:
+        backend = backend_for(server.url, max_retries=1)
+        with pytest.raises(BackendUnavailable, match="HTTP 429"):
+            await backend.acheck("cus_fault", "web_search")
+        await backend.aclose()
+    assert len(server.requests) == 2
+
+
+def test_429_with_a_broken_json_body_is_still_a_rate_limit():
+    with FaultServer([Reply(429, "{oops", "application/json")]) as server:
+        backend = backend_for(server.url, max_retries=1)
+        with pytest.raises(BackendUnavailable, match="HTTP 429"):
+            backend.check("cus_fault", "web_search")
+        backend.close()
+    assert len(server.requests) == 2
+
+
 # -- a deducting check is not retried where it may have deducted -------------------------
 
 
