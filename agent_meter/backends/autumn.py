@@ -1,0 +1,810 @@
+"""Autumn as the billing backend, over autumn-py, with the wrapping DESIGN.md §2 asks for.
+
+autumn-py carries the requests (sync :class:`autumn.Client` over requests, async
+:class:`autumn.Autumn` over aiohttp): its URL, headers, ``X-Api-Version: 1.2.0`` and its
+mapping of error bodies to :class:`autumn.error.AutumnHTTPError`. Around it this module
+adds what autumn-py lacks:
+
+- **One request per call, the whole answer.** ``CheckResponse`` drops ``required_balance``,
+  ``usage``, ``included_usage`` and ``unlimited``, so checks go through autumn-py's own HTTP
+  layer (``client.http.request``) with a model that keeps every field: still one request.
+- **Timeouts** on both transports (requests has none by default): per request for
+  requests, on the session for aiohttp.
+- **Our own retries.** autumn-py's are off (``max_retries=0``: it retries POSTs on 5xx
+  without looking at idempotency and then raises a private exception). Retries here use
+  exponential back-off with jitter, and only where they cannot bill twice:
+
+  ========================================  ========  ============  ==================
+  failure                                   track     plain check   check, send_event
+  ========================================  ========  ============  ==================
+  connection refused, connect timeout       retried   retried       retried
+  429, 503 (request refused, not run)       retried   retried       retried
+  500, 502, 504, read timeout, reset        retried   retried       **not retried**
+  ========================================  ========  ============  ==================
+
+  Tracks always carry an idempotency key, so a retry of a track that did land answers
+  409 ``duplicate_idempotency_key``, which is success. A check with ``send_event=True``
+  deducts and is *not* keyed in Autumn v1.2: after a timeout or a 5xx other than 503 the
+  first attempt may have deducted, and a retry would deduct again. Such a check fails
+  with :class:`BackendUnavailable` instead, and the meter's fail policy decides.
+- **One error tree.** Every failure becomes an :class:`~agent_meter.errors.AgentMeterError`
+  here, chained with ``from``: 401 → :class:`BackendError` (the server's message echoes
+  the key's prefix, so it is never passed on), 404 ``feature_not_found`` →
+  :class:`ConfigError`, 404 ``customer_not_found`` → :class:`CustomerNotFound`, 429/5xx
+  after retries, timeouts and refused connections → :class:`BackendUnavailable`,
+  anything else → :class:`BackendError`.
+- **The key stays secret**: not in ``repr()``, logs, messages, nor in the chained causes
+  (a cause whose text carries the key or its prefix is replaced by a redacted copy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Literal, NoReturn, cast
+from urllib.parse import quote
+
+import aiohttp
+import autumn
+import requests
+from autumn.aio.client import AsyncClient
+from autumn.aio.http import AsyncHTTPClient
+from autumn.error import AutumnError, AutumnHTTPError
+from autumn.http import _RetryRequestError
+from pydantic import BaseModel, ConfigDict
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+
+from agent_meter.errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    CustomerNotFound,
+    InvalidUsage,
+)
+from agent_meter.results import CheckResult, TrackResult
+from agent_meter.validation import (
+    check_customer_id,
+    check_entity_id,
+    check_feature_id,
+    check_units,
+)
+from agent_meter.verification import CatalogueEntry
+
+__all__ = ["AutumnBackend"]
+
+logger = logging.getLogger("agent_meter.autumn")
+
+KEY_ENV = "AUTUMN_SECRET_KEY"
+_SETUP = (
+    "pass AutumnBackend(secret_key=...) or set the AUTUMN_SECRET_KEY environment variable "
+    "(create a secret key in the Autumn dashboard under Developer > API keys)"
+)
+# Anything shaped like an Autumn secret key, whole or echoed in part ("am_sk_test_wron***").
+_KEY_SHAPED = re.compile(r"am_sk_[A-Za-z0-9_*.\-]+")
+_PREFIX_CHARS = 12
+
+
+class _RawAnswer(BaseModel):
+    """Keeps the whole JSON object autumn-py parsed, where its own models drop fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def fields(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class _SecretKey:
+    """Holds the key; prints as ``***`` wherever an object graph gets printed."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> NoReturn:
+        msg = "the Autumn secret key is not picklable"
+        raise TypeError(msg)
+
+
+class _RedactedCause(Exception):
+    """Stands in for a foreign exception whose text carried the secret key."""
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """What one attempt saw of the HTTP response, for errors autumn-py reports without it."""
+
+    status: int | None = None
+
+    def requests_hook(self, response: requests.Response, *args: object, **kwargs: object) -> None:
+        self.status = response.status_code
+
+
+async def _record_status(
+    session: aiohttp.ClientSession,
+    context: SimpleNamespace,
+    params: aiohttp.TraceRequestEndParams,
+) -> None:
+    exchange = context.trace_request_ctx
+    if isinstance(exchange, _Exchange):
+        exchange.status = params.response.status
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One request to Autumn, and what a retry of it would risk."""
+
+    op: Literal["check", "track", "customer", "catalogue"]
+    method: str
+    path: str
+    body: dict[str, Any] | None
+    customer_id: str = ""
+    feature_id: str = ""
+    deducts: bool = False  # an unkeyed check that deducts: retried only when surely unsent
+
+    def describe(self) -> str:
+        if self.op == "catalogue":
+            return "listing features"
+        if self.op == "customer":
+            return f"reading customer {self.customer_id!r}"
+        return f"{self.op} of {self.feature_id!r} for {self.customer_id!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """One failed attempt, classified.
+
+    ``transient`` failures may succeed on a retry; ``unsent`` ones surely never reached
+    Autumn's ledger (refused connection, 429, 503), so even a deducting check may retry.
+    """
+
+    kind: str
+    status: int | None = None
+    code: str = ""
+    message: str = ""
+    transient: bool = False
+    unsent: bool = False
+    cause: BaseException | None = None
+
+
+class AutumnBackend:
+    """Autumn (https://useautumn.com) as the billing backend, through autumn-py.
+
+    Exactly one HTTP request per check and per track. The clients are created on first
+    use and released by :meth:`close` / :meth:`aclose`.
+
+    Args:
+        secret_key: Autumn secret key; defaults to ``AUTUMN_SECRET_KEY``. Never printed.
+        base_url: The Autumn server (a self-hosted one); defaults to autumn-py's
+            ``https://api.useautumn.com``.
+        timeout: Seconds each attempt may take, on both transports.
+        max_retries: Retries after the first attempt for failures that a retry may cure
+            (5xx, 429, timeouts, connection errors); see the module docstring for which
+            ones a deducting check skips.
+        backoff: Base delay in seconds: attempt ``n`` waits about ``backoff * 2**n``
+            (with jitter, at most ``max_backoff``).
+        max_backoff: The longest wait between two attempts.
+
+    Raises:
+        ConfigError: No key was given or found, or an option is out of range.
+
+    Example:
+        >>> backend = AutumnBackend()              # reads AUTUMN_SECRET_KEY
+        >>> meter = Meter(backend, pricing=Pricing.from_file("pricing.toml"))
+        >>> meter.verify()                         # every feature exists, right pool
+    """
+
+    service_name = "Autumn"
+
+    def __init__(
+        self,
+        secret_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float = 5.0,
+        max_retries: int = 3,
+        *,
+        backoff: float = 0.25,
+        max_backoff: float = 8.0,
+    ) -> None:
+        key = secret_key if secret_key is not None else os.environ.get(KEY_ENV)
+        if not key or not key.strip():
+            msg = f"AutumnBackend needs an Autumn secret key: {_SETUP}"
+            raise ConfigError(msg)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            msg = f"AutumnBackend timeout must be a positive number of seconds, not {timeout!r}"
+            raise ConfigError(msg)
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            msg = f"AutumnBackend max_retries must be an int >= 0, not {max_retries!r}"
+            raise ConfigError(msg)
+        if backoff < 0 or max_backoff < 0:
+            msg = "AutumnBackend backoff and max_backoff must not be negative"
+            raise ConfigError(msg)
+        self._key = _SecretKey(key.strip())
+        self.base_url = (base_url or autumn.BASE_URL).rstrip("/")
+        self.timeout = float(timeout)
+        self.max_retries = max_retries
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self._lock = threading.Lock()
+        self._sync: autumn.Client | None = None
+        self._async: AsyncClient | None = None
+        self._async_loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"AutumnBackend(base_url={self.base_url!r}, timeout={self.timeout!r}, "
+            f"max_retries={self.max_retries!r})"
+        )
+
+    # -- clients -----------------------------------------------------------------------
+
+    def _sync_client(self) -> autumn.Client:
+        client = self._sync
+        if client is not None:
+            return client
+        with self._lock:
+            self._ensure_open()
+            if self._sync is None:
+                self._sync = autumn.Client(
+                    token=self._key.reveal(), base_url=self.base_url, max_retries=0
+                )
+            return self._sync
+
+    def _async_client(self) -> AsyncClient:
+        loop = asyncio.get_running_loop()
+        client = self._async
+        if client is not None and self._async_loop is loop:
+            return client
+        self._ensure_open()
+        if client is not None:
+            # An aiohttp session belongs to the loop that made it; that loop is gone
+            # (asyncio.run called again), so its session cannot be closed from here.
+            logger.warning("agent_meter: AutumnBackend used from a new event loop; new session")
+        trace = aiohttp.TraceConfig()
+        trace.on_request_end.append(_record_status)
+        session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.timeout), trace_configs=[trace]
+        )
+        self._async = AsyncClient(
+            token=self._key.reveal(), base_url=self.base_url, max_retries=0, session=session
+        )
+        self._async_loop = loop
+        return self._async
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            msg = f"{self!r} is closed"
+            raise BackendError(msg)
+
+    # -- the drivers: one attempt at a time, retried by the same policy ------------------
+
+    def _request(self, call: _Call) -> dict[str, Any]:
+        self._ensure_open()
+        client = self._sync_client()
+        attempts = self.max_retries + 1
+        for attempt in range(attempts):
+            exchange = _Exchange()
+            try:
+                answer = client.http.request(
+                    call.method,
+                    call.path,
+                    _RawAnswer,
+                    json=call.body,
+                    timeout=self.timeout,
+                    hooks={"response": [exchange.requests_hook]},
+                )
+            except Exception as exc:  # noqa: BLE001 - every foreign error is mapped below
+                failure = _classify(exc, exchange.status, self._key.reveal())
+            else:
+                return answer.fields()
+            if not self._should_retry(call, failure, attempt):
+                break
+            time.sleep(self._delay(call, failure, attempt))
+        raise _error(call, failure, attempt + 1, self.base_url) from failure.cause
+
+    async def _arequest(self, call: _Call) -> dict[str, Any]:
+        self._ensure_open()
+        # AsyncClient inherits Client's annotation of .http; it holds the async one.
+        http = cast("AsyncHTTPClient", self._async_client().http)
+        attempts = self.max_retries + 1
+        for attempt in range(attempts):
+            exchange = _Exchange()
+            try:
+                answer = await http.request(
+                    call.method, call.path, _RawAnswer, json=call.body, trace_request_ctx=exchange
+                )
+            except Exception as exc:  # noqa: BLE001 - every foreign error is mapped below
+                failure = _classify(exc, exchange.status, self._key.reveal())
+            else:
+                return answer.fields()
+            if not self._should_retry(call, failure, attempt):
+                break
+            await asyncio.sleep(self._delay(call, failure, attempt))
+        raise _error(call, failure, attempt + 1, self.base_url) from failure.cause
+
+    def _should_retry(self, call: _Call, failure: _Failure, attempt: int) -> bool:
+        if attempt >= self.max_retries or not failure.transient:
+            return False
+        return failure.unsent or not call.deducts
+
+    def _delay(self, call: _Call, failure: _Failure, attempt: int) -> float:
+        ceiling = min(self.max_backoff, self.backoff * 2.0**attempt)
+        delay = ceiling * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not crypto
+        logger.info(
+            "agent_meter: Autumn %s failed (%s); retry %d/%d in %.2fs",
+            call.describe(),
+            _what(failure),
+            attempt + 1,
+            self.max_retries,
+            delay,
+        )
+        return delay
+
+    # -- the protocol ------------------------------------------------------------------
+
+    def check(
+        self,
+        customer_id: str,
+        feature_id: str,
+        *,
+        required_balance: float = 1,
+        send_event: bool = False,
+        entity_id: str | None = None,
+    ) -> CheckResult:
+        """Ask Autumn whether the customer may use ``required_balance`` units (one request).
+
+        With ``send_event=True`` Autumn deducts atomically when it allows; that check is
+        not retried after failures where it may have reached Autumn.
+
+        Raises:
+            InvalidUsage: An id or ``required_balance`` is malformed.
+            ConfigError: Autumn does not know ``feature_id``.
+            CustomerNotFound: Autumn does not know the customer (API versions that do not
+                create customers on first use).
+            BackendUnavailable: Autumn could not be reached, or stayed overloaded.
+            BackendError: Autumn refused the request (a wrong key, bad input).
+        """
+        call = _check_call(customer_id, feature_id, required_balance, send_event, entity_id)
+        return _check_result(call, self._request(call), required_balance, entity_id)
+
+    async def acheck(
+        self,
+        customer_id: str,
+        feature_id: str,
+        *,
+        required_balance: float = 1,
+        send_event: bool = False,
+        entity_id: str | None = None,
+    ) -> CheckResult:
+        """Async :meth:`check`, over aiohttp."""
+        call = _check_call(customer_id, feature_id, required_balance, send_event, entity_id)
+        return _check_result(call, await self._arequest(call), required_balance, entity_id)
+
+    def track(
+        self,
+        customer_id: str,
+        feature_id: str,
+        value: float,
+        *,
+        idempotency_key: str,
+        entity_id: str | None = None,
+        properties: Mapping[str, Any] | None = None,
+    ) -> TrackResult:
+        """Record usage in Autumn (one request), once per idempotency key.
+
+        A 409 ``duplicate_idempotency_key`` means Autumn already has this usage: the
+        result is a success with ``duplicate=True``.
+
+        Raises:
+            InvalidUsage: An id, the key or ``value`` is malformed.
+            ConfigError: Autumn does not know ``feature_id``.
+            CustomerNotFound: Autumn does not know the customer.
+            BackendUnavailable: Autumn could not be reached, or stayed overloaded.
+            BackendError: Autumn refused the request.
+        """
+        call, result = _track_call(
+            customer_id,
+            feature_id,
+            value,
+            idempotency_key=idempotency_key,
+            entity_id=entity_id,
+            properties=properties,
+        )
+        try:
+            self._request(call)
+        except _Duplicate:
+            return _as_duplicate(result)
+        return result
+
+    async def atrack(
+        self,
+        customer_id: str,
+        feature_id: str,
+        value: float,
+        *,
+        idempotency_key: str,
+        entity_id: str | None = None,
+        properties: Mapping[str, Any] | None = None,
+    ) -> TrackResult:
+        """Async :meth:`track`, over aiohttp."""
+        call, result = _track_call(
+            customer_id,
+            feature_id,
+            value,
+            idempotency_key=idempotency_key,
+            entity_id=entity_id,
+            properties=properties,
+        )
+        try:
+            await self._arequest(call)
+        except _Duplicate:
+            return _as_duplicate(result)
+        return result
+
+    def close(self) -> None:
+        """Close the sync client; the backend may not be used afterwards.
+
+        An async session can only be closed on its event loop: use :meth:`aclose` when
+        the async methods were used.
+        """
+        self._close_sync()
+        if self._async is not None:
+            logger.warning("agent_meter: AutumnBackend.close() left an aiohttp session open")
+
+    async def aclose(self) -> None:
+        """Close both clients; the backend may not be used afterwards."""
+        self._close_sync()
+        client, self._async = self._async, None
+        if client is not None:
+            await client.close()  # type: ignore[no-untyped-call]
+
+    def _close_sync(self) -> None:
+        with self._lock:
+            self._closed = True
+            client, self._sync = self._sync, None
+        if client is not None:
+            client.http.close()  # type: ignore[no-untyped-call]
+
+    # -- reports and start-up checks -----------------------------------------------------
+
+    def balances(self, customer_id: str) -> dict[str, float | bool]:
+        """A customer's balances in Autumn, by feature or pool id (``GET /v1/customers/<id>``).
+
+        Booleans read True; unlimited balances read ``inf``.
+
+        Raises:
+            CustomerNotFound: Autumn does not know the customer.
+        """
+        call = _customer_call(customer_id)
+        return _balances(self._request(call))
+
+    async def abalances(self, customer_id: str) -> dict[str, float | bool]:
+        """Async :meth:`balances`."""
+        call = _customer_call(customer_id)
+        return _balances(await self._arequest(call))
+
+    def catalogue(self) -> dict[str, CatalogueEntry]:
+        """Every feature Autumn bills, with the pool each draws from (``GET /v1/features``).
+
+        autumn-py's ``features`` API only sets usage and balances, so the list is read
+        through its HTTP layer. Used by :meth:`Meter.verify <agent_meter.Meter.verify>`.
+        """
+        call = _Call("catalogue", "GET", "/features", None)
+        return _catalogue(self._request(call))
+
+
+# -- building requests and reading answers (pure) --------------------------------------
+
+
+class _Duplicate(Exception):
+    """Internal: Autumn answered 409 duplicate_idempotency_key to a track."""
+
+
+def _wire(number: float) -> int | float:
+    """Send whole numbers as JSON integers, like autumn-py's int-typed signature does."""
+    return int(number) if number.is_integer() else number
+
+
+def _check_call(
+    customer_id: str,
+    feature_id: str,
+    required_balance: float,
+    send_event: bool,
+    entity_id: str | None,
+) -> _Call:
+    customer_id = check_customer_id(customer_id)
+    feature_id = check_feature_id(feature_id)
+    entity_id = check_entity_id(entity_id)
+    required = check_units(required_balance, feature_id=feature_id, customer_id=customer_id)
+    # The same fields, in the same order, as autumn.Client.check sends.
+    body: dict[str, Any] = {
+        "customer_id": customer_id,
+        "feature_id": feature_id,
+        "required_balance": _wire(required),
+        "send_event": bool(send_event),
+        "with_preview": False,
+    }
+    if entity_id is not None:
+        body["entity_id"] = entity_id
+    return _Call("check", "POST", "/check", body, customer_id, feature_id, bool(send_event))
+
+
+def _track_call(
+    customer_id: str,
+    feature_id: str,
+    value: float,
+    *,
+    idempotency_key: str,
+    entity_id: str | None,
+    properties: Mapping[str, Any] | None,
+) -> tuple[_Call, TrackResult]:
+    customer_id = check_customer_id(customer_id)
+    feature_id = check_feature_id(feature_id)
+    entity_id = check_entity_id(entity_id)
+    units = check_units(value, feature_id=feature_id, customer_id=customer_id, allow_negative=True)
+    if not isinstance(idempotency_key, str) or not idempotency_key.strip():
+        msg = f"track of {feature_id!r} for {customer_id!r} needs a non-empty idempotency_key"
+        raise InvalidUsage(msg)
+    body: dict[str, Any] = {
+        "customer_id": customer_id,
+        "feature_id": feature_id,
+        "value": _wire(units),
+    }
+    if entity_id is not None:
+        body["entity_id"] = entity_id
+    body["idempotency_key"] = idempotency_key
+    if properties:
+        body["properties"] = dict(properties)
+    call = _Call("track", "POST", "/track", body, customer_id, feature_id)
+    return call, TrackResult(customer_id, feature_id, units, idempotency_key)
+
+
+def _customer_call(customer_id: str) -> _Call:
+    customer_id = check_customer_id(customer_id)
+    path = f"/customers/{quote(customer_id, safe='')}"
+    return _Call("customer", "GET", path, None, customer_id)
+
+
+def _as_duplicate(result: TrackResult) -> TrackResult:
+    return TrackResult(
+        result.customer_id, result.feature_id, result.value, result.idempotency_key, True
+    )
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _check_result(
+    call: _Call, raw: Mapping[str, Any], required_balance: float, entity_id: str | None
+) -> CheckResult:
+    """Autumn's v1.2 check answer as a CheckResult, every field it gives kept."""
+    if "allowed" not in raw:
+        msg = f"Autumn's answer to the {call.describe()} has no 'allowed' field"
+        raise BackendError(msg)
+    allowed = raw["allowed"] is True
+    required = _number(raw.get("required_balance"))
+    pool = raw.get("feature_id")
+    return CheckResult(
+        allowed=allowed,
+        customer_id=call.customer_id,
+        feature_id=call.feature_id,
+        required=required if required is not None else float(required_balance),
+        balance=_number(raw.get("balance")),
+        balance_feature_id=pool if isinstance(pool, str) and pool else call.feature_id,
+        unlimited=raw.get("unlimited") is True,
+        included_usage=_number(raw.get("included_usage")),
+        usage=_number(raw.get("usage")),
+        entity_id=entity_id,
+        deducted=call.deducts and allowed,
+    )
+
+
+def _balances(raw: Mapping[str, Any]) -> dict[str, float | bool]:
+    features = raw.get("features")
+    balances: dict[str, float | bool] = {}
+    if not isinstance(features, Mapping):
+        return balances
+    for feature_id, entry in features.items():
+        if not isinstance(entry, Mapping):
+            continue
+        if entry.get("unlimited") is True:
+            balances[feature_id] = float("inf")
+        elif entry.get("type") in ("static", "boolean"):
+            balances[feature_id] = True
+        else:
+            balances[feature_id] = _number(entry.get("balance")) or 0.0
+    return dict(sorted(balances.items()))
+
+
+def _catalogue(raw: Mapping[str, Any]) -> dict[str, CatalogueEntry]:
+    items = raw.get("list")
+    if not isinstance(items, list):
+        msg = "Autumn's feature list has no 'list' field"
+        raise BackendError(msg)
+    pools: dict[str, tuple[str, float | None]] = {}
+    kinds: dict[str, tuple[str, bool]] = {}
+    for item in items:
+        if not isinstance(item, Mapping) or not isinstance(item.get("id"), str):
+            continue
+        kinds[item["id"]] = (str(item.get("type", "")), item.get("archived") is True)
+        for rate in item.get("credit_schema") or ():
+            if isinstance(rate, Mapping) and isinstance(rate.get("metered_feature_id"), str):
+                pools[rate["metered_feature_id"]] = (item["id"], _number(rate.get("credit_cost")))
+    entries: dict[str, CatalogueEntry] = {}
+    for feature_id, (kind, archived) in kinds.items():
+        pool, cost = pools.get(feature_id, (None, None))
+        if kind == "credit_system":
+            entries[feature_id] = CatalogueEntry(feature_id, "credit_system", archived=archived)
+        elif kind in ("boolean", "static"):
+            entries[feature_id] = CatalogueEntry(feature_id, "boolean", archived=archived)
+        else:  # metered, single_use, continuous_use
+            entries[feature_id] = CatalogueEntry(feature_id, "metered", pool, cost, archived)
+    return entries
+
+
+# -- failures: classified once, for both transports (pure) -----------------------------
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        yield item
+        todo.extend((item.__cause__, item.__context__))
+        todo.extend(arg for arg in item.args if isinstance(arg, BaseException))
+        reason = getattr(item, "reason", None)
+        if isinstance(reason, BaseException):
+            todo.append(reason)
+
+
+def _redact(text: str, secret: str) -> str:
+    text = text.replace(secret, "***")
+    if len(secret) >= _PREFIX_CHARS:
+        text = text.replace(secret[:_PREFIX_CHARS], "***")
+    return _KEY_SHAPED.sub("am_sk_***", text)
+
+
+def _safe_cause(exc: BaseException, secret: str) -> BaseException:
+    """``exc`` itself, or a redacted stand-in when its chain's text carries the key."""
+    probes = [secret] + ([secret[:_PREFIX_CHARS]] if len(secret) >= _PREFIX_CHARS else [])
+    for item in _chain(exc):
+        try:
+            text = f"{item!s}\n{item!r}"
+        except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the real error
+            text = ""
+        if any(probe in text for probe in probes) or _KEY_SHAPED.search(text):
+            name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+            return _RedactedCause(f"{name}: {_redact(str(exc), secret)} (redacted)")
+    return exc
+
+
+def _status_class(status: int | None) -> tuple[bool, bool]:
+    """(transient, unsent) for an HTTP status: 429 and 503 refuse without running."""
+    if status is None:
+        return False, False
+    return status == 429 or status >= 500, status in (429, 503)
+
+
+def _classify(  # noqa: PLR0911, PLR0912 - one branch per family of failures, in order
+    exc: Exception, status: int | None, secret: str
+) -> _Failure:
+    """Map whatever autumn-py or its transport raised to a classified failure."""
+    cause = _safe_cause(exc, secret)
+    if isinstance(exc, AutumnHTTPError):
+        if exc.status_code == 409 and exc.code == "duplicate_idempotency_key":
+            return _Failure("duplicate", 409, exc.code)
+        transient, unsent = _status_class(exc.status_code)
+        message = _redact(str(exc.message or ""), secret)
+        if exc.status_code == 401 or exc.code == "invalid_secret_key":
+            return _Failure("auth", exc.status_code, exc.code, "", cause=None)
+        kind = "overloaded" if transient else "http"
+        return _Failure(kind, exc.status_code, exc.code, message, transient, unsent, cause)
+    if isinstance(exc, _RetryRequestError):  # autumn-py's word for 500-504
+        transient, unsent = _status_class(status or 500)
+        return _Failure("overloaded", status, transient=True, unsent=unsent, cause=cause)
+    if isinstance(exc, (requests.JSONDecodeError, json.JSONDecodeError, aiohttp.ContentTypeError)):
+        if isinstance(exc, aiohttp.ContentTypeError):
+            status = status or exc.status
+        transient, unsent = _status_class(status)
+        kind = "overloaded" if transient else "unreadable"
+        return _Failure(kind, status, transient=transient, unsent=unsent, cause=cause)
+    if isinstance(
+        exc,
+        (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+         requests.exceptions.InvalidSchema, aiohttp.InvalidURL),
+    ):  # fmt: skip
+        return _Failure("url", cause=cause)
+    if isinstance(exc, requests.Timeout):
+        unsent = isinstance(exc, requests.ConnectTimeout)
+        return _Failure("timeout", transient=True, unsent=unsent, cause=cause)
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        unsent = isinstance(exc, aiohttp.ConnectionTimeoutError)
+        return _Failure("timeout", transient=True, unsent=unsent, cause=cause)
+    if isinstance(exc, requests.ConnectionError):
+        unsent = any(isinstance(e, (NewConnectionError, ConnectTimeoutError)) for e in _chain(exc))
+        return _Failure("connection", transient=True, unsent=unsent, cause=cause)
+    if isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)):
+        unsent = isinstance(exc, (aiohttp.ClientConnectorError, ConnectionRefusedError))
+        return _Failure("connection", transient=True, unsent=unsent, cause=cause)
+    if isinstance(exc, (requests.exceptions.ChunkedEncodingError,)):
+        return _Failure("connection", transient=True, cause=cause)
+    if isinstance(exc, AutumnError):
+        return _Failure("protocol", code=str(exc.code), cause=cause)
+    return _Failure("unexpected", cause=cause)
+
+
+def _what(failure: _Failure) -> str:
+    """A short phrase for what went wrong, safe to log."""
+    if failure.kind in ("overloaded", "http") and failure.status is not None:
+        code = f" {failure.code}" if failure.code else ""
+        return f"HTTP {failure.status}{code}"
+    if failure.kind == "overloaded":
+        return "HTTP 5xx"
+    if failure.kind == "timeout":
+        return "timed out"
+    if failure.kind == "connection":
+        return "could not connect" if failure.unsent else "connection failed"
+    if failure.kind == "unreadable":
+        status = f"HTTP {failure.status}, " if failure.status else ""
+        return f"unreadable answer ({status}not JSON)"
+    cause = failure.cause
+    return f"{failure.kind}: {type(cause).__name__ if cause else 'error'}"
+
+
+def _error(  # noqa: PLR0911 - one error per kind of failure
+    call: _Call, failure: _Failure, attempts: int, base_url: str
+) -> Exception:
+    """The error of ours that a final failure becomes."""
+    if failure.kind == "duplicate" and call.op == "track":
+        return _Duplicate()
+    if failure.kind == "auth":
+        return BackendError(
+            f"Autumn rejected the secret key (HTTP 401 invalid_secret_key) on the "
+            f"{call.describe()}: check AUTUMN_SECRET_KEY (or secret_key=) and that the key "
+            "belongs to this Autumn environment (sandbox or production)"
+        )
+    if failure.kind == "http" and failure.status == 404:
+        if failure.code == "feature_not_found":
+            return ConfigError(
+                f"Autumn has no feature {call.feature_id!r} (404 feature_not_found, "
+                f"{call.describe()}): create it in Autumn or fix the feature id"
+            )
+        if failure.code == "customer_not_found":
+            return CustomerNotFound(call.customer_id, "Autumn")
+    if failure.kind == "url":
+        return ConfigError(f"AutumnBackend base_url {base_url!r} is not a usable URL")
+    tries = f"after {attempts} attempt{'s' if attempts > 1 else ''}"
+    if failure.transient:
+        note = ""
+        if call.deducts and not failure.unsent:
+            note = "; not retried: this check deducts and may have reached Autumn"
+        return BackendUnavailable(
+            f"Autumn is unavailable: {_what(failure)} {tries} ({call.describe()}{note})"
+        )
+    detail = f": {failure.message}" if failure.message else ""
+    return BackendError(f"Autumn failed the {call.describe()}: {_what(failure)}{detail}")

@@ -1,0 +1,333 @@
+"""Fidelity: the embedded SQLite ledger must answer like the recorded Autumn server.
+
+Each scenario drives a :class:`Meter` through the calls of one cassette, in the order of
+its README table. It runs twice: over AutumnBackend replaying the cassette, and over
+SQLiteBackend with the same pricing (100 credits, web_search 1, code_exec 2, llm_tokens
+0.001, premium_tools boolean and not granted). Every step records what the caller sees
+(allowed, balance, what was required, or the error raised); both runs must agree at
+every step. Where they differ, the embedded backend is wrong: Autumn is the reference.
+
+A few recorded numbers are also asserted outright, so a mistake common to both runs
+(in the meter, say) cannot pass unnoticed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from autumn_helpers import PRICING, REPLAY_KEY, replay
+
+from agent_meter import (
+    AgentMeterError,
+    CheckResult,
+    Meter,
+    SQLiteBackend,
+    UsageLimitExceeded,
+)
+from agent_meter.backends.autumn import AutumnBackend
+
+Step = tuple[Any, ...]
+
+
+@dataclass
+class Run:
+    """What a scenario gets: the meter, and the admin actions each backend does its way."""
+
+    meter: Meter
+    grant: Callable[[str, str], None]
+    balances: Callable[[str], dict[str, float | bool]]
+    steps: list[Step]
+
+    def saw(self, label: str, result: CheckResult | None) -> None:
+        if result is None:
+            self.steps.append((label, "unverified"))
+            return
+        self.steps.append((label, result.allowed, _num(result.balance), _num(result.required)))
+
+    def denied(self, label: str, error: UsageLimitExceeded) -> None:
+        self.steps.append((label, "denied", _num(error.balance), _num(error.required)))
+
+    def failed(self, label: str, error: AgentMeterError) -> None:
+        self.steps.append((label, type(error).__name__))
+
+
+def _num(value: float | None) -> float | None:
+    return None if value is None else round(value, 9)
+
+
+# -- scenarios: one per cassette, calls in the order of its README table ----------------
+
+
+def check_allowed(run: Run) -> None:
+    run.saw("check", run.meter.check("cus_check_allowed", "web_search"))
+
+
+def track_success(run: Run) -> None:
+    cus, m = "cus_track_success", run.meter
+    run.saw("before", m.check(cus, "web_search"))
+    track = m.track(cus, "web_search", 1, idempotency_key="call_1")
+    run.steps.append(("track", track.duplicate))
+    run.saw("after", m.check(cus, "web_search"))
+
+
+def track_duplicate_idempotency(run: Run) -> None:
+    cus, m = "cus_track_duplicate_idempotency", run.meter
+    for label in ("first", "again"):
+        track = m.track(cus, "web_search", 1, idempotency_key="dup_call_1")
+        run.steps.append((label, track.duplicate))
+    run.saw("after", m.check(cus, "web_search"))
+
+
+def credit_conversion(run: Run) -> None:
+    cus, m = "cus_credit_conversion", run.meter
+    run.saw("5000 tokens", m.check(cus, "llm_tokens", 5000))
+    run.saw("200000 tokens", m.check(cus, "llm_tokens", 200000))
+    m.track(cus, "llm_tokens", 1234, idempotency_key="tokens_run_1")
+    run.saw("after 1234 tokens", m.check(cus, "web_search"))
+
+
+def check_denied_exhausted(run: Run) -> None:
+    cus, m = "cus_check_denied_exhausted", run.meter
+    m.track(cus, "code_exec", 50, idempotency_key="exhaust_1")
+    try:
+        with m.guard(cus, "web_search", strategy="check_then_track"):
+            pytest.fail("an exhausted customer must be refused")
+    except UsageLimitExceeded as exc:
+        run.denied("guard", exc)
+
+
+def reserve_then_refund(run: Run) -> None:
+    cus, m = "cus_reserve_then_refund", run.meter
+    failed = False
+    try:
+        with m.guard(cus, "code_exec", call_id="call_7") as call:
+            run.saw("reserved", call.check)
+            run.saw("during", m.check(cus, "web_search"))
+            raise RuntimeError("the tool failed")
+    except RuntimeError:
+        failed = True  # re-raised by the guard after the refund
+    assert failed
+    run.saw("refunded", m.check(cus, "web_search"))
+
+
+def reserve_until_denied(run: Run) -> None:
+    cus, m = "cus_reserve_until_denied", run.meter
+    for n in range(1, 52):
+        try:
+            with m.guard(cus, "code_exec", call_id=f"call_{n}") as call:
+                run.saw(f"reserve {n}", call.check)
+        except UsageLimitExceeded as exc:
+            run.denied(f"reserve {n}", exc)
+
+
+def track_over_balance(run: Run) -> None:
+    cus, m = "cus_track_over_balance", run.meter
+    run.saw("before", m.check(cus, "web_search"))
+    m.track(cus, "web_search", 150, idempotency_key="over_1")
+    run.saw("after", m.check(cus, "web_search"))
+
+
+def feature_not_found(run: Run) -> None:
+    cus, m = "cus_feature_not_found", run.meter
+    try:
+        m.check(cus, "no_such_feature")
+    except AgentMeterError as exc:
+        run.failed("check", exc)
+    try:
+        m.track(cus, "no_such_feature", 1, idempotency_key="nf_1")
+    except AgentMeterError as exc:
+        run.failed("track", exc)
+
+
+def agent_run_session(run: Run) -> None:
+    cus, m = "cus_agent_run_session", run.meter
+    for step, feature in enumerate(("web_search", "code_exec"), start=1):
+        with m.guard(cus, feature, call_id=f"run_1:{step}", strategy="check_then_track") as c:
+            run.saw(feature, c.check)
+    with m.guard(cus, "llm_tokens", 2000, call_id="run_1:3", strategy="check_then_track") as c:
+        run.saw("llm_tokens", c.check)
+        c.bill(1830)
+    run.saw("end of run", m.check(cus, "web_search"))
+
+
+def unknown_customer_autocreate(run: Run) -> None:
+    cus = "cus_unknown_customer_autocreate"
+    run.saw("first check", run.meter.check(cus, "web_search"))
+    run.steps.append(("balances", run.balances(cus)))
+
+
+def negative_and_fractional_values(run: Run) -> None:
+    cus, m = "cus_negative_and_fractional_values", run.meter
+    run.saw("start", m.check(cus, "web_search"))
+    for feature, value in (("llm_tokens", 0), ("web_search", 2), ("llm_tokens", 2.5)):
+        m.track(cus, feature, value, idempotency_key=f"nf_{value}")
+        run.saw(f"after {value} {feature}", m.check(cus, "web_search"))
+    m.track(cus, "web_search", -1, idempotency_key="nf_neg")
+    run.saw("after refund", m.check(cus, "web_search"))
+    run.saw("half a unit", m.check(cus, "web_search", 0.5))
+
+
+def boolean_feature_gate(run: Run) -> None:
+    cus, m = "cus_boolean_feature_gate", run.meter
+    run.saw("not granted", m.check(cus, "premium_tools"))
+    run.grant(cus, "premium_tools")
+    run.saw("granted", m.check(cus, "premium_tools"))
+
+
+def idempotency_key_scope(run: Run) -> None:
+    # Backend level on purpose: the meter scopes keys per customer, so only a raw key can
+    # show how the backend treats the same key for two customers.
+    backend = run.meter.backend
+    for cus in ("cus_idem_scope_a", "cus_idem_scope_b"):
+        track = backend.track(cus, "web_search", 1, idempotency_key="shared_key_1")
+        run.steps.append((cus, track.duplicate))
+    for cus in ("cus_idem_scope_a", "cus_idem_scope_b"):
+        run.saw(cus, backend.check(cus, "web_search"))
+
+
+SCENARIOS: dict[str, Callable[[Run], None]] = {
+    f.__name__: f
+    for f in (
+        check_allowed,
+        track_success,
+        track_duplicate_idempotency,
+        credit_conversion,
+        check_denied_exhausted,
+        reserve_then_refund,
+        reserve_until_denied,
+        track_over_balance,
+        feature_not_found,
+        agent_run_session,
+        unknown_customer_autocreate,
+        negative_and_fractional_values,
+        boolean_feature_gate,
+        idempotency_key_scope,
+    )
+}
+
+
+def _autumn_grant(customer_id: str, feature_id: str) -> None:
+    # autumn-py has no grant call; the cassette holds the raw v2 request the recording made.
+    requests.post(
+        "https://api.useautumn.com/v1/balances.create",
+        json={"customer_id": customer_id, "feature_id": feature_id},
+        timeout=5,
+    ).raise_for_status()
+
+
+def run_on_autumn(name: str) -> list[Step]:
+    with replay().use_cassette(f"{name}.yaml") as cassette:
+        backend = AutumnBackend(REPLAY_KEY)
+        run = Run(Meter(backend), _autumn_grant, backend.balances, [])
+        SCENARIOS[name](run)
+        backend.close()
+    assert cassette.all_played, f"{name}: the scenario did not make every recorded call"
+    return run.steps
+
+
+def run_on_sqlite(name: str, tmp_path: Path) -> list[Step]:
+    backend = SQLiteBackend(tmp_path / f"{name}.db", pricing=PRICING)
+    run = Run(
+        Meter(backend),
+        lambda cus, feature: backend.set_balance(cus, feature, True),
+        backend.balances,
+        [],
+    )
+    SCENARIOS[name](run)
+    backend.close()
+    return run.steps
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_sqlite_answers_like_autumn(name, tmp_path):
+    autumn_steps = run_on_autumn(name)
+    sqlite_steps = run_on_sqlite(name, tmp_path)
+    assert autumn_steps, "the scenario recorded no step"
+    assert sqlite_steps == autumn_steps
+
+
+# -- the recorded numbers, asserted outright ---------------------------------------------
+
+
+def test_recorded_numbers_come_through_the_meter():
+    steps = dict((s[0], s[1:]) for s in run_on_autumn("credit_conversion"))
+    assert steps["5000 tokens"] == (True, 100.0, 5.0)
+    assert steps["200000 tokens"] == (False, 100.0, 200.0)
+    assert steps["after 1234 tokens"] == (True, 98.766, 1.0)
+    run = dict((s[0], s[1:]) for s in run_on_autumn("agent_run_session"))
+    assert run["end of run"] == (True, 95.17, 1.0)
+    refund = dict((s[0], s[1:]) for s in run_on_autumn("reserve_then_refund"))
+    assert refund["reserved"] == (True, 98.0, 2.0)
+    assert refund["refunded"] == (True, 100.0, 1.0)
+    until = run_on_autumn("reserve_until_denied")
+    assert until[49] == ("reserve 50", True, 0.0, 2.0)
+    assert until[50] == ("reserve 51", "denied", 0.0, 2.0)
+
+
+def test_fields_beyond_allowed_and_balance_agree(tmp_path):
+    """usage and included_usage, where Autumn gives them, for the pool scenarios."""
+    seen: dict[str, list[tuple[float | None, float | None, bool]]] = {}
+    for label, backend in (
+        ("autumn", AutumnBackend(REPLAY_KEY)),
+        ("sqlite", SQLiteBackend(tmp_path / "fields.db", pricing=PRICING)),
+    ):
+        with replay().use_cassette("track_over_balance.yaml"):
+            results = [backend.check("cus_track_over_balance", "web_search")]
+            backend.track("cus_track_over_balance", "web_search", 150, idempotency_key="over_1")
+            results.append(backend.check("cus_track_over_balance", "web_search"))
+        backend.close()
+        seen[label] = [(r.usage, r.included_usage, r.unlimited) for r in results]
+    assert seen["autumn"] == [(0.0, 100.0, False), (100.0, 100.0, False)]
+    assert seen["sqlite"] == seen["autumn"]
+
+
+# -- the async session, on both backends ---------------------------------------------------
+
+
+async def _async_session(meter: Meter, steps: list[Step]) -> None:
+    cus = "cus_async_check_track"
+    before = await meter.acheck(cus, "web_search")
+    track = await meter.atrack(cus, "web_search", 1, idempotency_key="async_call_1")
+    after = await meter.acheck(cus, "web_search")
+    steps += [
+        ("before", before.allowed, before.balance),
+        ("track", track.duplicate),
+        ("after", after.allowed, after.balance),
+    ]
+
+
+async def _async_duplicate(meter: Meter, steps: list[Step]) -> None:
+    cus = "cus_async_duplicate_idempotency"
+    for label in ("first", "again"):
+        track = await meter.atrack(cus, "code_exec", 1, idempotency_key="async_dup_1")
+        steps.append((label, track.duplicate))
+    check = await meter.acheck(cus, "code_exec")
+    steps.append(("after", check.allowed, check.balance, check.required))
+
+
+@pytest.mark.parametrize(
+    ("cassette", "scenario"),
+    [("async_check_track", _async_session), ("async_duplicate_idempotency", _async_duplicate)],
+)
+async def test_async_sessions_agree(
+    cassette: str,
+    scenario: Callable[[Meter, list[Step]], Awaitable[None]],
+    tmp_path: Path,
+) -> None:
+    autumn_steps: list[Step] = []
+    with replay().use_cassette(f"{cassette}.yaml") as recorded:
+        meter = Meter(AutumnBackend(REPLAY_KEY))
+        await scenario(meter, autumn_steps)
+        await meter.aclose()
+    assert recorded.all_played
+    sqlite_steps: list[Step] = []
+    meter = Meter(SQLiteBackend(tmp_path / "async.db", pricing=PRICING))
+    await scenario(meter, sqlite_steps)
+    await meter.aclose()
+    assert autumn_steps[-1][1:3] == (True, 99.0 if cassette == "async_check_track" else 98.0)
+    assert sqlite_steps == autumn_steps
