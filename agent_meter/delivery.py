@@ -27,7 +27,7 @@ logger = logging.getLogger("agent_meter")
 
 def backoff_delay(attempts: int, *, base: float, cap: float) -> float:
     """Seconds before attempt ``attempts + 1``: exponential, capped, with full jitter."""
-    ceiling = min(cap, base * 2 ** min(attempts, 32))
+    ceiling = min(cap, base * 2.0 ** min(attempts, 32))
     return ceiling * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not cryptography
 
 

@@ -220,6 +220,8 @@ def decide_check(
             required=1.0,
             balance=0.0 if granted else None,
             balance_feature_id=charge.balance_id,
+            included_usage=0.0 if granted else None,  # as Autumn answers a granted flag
+            usage=0.0 if granted else None,
             unlimited=balance is not None and balance.kind == UNLIMITED_KIND,
             entity_id=entity_id,
         )

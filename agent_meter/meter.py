@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent_meter import engine
-from agent_meter.backends.base import AsyncBackend, Backend, ReservingBackend
+from agent_meter.backends.base import FullBackend, ReservingBackend
 from agent_meter.context import CustomerRef
 from agent_meter.delivery import Deliverer
 from agent_meter.engine import Admission, FailPolicy, Hold, MeteredCall, Strategy, TrackRequest
@@ -84,7 +84,9 @@ def default_outbox_path(backend: object) -> Path | None:
 
     Next to the ledger file for :class:`~agent_meter.SQLiteBackend` (``usage.db`` ->
     ``usage.outbox.db``); in memory for a backend whose ledger is in memory; else
-    ``$AGENT_METER_OUTBOX``, or ``$XDG_STATE_HOME/agent_meter/outbox.db``.
+    ``$AGENT_METER_OUTBOX``, or ``$XDG_STATE_HOME/agent_meter/outbox-<id>.db`` where
+    ``<id>`` names the backend (an Autumn server and key), so that usage queued for one
+    account is never delivered to another.
     """
     ledger = getattr(backend, "path", None)
     if isinstance(ledger, Path):
@@ -95,7 +97,8 @@ def default_outbox_path(backend: object) -> Path | None:
     if configured:
         return Path(configured)
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "agent_meter" / "outbox.db"
+    name = getattr(backend, "outbox_id", None) or type(backend).__name__.lower()
+    return Path(state) / "agent_meter" / f"outbox-{name}.db"
 
 
 def _queued(request: TrackRequest) -> TrackResult:
@@ -140,7 +143,7 @@ class Meter:
 
     def __init__(
         self,
-        backend: Backend | AsyncBackend,
+        backend: FullBackend,
         *,
         strategy: Strategy = "reserve",
         on_backend_error: FailPolicy = "deny",
@@ -158,13 +161,15 @@ class Meter:
             )
             raise ConfigError(msg)
         self.backend = backend
+        self._holder: ReservingBackend | None = (
+            backend if isinstance(backend, ReservingBackend) else None
+        )
         self.strategy: Strategy = strategy
         self.on_backend_error: FailPolicy = on_backend_error
         self.pricing = pricing if pricing is not None else getattr(backend, "pricing", None)
         self.unverified_limit = unverified_limit
         self.outbox = Outbox(outbox if outbox is not None else default_outbox_path(backend))
         self.deliverer = Deliverer(self.outbox, self._send)
-        self._ledger_holds = isinstance(backend, ReservingBackend)
         self._inline = bool(getattr(backend, "is_local", False))
         self._lock = threading.Lock()
         self._unverified: dict[str, int] = {}
@@ -179,8 +184,8 @@ class Meter:
         if self.outbox.pending():
             self.deliverer.wake()
         holds = (
-            self.backend.holds()  # type: ignore[union-attr]
-            if self._ledger_holds
+            self._holder.holds()
+            if self._holder is not None
             else [hold for hold, _ in self.outbox.holds()]
         )
         if any(not owner_is_alive(hold.owner) for hold in holds):
@@ -294,9 +299,14 @@ class Meter:
     def check(
         self, customer_id: str, feature_id: str, units: float = 1, *, entity_id: str | None = None
     ) -> CheckResult:
-        """Ask whether ``customer_id`` may use ``units`` of ``feature_id``; deducts nothing."""
+        """Ask whether ``customer_id`` may use ``units`` of ``feature_id``; deducts nothing.
+
+        The answer counts every earlier track of this customer from this process: queued
+        ones are delivered first.
+        """
         call = self.metered_call(customer_id, feature_id, units, entity_id=entity_id)
-        return self.backend.check(  # type: ignore[union-attr]
+        self._deliver_queued_first(call.customer_id)
+        return self.backend.check(
             call.customer_id, call.feature_id, required_balance=call.units, entity_id=entity_id
         )
 
@@ -305,7 +315,9 @@ class Meter:
     ) -> CheckResult:
         """Async :meth:`check`."""
         call = self.metered_call(customer_id, feature_id, units, entity_id=entity_id)
-        return await self.backend.acheck(  # type: ignore[union-attr]
+        if call.customer_id in self._queued_customers:
+            await asyncio.to_thread(self._deliver_queued_first, call.customer_id)
+        return await self.backend.acheck(
             call.customer_id, call.feature_id, required_balance=call.units, entity_id=entity_id
         )
 
@@ -373,7 +385,7 @@ class Meter:
                 hold = engine.hold_for(call, current_owner(), time.time())
                 result = self._reserve(hold, request)
             else:
-                result = self.backend.check(  # type: ignore[union-attr]
+                result = self.backend.check(
                     request.customer_id, request.feature_id, **request.kwargs()
                 )
         except BackendError as exc:
@@ -391,7 +403,7 @@ class Meter:
                 hold = engine.hold_for(call, current_owner(), time.time())
                 result = await self._areserve(hold, request)
             else:
-                result = await self.backend.acheck(  # type: ignore[union-attr]
+                result = await self.backend.acheck(
                     request.customer_id, request.feature_id, **request.kwargs()
                 )
         except BackendError as exc:
@@ -400,13 +412,11 @@ class Meter:
         return engine.admit(call, result, hold)
 
     def _reserve(self, hold: Hold, request: engine.CheckRequest) -> CheckResult:
-        if self._ledger_holds:
-            return self.backend.reserve(hold)  # type: ignore[union-attr]
+        if (holder := self._holder) is not None:
+            return holder.reserve(hold)
         self.outbox.open_hold(hold)
         try:
-            result = self.backend.check(  # type: ignore[union-attr]
-                request.customer_id, request.feature_id, **request.kwargs()
-            )
+            result = self.backend.check(request.customer_id, request.feature_id, **request.kwargs())
         except BaseException:
             self.outbox.close_hold(hold.key)
             raise
@@ -414,11 +424,11 @@ class Meter:
         return result
 
     async def _areserve(self, hold: Hold, request: engine.CheckRequest) -> CheckResult:
-        if self._ledger_holds:
-            return await self.backend.areserve(hold)  # type: ignore[union-attr]
+        if (holder := self._holder) is not None:
+            return await holder.areserve(hold)
         self.outbox.open_hold(hold)
         try:
-            result = await self.backend.acheck(  # type: ignore[union-attr]
+            result = await self.backend.acheck(
                 request.customer_id, request.feature_id, **request.kwargs()
             )
         except BaseException:
@@ -460,12 +470,12 @@ class Meter:
         self._queued_customers.discard(customer_id)
 
     def _send(self, request: TrackRequest) -> TrackResult:
-        return self.backend.track(  # type: ignore[union-attr]
+        return self.backend.track(
             request.customer_id, request.feature_id, request.value, **request.kwargs()
         )
 
     async def _asend(self, request: TrackRequest) -> TrackResult:
-        return await self.backend.atrack(  # type: ignore[union-attr]
+        return await self.backend.atrack(
             request.customer_id, request.feature_id, request.value, **request.kwargs()
         )
 
@@ -506,9 +516,9 @@ class Meter:
     def _settle(self, admission: Admission, settlement: engine.Settlement) -> None:
         hold = admission.hold
         if hold is not None:
-            if self._ledger_holds:
+            if (holder := self._holder) is not None:
                 try:
-                    self.backend.release(hold.key, settlement.refund)  # type: ignore[union-attr]
+                    holder.release(hold.key, settlement.refund)
                 except BackendError as exc:
                     self._release_failed(hold, settlement.refund, exc)
             elif settlement.refund is not None:
@@ -521,9 +531,9 @@ class Meter:
     async def _asettle(self, admission: Admission, settlement: engine.Settlement) -> None:
         hold = admission.hold
         if hold is not None:
-            if self._ledger_holds:
+            if (holder := self._holder) is not None:
                 try:
-                    await self.backend.arelease(hold.key, settlement.refund)  # type: ignore[union-attr]
+                    await holder.arelease(hold.key, settlement.refund)
                 except BackendError as exc:
                     self._release_failed(hold, settlement.refund, exc)
             elif settlement.refund is not None:
@@ -572,11 +582,9 @@ class Meter:
         to call while other processes use the same files.
         """
         refunded = uncertain = 0
-        if self._ledger_holds:
-            for hold in self.backend.holds():  # type: ignore[union-attr]
-                if not owner_is_alive(hold.owner) and self.backend.release(  # type: ignore[union-attr]
-                    hold.key, hold.refund()
-                ):
+        if (holder := self._holder) is not None:
+            for hold in holder.holds():
+                if not owner_is_alive(hold.owner) and holder.release(hold.key, hold.refund()):
                     refunded += 1
         else:
             for hold, state in self.outbox.holds():
@@ -839,7 +847,7 @@ class Meter:
             _open_meters.discard(self)
             self.deliverer.stop()
             self.outbox.close()
-            self.backend.close()  # type: ignore[union-attr]
+            self.backend.close()
 
     async def aclose(self, timeout: float = 10.0) -> None:
         """Async :meth:`close`."""
@@ -852,7 +860,7 @@ class Meter:
             _open_meters.discard(self)
             self.deliverer.stop()
             self.outbox.close()
-            await self.backend.aclose()  # type: ignore[union-attr]
+            await self.backend.aclose()
 
     def _flush_before_closing(self, timeout: float) -> None:
         try:

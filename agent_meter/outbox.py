@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from agent_meter.engine import Hold, TrackRequest
 from agent_meter.errors import BackendError, BackendUnavailable
@@ -115,7 +116,7 @@ class Outbox:
                 msg = f"{self!r}: {exc}"
                 raise BackendUnavailable(msg) from exc
 
-    def _query(self, sql: str, params: Iterable[object] = ()) -> list[tuple[object, ...]]:
+    def _query(self, sql: str, params: Iterable[object] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             return self._conn.execute(sql, tuple(params)).fetchall()
 
@@ -200,13 +201,13 @@ class Outbox:
                 "SELECT count(*) FROM tracks WHERE state = 'pending' AND customer_id = ?",
                 (customer_id,),
             )
-        return int(rows[0][0])  # type: ignore[call-overload]
+        return int(rows[0][0])
 
     def next_due(self) -> float | None:
         """When the earliest pending track is due, or None when nothing is pending."""
         rows = self._query("SELECT min(next_attempt_at) FROM tracks WHERE state = 'pending'")
         value = rows[0][0]
-        return None if value is None else float(value)  # type: ignore[arg-type]
+        return None if value is None else float(value)
 
     def set_aside_entries(self) -> list[OutboxEntry]:
         """Tracks the backend rejected for good, with their reasons."""
@@ -253,7 +254,7 @@ class Outbox:
             "SELECT key, customer_id, feature_id, units, entity_id, refund_key, owner, created_at,"
             " state FROM holds ORDER BY created_at"
         )
-        return [(Hold(*row[:8]), str(row[8])) for row in rows]  # type: ignore[arg-type]
+        return [(Hold(*row[:8]), str(row[8])) for row in rows]
 
     def close(self) -> None:
         """Close the file."""
@@ -261,14 +262,14 @@ class Outbox:
             self._conn.close()
 
 
-def _entry(row: tuple[object, ...]) -> OutboxEntry:
+def _entry(row: tuple[Any, ...]) -> OutboxEntry:
     key, customer_id, feature_id, value, entity_id, properties, attempts, error = row
     request = TrackRequest(
         str(customer_id),
         str(feature_id),
-        float(value),  # type: ignore[arg-type]
+        float(value),
         str(key),
         None if entity_id is None else str(entity_id),
         json.loads(str(properties)) if properties else None,
     )
-    return OutboxEntry(request, int(attempts), None if error is None else str(error))  # type: ignore[call-overload]
+    return OutboxEntry(request, int(attempts), None if error is None else str(error))

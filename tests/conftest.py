@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent_meter import Pricing, SQLiteBackend
+from agent_meter.meter import _open_meters
 from agent_meter.testing import MemoryBackend
 
 PRICING_TOML = """
@@ -40,6 +41,22 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+@pytest.fixture(autouse=True)
+def _private_outbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Meters on remote backends keep their outbox in the test's own folder, never in $HOME."""
+    monkeypatch.setenv("AGENT_METER_OUTBOX", str(tmp_path / "outbox.db"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+
+
+@pytest.fixture(autouse=True)
+def _stop_meters_after_each_test() -> Iterator[None]:
+    """A meter left open by a test must not deliver into the next test's recordings."""
+    yield
+    for meter in list(_open_meters):
+        meter.deliverer.stop()
+        _open_meters.discard(meter)
 
 
 @pytest.fixture

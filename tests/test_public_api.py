@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import agent_meter
+import agent_meter.langchain
 import agent_meter.testing
 
 
@@ -11,6 +15,7 @@ def test_exported_names_are_pinned() -> None:
     assert set(agent_meter.__all__) == {
         "AgentMeterError",
         "AsyncBackend",
+        "AutumnBackend",
         "Backend",
         "BackendError",
         "BackendUnavailable",
@@ -27,6 +32,8 @@ def test_exported_names_are_pinned() -> None:
         "Pricing",
         "SQLiteBackend",
         "Strategy",
+        "TokenFeatures",
+        "TokenUsage",
         "TrackResult",
         "UsageEvent",
         "UsageLimitExceeded",
@@ -43,3 +50,16 @@ def test_backends_satisfy_the_protocols(memory_backend: object, sqlite_backend: 
     for backend in (memory_backend, sqlite_backend):
         assert isinstance(backend, agent_meter.Backend)
         assert isinstance(backend, agent_meter.AsyncBackend)
+
+
+def test_autumn_is_imported_only_on_use() -> None:
+    code = (
+        "import sys, agent_meter; assert 'autumn' not in sys.modules; "
+        "agent_meter.AutumnBackend; assert 'autumn' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_langchain_names_resolve() -> None:
+    for name in agent_meter.langchain.__all__:
+        assert getattr(agent_meter.langchain, name) is not None

@@ -40,6 +40,7 @@ adds what autumn-py lacks:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -247,6 +248,16 @@ class AutumnBackend:
         self._async: AsyncClient | None = None
         self._async_loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+
+    @property
+    def outbox_id(self) -> str:
+        """Names this backend's default outbox: the server and the key, hashed.
+
+        Usage queued for one Autumn organisation must never be delivered with another's key,
+        so meters on different keys or servers never share an outbox by default.
+        """
+        identity = f"{self.base_url}\n{self._key.reveal()}".encode()
+        return hashlib.sha256(identity).hexdigest()[:16]
 
     def __repr__(self) -> str:
         return (

@@ -9,7 +9,7 @@ from agent_meter.engine import Hold, TrackRequest
 from agent_meter.pricing import Pricing
 from agent_meter.results import CheckResult, TrackResult
 
-__all__ = ["AsyncBackend", "Backend", "CatalogueBackend", "ReservingBackend"]
+__all__ = ["AsyncBackend", "Backend", "CatalogueBackend", "FullBackend", "ReservingBackend"]
 
 
 @runtime_checkable
@@ -85,6 +85,14 @@ class AsyncBackend(Protocol):
     async def aclose(self) -> None:
         """Async :meth:`Backend.close`."""
         ...
+
+
+@runtime_checkable
+class FullBackend(Backend, AsyncBackend, Protocol):
+    """Both twins in one object: what :class:`~agent_meter.Meter` needs.
+
+    Every backend shipped with agent_meter is one.
+    """
 
 
 @runtime_checkable

@@ -10,15 +10,23 @@ import importlib
 from typing import Any
 
 __all__ = [
+    "MeteredSimpleTool",
     "MeteredTool",
     "MeteringCallbackHandler",
     "MeteringMiddleware",
+    "ModelUsage",
+    "UsageSummary",
+    "metered",
     "wrap_tool",
     "wrap_tools",
 ]
 
 _HOMES = {
     "MeteredTool": "agent_meter.langchain.tools",
+    "MeteredSimpleTool": "agent_meter.langchain.tools",
+    "metered": "agent_meter.langchain.tools",
+    "ModelUsage": "agent_meter.langchain.callbacks",
+    "UsageSummary": "agent_meter.langchain.callbacks",
     "wrap_tool": "agent_meter.langchain.tools",
     "wrap_tools": "agent_meter.langchain.tools",
     "MeteringCallbackHandler": "agent_meter.langchain.callbacks",

@@ -294,8 +294,8 @@ class MeteredTool(BaseTool):
         run_id: uuid.UUID | None = None,
         config: RunnableConfig | None = None,
         tool_call_id: str | None = None,
-        **kwargs: Any,  # noqa: ANN401 - passed on to the wrapped tool, as BaseTool.run does
-    ) -> Any:  # noqa: ANN401 - whatever the wrapped tool returns
+        **kwargs: Any,
+    ) -> Any:
         """Run the wrapped tool inside the guard (see the class docstring)."""
         ref, units = self._prepare(tool_input, config)
         guard = self.meter.guard(
@@ -350,8 +350,8 @@ class MeteredTool(BaseTool):
         run_id: uuid.UUID | None = None,
         config: RunnableConfig | None = None,
         tool_call_id: str | None = None,
-        **kwargs: Any,  # noqa: ANN401 - passed on to the wrapped tool, as BaseTool.run does
-    ) -> Any:  # noqa: ANN401 - whatever the wrapped tool returns
+        **kwargs: Any,
+    ) -> Any:
         """Async :meth:`run`."""
         ref, units = self._prepare(tool_input, config)
         guard = self.meter.aguard(
@@ -521,7 +521,7 @@ def wrap_tools(
     meter: Meter,
     tools: Sequence[BaseTool],
     features: Mapping[str, str],
-    **options: Any,  # noqa: ANN401 - wrap_tool's keywords, checked there
+    **options: Any,
 ) -> list[MeteredTool]:
     """Wrap several tools; ``features`` maps every tool name to its feature.
 
@@ -630,7 +630,7 @@ def metered(
         if inspect.iscoroutinefunction(function):
 
             @functools.wraps(function)
-            async def guarded_async(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+            async def guarded_async(*args: Any, **kwargs: Any) -> Any:
                 ref, count = prepare(args, kwargs)
                 async with meter.aguard(
                     ref.customer_id,
@@ -647,7 +647,7 @@ def metered(
             return cast("F", guarded_async)
 
         @functools.wraps(function)
-        def guarded(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        def guarded(*args: Any, **kwargs: Any) -> Any:
             ref, count = prepare(args, kwargs)
             with meter.guard(
                 ref.customer_id,

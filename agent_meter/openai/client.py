@@ -15,8 +15,6 @@ exactly the chunks it would have seen. The stream object returned is the SDK's o
 ``Stream`` / ``AsyncStream``, metered in place.
 """
 
-
-
 from __future__ import annotations
 
 import logging
