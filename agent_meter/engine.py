@@ -170,12 +170,14 @@ class Admission:
             run anyway (fail open); its usage is tracked after success.
         check: The backend's answer, when there was one.
         hold: The hold that records the reservation until the call is settled.
+        replay: The call was reserved before (a replayed tool call): it is not billed again.
     """
 
     reserved: float
     verified: bool = True
     check: CheckResult | None = None
     hold: Hold | None = None
+    replay: bool = False
 
 
 def admission(call: MeteredCall) -> CheckRequest:
@@ -198,6 +200,8 @@ def admit(call: MeteredCall, result: CheckResult, hold: Hold | None = None) -> A
             required=result.required,
             balance_feature_id=result.balance_feature_id,
         )
+    if result.replayed:
+        return Admission(reserved=0.0, check=result, replay=True)
     if not result.deducted:
         return Admission(reserved=0.0, check=result)
     return Admission(reserved=call.units, check=result, hold=hold)
@@ -265,7 +269,7 @@ def settlement(
     unverified call), and tracks the difference when the real count (``actual_units``)
     differs from the estimate. Failure refunds what was reserved and tracks nothing else.
     """
-    if call.gate_only:
+    if call.gate_only or admitted.replay:
         return Settlement()
     if not succeeded:
         if admitted.reserved:

@@ -28,6 +28,8 @@ class CheckResult:
         usage: What was used in the current interval, when known.
         entity_id: The entity the check was scoped to, if any.
         deducted: True when the check reserved ``required`` (``send_event=True``, allowed).
+        replayed: The call (its hold key) was reserved before: a replay runs without a
+            second charge.
     """
 
     allowed: bool
@@ -41,6 +43,7 @@ class CheckResult:
     usage: float | None = None
     entity_id: str | None = None
     deducted: bool = False
+    replayed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,6 +79,7 @@ class MemoryBackend:
         self._denied: list[tuple[str | None, str | None]] = []
         self._faults: list[_Fault] = []
         self._holds: dict[str, Hold] = {}
+        self._reserved: set[str] = set()
         self.calls: list[RecordedCall] = []
         """Every check and track received, in order (also those that failed)."""
 
@@ -299,11 +300,17 @@ class MemoryBackend:
                 send_event=True,
                 entity_id=hold.entity_id,
             )
+            if hold.key in self._reserved:  # a replayed call: reserved once, never twice
+                result = self._check(
+                    hold.customer_id, hold.feature_id, hold.units, hold.entity_id, False
+                )
+                return replace(result, allowed=True, replayed=True)
             result = self._check(
                 hold.customer_id, hold.feature_id, hold.units, hold.entity_id, True
             )
             if result.deducted:
                 self._holds[hold.key] = hold
+                self._reserved.add(hold.key)
             return result
 
     def release(self, key: str, refund: TrackRequest | None = None) -> bool:

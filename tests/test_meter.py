@@ -225,3 +225,23 @@ async def test_async_guard_bills_and_refunds(meter: Meter, memory_backend: Memor
             pass
     await meter.atrack("cus_1", "web_search", -1, idempotency_key="goodwill")
     assert (await meter.acheck("cus_1", "web_search")).balance == 1
+
+
+def test_a_replayed_call_id_is_reserved_once(backend: MemoryBackend) -> None:
+    meter = Meter(backend)
+    ran = []
+    for _ in range(3):  # the same tool call, replayed after a crash or a retry
+        with meter.guard("cus_1", "code_exec", call_id="call_once") as call:
+            ran.append(call.check.replayed if call.check else None)
+    assert ran == [False, True, True]
+    assert credits(backend) == 98
+    assert [e.kind for e in backend.events("cus_1")] == ["reserve"]
+
+
+def test_a_replay_that_fails_refunds_nothing_more(backend: MemoryBackend) -> None:
+    meter = Meter(backend)
+    with meter.guard("cus_1", "code_exec", call_id="c"):
+        pass
+    with pytest.raises(RuntimeError), meter.guard("cus_1", "code_exec", call_id="c"):
+        raise RuntimeError
+    assert credits(backend) == 98
