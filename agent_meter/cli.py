@@ -22,7 +22,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 @cli.command()
 @click.option("--db", type=click.Path(path_type=Path), help="Keep the demo ledger in this file.")
-@click.option("--credits", default=6.0, show_default=True, help="Credits the customer starts with.")
+@click.option("--credits", default=7.0, show_default=True, help="Credits the customer starts with.")
 def demo(db: Path | None, credits: float) -> None:
     """Run a scripted, offline agent on the embedded backend."""
     from agent_meter.demo import run_demo  # noqa: PLC0415 - keeps --help fast

@@ -1,4 +1,4 @@
-"""``agent-meter demo``: the scripted run bills what succeeded and shows the denial."""
+"""``agent-meter demo``: the scripted run bills what succeeded and shows the denials."""
 
 from __future__ import annotations
 
@@ -9,22 +9,26 @@ from pathlib import Path
 from rich.console import Console
 
 from agent_meter import SQLiteBackend
-from agent_meter.demo import CUSTOMER, run_demo
+from agent_meter.demo import BROKE_CUSTOMER, CUSTOMER, run_demo
 
 
 def test_demo_bills_successes_refunds_failures_and_denies_at_zero(tmp_path: Path) -> None:
     db = tmp_path / "demo.db"
-    console = Console(record=True, width=120)
-    steps = run_demo(db, credits=6, console=console)
+    console = Console(record=True, width=200)
+    steps = run_demo(db, credits=7, console=console)
     outcomes = [step.outcome for step in steps]
-    assert any("refunded" in outcome for outcome in outcomes)
-    assert sum(outcome.startswith("DENIED") for outcome in outcomes) == 2
+    assert "ZeroDivisionError: division by zero (not billed)" in outcomes
+    assert "web_search is unavailable: 0.8 credits left, 1 needed (not billed)" in outcomes
     backend = SQLiteBackend(db)
-    # 6 - 1.2 (tokens) - 1 (search) - 2 (code) - 0.9 (tokens); the failed run is refunded
-    assert backend.balances(CUSTOMER)["credits"] == 0.9
+    # 7 - 3.6 (3,600 tokens) - 1 (one search) - 2 (one code run); the failed run is refunded
+    assert backend.balances(CUSTOMER)["credits"] == 0.4
+    tokens = [e for e in backend.events(CUSTOMER) if e.feature_id == "llm_tokens"]
+    assert [e.value for e in tokens] == [1200, 900, 600, 500, 400]
+    assert not [e for e in backend.events(BROKE_CUSTOMER)]  # stopped before any usage
     backend.close()
     text = console.export_text()
-    assert "web_search is unavailable: 0.9 credits left, 1 needed" in text
+    assert "DENIED before the model was called" in text
+    assert "credits left: 0.4" in text
 
 
 def test_demo_runs_from_the_console_script() -> None:
@@ -36,5 +40,5 @@ def test_demo_runs_from_the_console_script() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert "DENIED" in done.stdout
-    assert "credits left: 0.9" in done.stdout
+    assert "unavailable" in done.stdout
+    assert "credits left: 0.4" in done.stdout
