@@ -453,13 +453,9 @@ class SQLiteBackend:
         process dies before :meth:`release`. A call is reserved once: a second reserve of
         the same hold key (a replayed tool call) deducts nothing and answers ``replayed``.
         """
-        customer_id, entity_id, charge = ledger.price_request(
-            self._pricing,
-            hold.customer_id,
-            hold.feature_id,
-            hold.units,
-            entity_id=hold.entity_id,
-        )
+        # A hold is built by the meter from a validated call: only the price is new here.
+        customer_id, entity_id = hold.customer_id, hold.entity_id
+        charge = ledger.charge_for(self._pricing, customer_id, hold.feature_id, hold.units)
         now = self._clock()
         with self._errors(f"reserve {hold.feature_id!r} for {customer_id!r}"):
             try:
