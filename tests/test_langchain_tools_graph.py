@@ -178,7 +178,11 @@ def test_create_agent_tells_the_model_about_a_denial(tmp_path: Any) -> None:
     seen = {m.name: m for m in model.seen[1] if isinstance(m, ToolMessage)}
     assert seen["search"].status == "success"
     assert seen["run_python"].status == "error"
-    assert seen["run_python"].content == "code_exec is unavailable: 0 credits left, 2 needed"
+    # The two calls run in parallel: the refusal saw the credit before or after the search.
+    assert seen["run_python"].content in {
+        "code_exec is unavailable: 0 credits left, 2 needed",
+        "code_exec is unavailable: 1 credits left, 2 needed",
+    }
     assert BODIES == ["cats"]
     assert backend.balances(CUSTOMER)["credits"] == 0
 
