@@ -8,11 +8,12 @@ and hand it to :meth:`agent_meter.Meter.track_tokens`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from agent_meter.errors import ConfigError, InvalidUsage
 
-__all__ = ["TokenFeatures", "TokenUsage"]
+__all__ = ["TokenFeatures", "TokenUsage", "check_gate_estimate"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +73,13 @@ class TokenFeatures:
         """The feature whose balance decides whether another LLM call may start."""
         return self.input if self.input is not None else self.total  # type: ignore[return-value]
 
+    @property
+    def billed(self) -> tuple[str, ...]:
+        """Every feature that receives tokens."""
+        if self.input is not None and self.output is not None:
+            return (self.input, self.output)
+        return (self.total,) if self.total is not None else ()
+
     def values(self, usage: TokenUsage) -> list[tuple[str, int]]:
         """The (feature, tokens) tracks for ``usage``; zero counts are left out."""
         if self.input is not None and self.output is not None:
@@ -79,3 +87,20 @@ class TokenFeatures:
         else:
             pairs = [(self.total, usage.total_tokens)]  # type: ignore[list-item]
         return [(feature, tokens) for feature, tokens in pairs if tokens]
+
+
+def check_gate_estimate(value: object) -> float:
+    """The tokens an LLM call must have credit for before it starts (a positive number).
+
+    Raises:
+        ConfigError: ``value`` is not a positive, finite number.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        msg = f"gate_estimate must be a positive number of tokens, not {value!r}"
+        raise ConfigError(msg)
+    return float(value)

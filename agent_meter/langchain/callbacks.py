@@ -23,7 +23,6 @@ langchain-core (``_run_coros``), which would let a denied customer call the mode
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -35,9 +34,9 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.runnables.config import var_child_runnable_config
 
 from agent_meter.context import NO_CUSTOMER_HELP, CustomerRef, current_customer
-from agent_meter.errors import AgentMeterError, ConfigError
+from agent_meter.errors import AgentMeterError
 from agent_meter.langchain.usage import usage_from_result
-from agent_meter.tokens import TokenFeatures, TokenUsage
+from agent_meter.tokens import TokenFeatures, TokenUsage, check_gate_estimate
 
 if TYPE_CHECKING:
     from uuid import UUID
@@ -218,18 +217,10 @@ class MeteringCallbackHandler(BaseCallbackHandler):
         super().__init__()
         self.meter = meter
         self.features = TokenFeatures(feature_id, input_feature_id, output_feature_id)
-        for feature in self._billed_features():
+        for feature in self.features.billed:
             meter.feature_type(feature)  # ConfigError now rather than on the first call
         self.gate = gate
-        if (
-            isinstance(gate_estimate, bool)
-            or not isinstance(gate_estimate, (int, float))
-            or not math.isfinite(gate_estimate)
-            or gate_estimate <= 0
-        ):
-            msg = f"gate_estimate must be a positive number of tokens, not {gate_estimate!r}"
-            raise ConfigError(msg)
-        self.gate_estimate = float(gate_estimate)
+        self.gate_estimate = check_gate_estimate(gate_estimate)
         self.customer = None if customer_id is None else CustomerRef.of(customer_id, entity_id)
         self._rates, self._credit_system = self._credit_rates()
         self._lock = threading.Lock()
@@ -240,11 +231,6 @@ class MeteringCallbackHandler(BaseCallbackHandler):
     def __repr__(self) -> str:
         return f"MeteringCallbackHandler({self.features!r}, gate={self.gate})"
 
-    def _billed_features(self) -> list[str]:
-        if self.features.split:
-            return [self.features.input, self.features.output]  # type: ignore[list-item]
-        return [self.features.total]  # type: ignore[list-item]
-
     def _credit_rates(self) -> tuple[dict[str, Decimal] | None, str | None]:
         """Credits per token for each billed feature, when all draw from one known pool."""
         pricing = self.meter.pricing
@@ -252,7 +238,7 @@ class MeteringCallbackHandler(BaseCallbackHandler):
             return None, None
         rates: dict[str, Decimal] = {}
         pools = set()
-        for feature in self._billed_features():
+        for feature in self.features.billed:
             pool = pricing.pool_of(feature)
             if pool is None:
                 return None, None

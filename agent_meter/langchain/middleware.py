@@ -21,7 +21,6 @@ This module imports ``langchain`` (v1); nothing else in agent_meter imports it e
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, ExitStack
 from typing import Any
@@ -34,11 +33,11 @@ from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
 from agent_meter.context import CustomerRef, customer_from_config
-from agent_meter.errors import BackendError, ConfigError, UsageLimitExceeded
+from agent_meter.errors import BackendError, UsageLimitExceeded
 from agent_meter.keys import new_call_id
 from agent_meter.langchain.usage import usage_from_message
 from agent_meter.meter import GuardedCall, Meter
-from agent_meter.tokens import TokenFeatures, TokenUsage
+from agent_meter.tokens import TokenFeatures, TokenUsage, check_gate_estimate
 
 __all__ = ["MeteringMiddleware"]
 
@@ -93,18 +92,9 @@ class MeteringMiddleware(AgentMiddleware):
         self.tokens: TokenFeatures | None = None
         if token_feature_id is not None or input_feature_id is not None:
             self.tokens = TokenFeatures(token_feature_id, input_feature_id, output_feature_id)
-            meter.feature_type(self.tokens.gate_feature)
-            if self.tokens.output is not None:
-                meter.feature_type(self.tokens.output)
-        if (
-            isinstance(gate_estimate, bool)
-            or not isinstance(gate_estimate, (int, float))
-            or not math.isfinite(gate_estimate)
-            or gate_estimate <= 0
-        ):
-            msg = f"gate_estimate must be a positive number of tokens, not {gate_estimate!r}"
-            raise ConfigError(msg)
-        self.gate_estimate = float(gate_estimate)
+            for feature in self.tokens.billed:
+                meter.feature_type(feature)
+        self.gate_estimate = check_gate_estimate(gate_estimate)
 
     def __repr__(self) -> str:
         return f"MeteringMiddleware(features={self.features!r}, tokens={self.tokens!r})"
