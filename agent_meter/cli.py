@@ -67,7 +67,7 @@ class _OneLineErrors(click.Group):
             if ctx.params.get("debug"):
                 raise
             _fail(ctx, str(exc))
-        except Exception as exc:  # noqa: BLE001 - the CLI promises one line, never a traceback
+        except Exception as exc:  # the CLI promises one line, never a traceback
             if ctx.params.get("debug"):
                 raise
             _fail(ctx, f"{type(exc).__name__}: {exc} (run with --debug for the traceback)")
@@ -219,7 +219,10 @@ def _since(value: str | None) -> float | None:
     try:
         return datetime.fromisoformat(value.strip()).timestamp()
     except ValueError:
-        msg = f"{value!r} is neither a date/time (2026-11-01, 2026-11-01T09:30) nor a duration (90m, 24h, 7d)"
+        msg = (
+            f"{value!r} is neither a date/time (2026-11-01, 2026-11-01T09:30) "
+            "nor a duration (90m, 24h, 7d)"
+        )
         raise click.BadParameter(msg, param_hint="--since") from None
 
 
@@ -228,7 +231,7 @@ def _when(at: float) -> str:
 
 
 def _call_of(event: Any) -> str:
-    """The call part of an idempotency key: ``am1:cus_1::web_search:call_7:hold`` -> ``call_7:hold``.
+    """The call part of a key: ``am1:cus_1::web_search:call_7:hold`` -> ``call_7:hold``.
 
     The customer and feature are in their own columns; ``--json`` shows the whole key.
     """
@@ -259,6 +262,7 @@ def _check_feature(backend: Any, feature_id: str | None) -> None:
 @click.pass_context
 def balance(
     ctx: click.Context,
+    *,
     customer: str,
     db_path: Path | None,
     pricing_path: Path | None,
@@ -299,6 +303,7 @@ def balance(
 @click.pass_context
 def events(
     ctx: click.Context,
+    *,
     customer: str,
     db_path: Path | None,
     pricing_path: Path | None,
@@ -355,6 +360,7 @@ def events(
 @click.pass_context
 def report(
     ctx: click.Context,
+    *,
     db_path: Path | None,
     pricing_path: Path | None,
     customers: tuple[str, ...],

@@ -100,7 +100,8 @@ class FeatureUsage:
         feature_id: The feature used (``"total"`` in a total row).
         balance_id: Where ``credits`` were drawn from: the credit system (``credits``) or
             the feature itself; ``"*"`` when a total mixes several.
-        units: Units of the feature that stayed billed (refunds subtracted).
+        units: Units of the feature that stayed billed (refunds subtracted); None in a
+            total over several features (their units do not add up).
         credits: What those units took off the balance, in ``balance_id`` units (a track
             capped at 0 takes less than it costs).
         billed: Calls billed (a token batch counts as one call).
@@ -112,7 +113,7 @@ class FeatureUsage:
     customer_id: str
     feature_id: str
     balance_id: str
-    units: float = 0.0
+    units: float | None = 0.0
     credits: float = 0.0
     billed: int = 0
     refunded: int = 0
@@ -197,7 +198,9 @@ class UsageReport:
             customer_id if customer_id is not None else "*",
             "total",
             balances.pop() if len(balances) == 1 else "*",
-            units=_number(sum((Decimal(repr(r.units)) for r in rows), Decimal(0))),
+            units=_number(sum((Decimal(repr(r.units or 0)) for r in rows), Decimal(0)))
+            if len({r.feature_id for r in rows}) == 1
+            else None,
             credits=_number(sum((Decimal(repr(r.credits)) for r in rows), Decimal(0))),
             billed=sum(r.billed for r in rows),
             refunded=sum(r.refunded for r in rows),
@@ -233,7 +236,7 @@ class UsageReport:
                 table.add_row(
                     cus if index == 0 else "",
                     row.feature_id,
-                    f"{row.units:g}",
+                    "" if row.units is None else f"{row.units:g}",
                     f"{row.credits:g} {row.balance_id}",
                     str(row.billed),
                     str(row.refunded),

@@ -73,7 +73,16 @@ def test_usage_report_example_keeps_a_ledger_the_cli_reads(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr
     assert db.is_file()
     cli = subprocess.run(
-        [sys.executable, "-m", "agent_meter.cli", "--db", str(db), "balance", "cus_initech", "--json"],
+        [
+            sys.executable,
+            "-m",
+            "agent_meter.cli",
+            "--db",
+            str(db),
+            "balance",
+            "cus_initech",
+            "--json",
+        ],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
