@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from agent_meter.backends.sqlite import SQLiteBackend
 from agent_meter.errors import UsageLimitExceeded
 from agent_meter.meter import Meter
 from agent_meter.pricing import Pricing
+from agent_meter.report import usage_report
 
 __all__ = ["BROKE_CUSTOMER", "CUSTOMER", "DEMO_PRICING", "DemoStep", "run_demo"]
 
@@ -88,11 +90,12 @@ def _reply(tokens: int, text: str = "", *calls: tuple[str, str, dict[str, Any]])
     )
 
 
-def _script() -> Iterator[AIMessage]:
-    yield _reply(1200, "", ("web_search", "call_1", {"query": "agent billing"}))
-    yield _reply(900, "", ("run_python", "call_2", {"expression": "1/0"}))
-    yield _reply(600, "", ("run_python", "call_3", {"expression": "sum(range(10))"}))
-    yield _reply(500, "", ("web_search", "call_4", {"query": "pricing pages"}))
+def _script(run: str) -> Iterator[AIMessage]:
+    # Tool call ids are unique per run, as a provider's are: a call id is billed once.
+    yield _reply(1200, "", ("web_search", f"{run}_1", {"query": "agent billing"}))
+    yield _reply(900, "", ("run_python", f"{run}_2", {"expression": "1/0"}))
+    yield _reply(600, "", ("run_python", f"{run}_3", {"expression": "sum(range(10))"}))
+    yield _reply(500, "", ("web_search", f"{run}_4", {"query": "pricing pages"}))
     yield _reply(400, "0+1+...+9 = 45. I could not search for pricing pages: no credits left.")
 
 
@@ -105,7 +108,11 @@ def _agent_loop(
     """The smallest agent: call the model, run the tool calls it asks for, repeat."""
     messages: list[BaseMessage] = [HumanMessage("Find pricing pages and add up 0..9")]
     while True:
-        reply = model.invoke(messages, config=config)
+        try:
+            reply = model.invoke(messages, config=config)
+        except UsageLimitExceeded as denied:
+            record("LLM call", f"DENIED before the model was called: {denied.reason}")
+            return
         assert isinstance(reply, AIMessage)  # noqa: S101 - the scripted model answers so
         messages.append(reply)
         record(f"LLM call ({reply.usage_metadata['total_tokens']} tokens)", "tracked")  # type: ignore[index]
@@ -170,7 +177,8 @@ def run_demo(
         )
         who = {"customer_id": CUSTOMER}
         config: RunnableConfig = {"configurable": who, "metadata": who, "callbacks": [handler]}
-        _agent_loop(GenericFakeChatModel(messages=_script()), tools, config, record)
+        run_id = f"call_{uuid.uuid4().hex[:8]}"
+        _agent_loop(GenericFakeChatModel(messages=_script(run_id)), tools, config, record)
 
         broke = {"customer_id": BROKE_CUSTOMER}
         stopped = GenericFakeChatModel(messages=iter([_reply(100, "never sent")]))
@@ -189,29 +197,14 @@ def run_demo(
         for column in ("step", "call", "outcome", "credits left"):
             run.add_column(column)
         for number, step in enumerate(steps, 1):
-            style = "red" if "unavailable" in step.outcome else None
+            style = "red" if "unavailable" in step.outcome else None  # a denial
             run.add_row(
                 str(number), step.action, step.outcome, f"{step.credits_left:g}", style=style
             )
         console.print(run)
-        console.print(usage_table(backend, CUSTOMER))
+        console.print(usage_report(backend, [CUSTOMER]).table(f"Usage of {CUSTOMER}"))
         console.print(str(handler.summary))
         console.print(f"{BROKE_CUSTOMER} (0 credits) starts a run: {outcome}")
         console.print(f"credits left: [bold]{backend.balances(CUSTOMER)['credits']:g}[/]")
         meter.close()
     return steps
-
-
-def usage_table(backend: SQLiteBackend, customer_id: str) -> Table:
-    """Usage per feature for one customer: units and credits that stayed billed."""
-    units: dict[str, float] = {}
-    spent: dict[str, float] = {}
-    for event in backend.events(customer_id):
-        units[event.feature_id] = units.get(event.feature_id, 0) + event.value
-        spent[event.feature_id] = spent.get(event.feature_id, 0) - event.applied
-    table = Table(title=f"Usage of {customer_id}")
-    for column in ("feature", "units billed", "credits"):
-        table.add_column(column)
-    for feature in sorted(units):
-        table.add_row(feature, f"{units[feature]:g}", f"{spent[feature]:g}")
-    return table

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent_meter import engine
-from agent_meter.backends.base import FullBackend, ReservingBackend
+from agent_meter.backends.base import DenialRecorder, FullBackend, ReservingBackend
 from agent_meter.context import CustomerRef
 from agent_meter.delivery import Deliverer
 from agent_meter.engine import Admission, FailPolicy, Hold, MeteredCall, Strategy, TrackRequest
@@ -30,6 +30,7 @@ from agent_meter.errors import (
     BackendUnavailable,
     ConfigError,
     InvalidUsage,
+    UsageLimitExceeded,
 )
 from agent_meter.guard import AsyncGuard, Guard, GuardedCall
 from agent_meter.keys import new_call_id
@@ -163,6 +164,9 @@ class Meter:
         self.backend = backend
         self._holder: ReservingBackend | None = (
             backend if isinstance(backend, ReservingBackend) else None
+        )
+        self._denials: DenialRecorder | None = (
+            backend if isinstance(backend, DenialRecorder) else None
         )
         self.strategy: Strategy = strategy
         self.on_backend_error: FailPolicy = on_backend_error
@@ -391,7 +395,11 @@ class Meter:
         except BackendError as exc:
             return self._admit_unverified(call, exc)
         self._unverified.pop(call.customer_id, None)
-        return engine.admit(call, result, hold)
+        try:
+            return engine.admit(call, result, hold)
+        except UsageLimitExceeded:
+            self._record_denial(call)
+            raise
 
     async def _aadmit(self, call: MeteredCall) -> Admission:
         request = engine.admission(call)
@@ -409,7 +417,23 @@ class Meter:
         except BackendError as exc:
             return self._admit_unverified(call, exc)
         self._unverified.pop(call.customer_id, None)
-        return engine.admit(call, result, hold)
+        try:
+            return engine.admit(call, result, hold)
+        except UsageLimitExceeded:
+            if self._denials is not None:
+                await asyncio.to_thread(self._record_denial, call)
+            raise
+
+    def _record_denial(self, call: MeteredCall) -> None:
+        """Keep the refusal in the ledger for reports; never let that hide the refusal."""
+        if self._denials is None:
+            return
+        try:
+            self._denials.record_denial(
+                call.customer_id, call.feature_id, call.units, call.entity_id
+            )
+        except AgentMeterError as exc:
+            logger.warning("agent_meter: could not record a denial of %s: %s", call.feature_id, exc)
 
     def _reserve(self, hold: Hold, request: engine.CheckRequest) -> CheckResult:
         if (holder := self._holder) is not None:

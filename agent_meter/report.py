@@ -25,8 +25,9 @@ events                                          counted as
 ``denied``                                      one call denied (nothing charged)
 ==============================================  =========================================
 
-Denied calls are only counted when the ledger records them as ``denied`` events; a
-report over a ledger without any shows the denied count as unknown (``None``), never as 0.
+Denied calls are counted from ``denied`` events, which the embedded backends record
+(:class:`~agent_meter.backends.base.DenialRecorder`); over events from a source that
+does not record them, the denied count is unknown (``None``), never a misleading 0.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any, Literal, Protocol
 
 from rich.table import Table
 
+from agent_meter.backends.base import DenialRecorder
 from agent_meter.results import UsageEvent
 
 __all__ = [
@@ -264,19 +266,26 @@ class UsageReport:
         return table
 
 
-def build_report(events: Iterable[UsageEvent], *, since: float | None = None) -> UsageReport:
+def build_report(
+    events: Iterable[UsageEvent],
+    *,
+    since: float | None = None,
+    denials_recorded: bool | None = None,
+) -> UsageReport:
     """Fold ledger events into a :class:`UsageReport` (no I/O).
 
     Args:
         events: The events, in any order.
         since: Kept in the report to say what period it covers; events are not filtered.
+        denials_recorded: Whether the source records denied calls; when None, it is
+            assumed to if any ``denied`` event is present.
     """
     tallies: dict[tuple[str, str], _Tally] = {}
-    denials = False
+    denials = bool(denials_recorded)
     count = 0
     for event in events:
         count += 1
-        denials = denials or event.kind == "denied"
+        denials = denials or (denials_recorded is None and event.kind == "denied")
         key = (event.customer_id, event.feature_id)
         tally = tallies.get(key)
         if tally is None:
@@ -319,15 +328,16 @@ def usage_report(
     Raises:
         BackendError: The ledger could not be read.
     """
+    recorded = True if isinstance(source, DenialRecorder) else None
     if customers is None:
         events = source.events(since=since, feature_id=feature_id)
         if progress is not None:
             for cus in sorted({event.customer_id for event in events}):
                 progress(cus)
-        return build_report(events, since=since)
+        return build_report(events, since=since, denials_recorded=recorded)
     collected: list[UsageEvent] = []
     for cus in customers:
         collected.extend(source.events(cus, since=since, feature_id=feature_id))
         if progress is not None:
             progress(cus)
-    return build_report(collected, since=since)
+    return build_report(collected, since=since, denials_recorded=recorded)

@@ -79,7 +79,8 @@ class UsageEvent:
         entity_id: The entity, if any.
         feature_id: The feature used.
         balance_id: The balance it drew from (a credit system or the feature).
-        kind: ``"reserve"`` (a check that deducted) or ``"track"``.
+        kind: ``"reserve"`` (a check that deducted), ``"track"``, or ``"denied"`` (a call
+            the meter refused; nothing applied).
         value: Units of the feature (negative for a refund).
         credits: What ``value`` costs in ``balance_id`` units.
         applied: What it actually changed on the balance (tracks are capped at 0).

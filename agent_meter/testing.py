@@ -287,6 +287,27 @@ class MemoryBackend:
         )
         return TrackResult(customer_id, feature_id, charge.value, idempotency_key)
 
+    def record_denial(
+        self, customer_id: str, feature_id: str, units: float, entity_id: str | None = None
+    ) -> None:
+        """Keep a refused call in the ledger (kind ``denied``, nothing applied), for reports."""
+        with self._lock:
+            charge = ledger.charge_for(self._pricing, customer_id, feature_id, units)
+            self._events.append(
+                UsageEvent(
+                    self._clock(),
+                    customer_id,
+                    entity_id,
+                    feature_id,
+                    charge.balance_id,
+                    "denied",
+                    charge.value,
+                    ledger.from_nano(charge.amount),
+                    0.0,
+                    None,
+                )
+            )
+
     # -- reservations held by a process ------------------------------------------------------
 
     def reserve(self, hold: Hold) -> CheckResult:

@@ -40,11 +40,11 @@ def assert_one_line_error(result: Result, *fragments: str, code: int = 1) -> Non
 
 @pytest.fixture(scope="module")
 def demo_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A ledger written by ``agent-meter demo --db``: cus_demo ends with 0.9 credits."""
+    """A ledger written by ``agent-meter demo --db``: cus_demo ends with 0.4 credits."""
     db = tmp_path_factory.mktemp("demo") / "demo.db"
     result = invoke("demo", "--db", str(db))
     assert result.exit_code == 0, result.output
-    assert "credits left: 0.9" in result.stdout
+    assert "credits left: 0.4" in result.stdout
     return db
 
 
@@ -55,11 +55,12 @@ def test_demo_writes_to_the_group_db_given_on_the_command_line(tmp_path: Path) -
     db = tmp_path / "here.db"
     result = invoke("--db", str(db), "demo", "--credits", "3")
     assert result.exit_code == 0, result.output
-    # 3 - 1.2 (tokens) - 1 (search), code refused (0.8 < 2), 900 tokens capped at 0
+    # 3 - 1.2 (tokens) - 1 (search), 900 tokens capped at 0, code refused, then the
+    # next LLM call is stopped by the gate (and so is the customer with no credits)
     ledger = stored(db)
     assert ledger.balances(CUSTOMER)["credits"] == 0
     ledger.close()
-    assert result.stdout.count("DENIED") == 4
+    assert result.stdout.count("DENIED") == 2
 
 
 def test_demo_never_writes_into_the_ledger_named_by_the_environment(tmp_path: Path) -> None:
@@ -76,11 +77,11 @@ def test_balance_shows_what_is_left(demo_db: Path) -> None:
     result = invoke("--db", str(demo_db), "balance", CUSTOMER)
     assert result.exit_code == 0, result.output
     assert "credits" in result.stdout
-    assert "0.9" in result.stdout
+    assert "0.4" in result.stdout
     as_json = invoke("balance", CUSTOMER, "--db", str(demo_db), "--json")
     assert json.loads(as_json.stdout) == {
         "customer_id": CUSTOMER,
-        "balances": {"credits": 0.9, "premium": True},
+        "balances": {"credits": 0.4, "premium": True},
     }
 
 
@@ -95,7 +96,7 @@ def test_balance_of_an_unknown_customer_is_one_line(demo_db: Path) -> None:
 def test_environment_variable_names_the_ledger(demo_db: Path) -> None:
     result = invoke("balance", CUSTOMER, "--json", env={"AGENT_METER_DB": str(demo_db)})
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["balances"]["credits"] == 0.9
+    assert json.loads(result.stdout)["balances"]["credits"] == 0.4
 
 
 # -- events -----------------------------------------------------------------------------
@@ -108,24 +109,28 @@ def test_events_lists_the_ledger_lines_with_their_role(demo_db: Path) -> None:
     assert [(e["feature_id"], e["role"]) for e in events] == [
         ("llm_tokens", "track"),
         ("web_search", "reserve"),
+        ("llm_tokens", "track"),
         ("code_exec", "reserve"),
         ("code_exec", "refund"),
+        ("llm_tokens", "track"),
         ("code_exec", "reserve"),
+        ("llm_tokens", "track"),
+        ("web_search", "denied"),
         ("llm_tokens", "track"),
     ]
     table = invoke("--db", str(demo_db), "events", CUSTOMER, "--feature", "code_exec")
     assert table.exit_code == 0, table.output
     assert "Events of cus_demo (3)" in table.stdout
-    assert "step2:refund" in table.stdout
+    assert "refund" in table.stdout
     last = invoke("--db", str(demo_db), "events", CUSTOMER, "--limit", "1", "--json")
-    assert [e["value"] for e in json.loads(last.stdout)] == [900]
+    assert [e["value"] for e in json.loads(last.stdout)] == [400]
 
 
 def test_events_since_a_time(demo_db: Path) -> None:
     future = invoke("--db", str(demo_db), "events", CUSTOMER, "--since", "2999-01-01", "--json")
     assert json.loads(future.stdout) == []
     recent = invoke("--db", str(demo_db), "events", CUSTOMER, "--since", "1d", "--json")
-    assert len(json.loads(recent.stdout)) == 6
+    assert len(json.loads(recent.stdout)) == 10
 
 
 def test_events_refuse_a_bad_since_an_unknown_feature_and_customer(demo_db: Path) -> None:
@@ -145,12 +150,13 @@ def test_report_table_and_json(demo_db: Path) -> None:
     result = invoke("--db", str(demo_db), "report")
     assert result.exit_code == 0, result.output
     assert "Usage per customer and feature" in result.stdout
-    assert "5.1 credits" in result.stdout  # 6 - 0.9 left
+    assert "6.6 credits" in result.stdout  # 7 - 0.4 left
     data = json.loads(invoke("report", "--db", str(demo_db), "--json").stdout)
     total = data["customers"][CUSTOMER]
-    assert (total["credits"], total["billed"], total["refunded"]) == (5.1, 4, 1)
-    rows = {row["feature_id"]: row for row in data["rows"]}
-    assert rows["llm_tokens"]["units"] == 2100
+    assert (total["credits"], total["billed"], total["refunded"]) == (6.6, 7, 1)
+    assert total["denied"] == 1
+    rows = {row["feature_id"]: row for row in data["rows"] if row["customer_id"] == CUSTOMER}
+    assert rows["llm_tokens"]["units"] == 3600
     assert rows["code_exec"]["billed"] == 1
 
 
@@ -274,7 +280,7 @@ def test_main_returns_the_exit_code(tmp_path: Path, demo_db: Path, capsys) -> No
     assert main(["--db", str(tmp_path / "nope.db"), "report"]) == 1
     assert "no such ledger file" in capsys.readouterr().err
     assert main(["--db", str(demo_db), "balance", CUSTOMER, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["balances"]["credits"] == 0.9
+    assert json.loads(capsys.readouterr().out)["balances"]["credits"] == 0.4
     assert main(["balance"]) == 2  # a usage error: CUSTOMER is missing
 
 

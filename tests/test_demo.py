@@ -24,7 +24,9 @@ def test_demo_bills_successes_refunds_failures_and_denies_at_zero(tmp_path: Path
     assert backend.balances(CUSTOMER)["credits"] == 0.4
     tokens = [e for e in backend.events(CUSTOMER) if e.feature_id == "llm_tokens"]
     assert [e.value for e in tokens] == [1200, 900, 600, 500, 400]
-    assert not [e for e in backend.events(BROKE_CUSTOMER)]  # stopped before any usage
+    # stopped before any usage; the refusal is kept for reports
+    assert [e.kind for e in backend.events(BROKE_CUSTOMER)] == ["denied"]
+    assert [e.feature_id for e in backend.events(CUSTOMER) if e.kind == "denied"] == ["web_search"]
     backend.close()
     text = console.export_text()
     assert "DENIED before the model was called" in text

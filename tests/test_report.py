@@ -57,17 +57,17 @@ async def _aspend(meter: Meter) -> None:
 def _assert_session(report: UsageReport, left: float) -> None:
     assert report.customers == ["cus_other", CUS]
     searches = report.row(CUS, "web_search")
-    assert searches == FeatureUsage(CUS, "web_search", "credits", 6.0, 6.0, 4, 0, None)
+    assert searches == FeatureUsage(CUS, "web_search", "credits", 6.0, 6.0, 4, 0, 0)
     code = report.row(CUS, "code_exec")
-    assert code == FeatureUsage(CUS, "code_exec", "credits", 1.0, 2.0, 1, 1, None)
+    assert code == FeatureUsage(CUS, "code_exec", "credits", 1.0, 2.0, 1, 1, 0)
     tokens = report.row(CUS, "llm_tokens")
-    assert tokens == FeatureUsage(CUS, "llm_tokens", "credits", 1234.0, 1.234, 1, 0, None)
+    assert tokens == FeatureUsage(CUS, "llm_tokens", "credits", 1234.0, 1.234, 1, 0, 0)
     total = report.total(CUS)
     assert (total.credits, total.billed, total.refunded) == (9.234, 6, 1)
     assert total.units is None  # units of different features do not add up
     assert total.credits == round(100 - left, 9)  # the report agrees with the balance
     assert report.row("cus_other", "web_search").billed == 1
-    assert report.denials_recorded is False
+    assert report.denials_recorded is True  # the embedded ledgers keep refusals
 
 
 def test_report_counts_a_mixed_session(backend: MemoryBackend | SQLiteBackend) -> None:
@@ -88,20 +88,25 @@ async def test_report_counts_a_mixed_async_session(
     await meter.aclose()
 
 
-def test_a_denied_call_leaves_no_event_and_the_report_says_denials_are_unknown(
-    memory_backend: MemoryBackend,
-) -> None:
+def test_a_denied_call_is_counted_and_costs_nothing(memory_backend: MemoryBackend) -> None:
     meter = Meter(memory_backend)
     memory_backend.set_balance(CUS, "credits", 1)
     with pytest.raises(UsageLimitExceeded), meter.guard(CUS, "code_exec"):
         pass
-    report = usage_report(memory_backend)
-    assert report.rows == ()
-    assert report.to_dict()["rows"] == []
+    row = usage_report(memory_backend).row(CUS, "code_exec")
+    assert row is not None
+    assert (row.billed, row.refunded, row.denied, row.credits) == (0, 0, 1, 0)
     memory_backend.set_balance(CUS, "credits", 2)
     with meter.guard(CUS, "code_exec"):
         pass
     row = usage_report(memory_backend).row(CUS, "code_exec")
+    assert row is not None
+    assert (row.billed, row.denied, row.credits) == (1, 1, 2)
+
+
+def test_a_ledger_without_denial_events_says_denials_are_unknown() -> None:
+    report = build_report([_event("reserve", 1, -1, "am1:cus_report::web_search:a:hold")])
+    row = report.row(CUS, "web_search")
     assert row is not None
     assert (row.billed, row.denied) == (1, None)  # None, not a misleading 0
 
@@ -191,5 +196,5 @@ def test_the_table_shows_each_customer_with_a_total(tmp_path: Path, pricing) -> 
     text = console.export_text()
     assert "9.234 credits" in text
     assert "total" in text
-    assert "this ledger does not record denied calls" in text
+    assert "this ledger does not record denied calls" not in text  # the ledger records them
     meter.close()

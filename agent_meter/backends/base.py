@@ -9,7 +9,14 @@ from agent_meter.engine import Hold, TrackRequest
 from agent_meter.pricing import Pricing
 from agent_meter.results import CheckResult, TrackResult
 
-__all__ = ["AsyncBackend", "Backend", "CatalogueBackend", "FullBackend", "ReservingBackend"]
+__all__ = [
+    "AsyncBackend",
+    "Backend",
+    "CatalogueBackend",
+    "DenialRecorder",
+    "FullBackend",
+    "ReservingBackend",
+]
 
 
 @runtime_checkable
@@ -131,4 +138,15 @@ class ReservingBackend(Protocol):
 
     async def arelease(self, key: str, refund: TrackRequest | None = None) -> bool:
         """Async :meth:`release`."""
+        ...
+
+
+@runtime_checkable
+class DenialRecorder(Protocol):
+    """A backend that keeps refused calls in its ledger, so reports can count them."""
+
+    def record_denial(
+        self, customer_id: str, feature_id: str, units: float, entity_id: str | None = None
+    ) -> None:
+        """Record that a call of ``units`` of ``feature_id`` was refused."""
         ...

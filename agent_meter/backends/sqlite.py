@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS events (
     entity_id TEXT,
     feature_id TEXT NOT NULL,
     balance_id TEXT NOT NULL,
-    kind TEXT NOT NULL,            -- reserve | track
+    kind TEXT NOT NULL,            -- reserve | track | denied
     value REAL NOT NULL,
     credits INTEGER NOT NULL,      -- cost in billionths of a balance unit
     applied INTEGER NOT NULL,      -- what it changed on the balance (capped at 0)
@@ -443,6 +443,32 @@ class SQLiteBackend:
             ),
         )
         return False
+
+    def record_denial(
+        self, customer_id: str, feature_id: str, units: float, entity_id: str | None = None
+    ) -> None:
+        """Keep a refused call in the ledger (kind ``denied``, nothing applied), for reports."""
+        charge = ledger.charge_for(self._pricing, customer_id, feature_id, units)
+        now = self._clock()
+        with self._errors(f"record a denial of {feature_id!r}"), self._write() as conn:
+            conn.execute(
+                _INSERT_EVENT,
+                (
+                    now,
+                    customer_id,
+                    entity_id,
+                    feature_id,
+                    charge.balance_id,
+                    "denied",
+                    charge.value,
+                    charge.amount,
+                    0,
+                    None,
+                    None,
+                    None,
+                    None,
+                ),
+            )
 
     # -- reservations held by a process (see agent_meter.owner) --------------------------
 
