@@ -124,8 +124,19 @@ class Outbox:
 
     def put(
         self, requests: Iterable[TrackRequest], *, now: float, close_hold: str | None = None
-    ) -> None:
-        """Queue tracks durably (a key already queued is kept once), closing a hold with them."""
+    ) -> bool:
+        """Queue tracks durably (a key already queued is kept once), closing a hold with them.
+
+        Args:
+            requests: The tracks.
+            now: Unix time, the tracks' first due time.
+            close_hold: A hold the tracks settle. It is closed in the same commit, and the
+                tracks are queued only if it was still open: of several processes racing
+                to settle one hold (two recoveries), exactly one queues its refund.
+
+        Returns:
+            False when ``close_hold`` was already closed (nothing was queued).
+        """
         rows = [
             (
                 r.idempotency_key,
@@ -140,14 +151,18 @@ class Outbox:
             for r in requests
         ]
         with self._transaction() as conn:
+            if (
+                close_hold is not None
+                and conn.execute("DELETE FROM holds WHERE key = ?", (close_hold,)).rowcount == 0
+            ):
+                return False
             conn.executemany(
                 "INSERT INTO tracks (key, customer_id, feature_id, value, entity_id, properties,"
                 " created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (key) DO NOTHING",
                 rows,
             )
-            if close_hold is not None:
-                conn.execute("DELETE FROM holds WHERE key = ?", (close_hold,))
+        return True
 
     def due(
         self, now: float, *, customer_id: str | None = None, limit: int = 100
