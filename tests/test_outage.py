@@ -372,7 +372,7 @@ CHILD = textwrap.dedent(
 
 
 def run_child(url: str, outbox: Path, ending: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # noqa: S603 - our own interpreter and script
+    return subprocess.run(
         [sys.executable, "-c", CHILD, url, str(outbox), ending],
         capture_output=True,
         text=True,
