@@ -32,12 +32,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import autumn  # noqa: E402
+from outage_helpers import SECRET, AutumnServer, pricing  # noqa: E402
 
 from agent_meter import Meter  # noqa: E402
 from agent_meter.backends.autumn import AutumnBackend  # noqa: E402
 from agent_meter.tokens import TokenUsage  # noqa: E402
 from benchmarks._timing import machine  # noqa: E402
-from outage_helpers import SECRET, AutumnServer, pricing  # noqa: E402
 
 LATENCY = 0.020
 CALLS = 60
