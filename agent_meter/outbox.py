@@ -167,19 +167,26 @@ class Outbox:
     def due(
         self, now: float, *, customer_id: str | None = None, limit: int = 100
     ) -> list[OutboxEntry]:
-        """Pending tracks due now (or all of one customer's), oldest first."""
+        """Pending tracks due now (or all of one customer's), oldest first.
+
+        A customer's tracks are delivered in the order they were queued (a track capped at
+        0 and a refund give another balance in the other order): while one of them waits
+        for its back-off, the customer's later ones wait too.
+        """
         if customer_id is None:
             rows = self._query(
                 "SELECT key, customer_id, feature_id, value, entity_id, properties, attempts,"
-                " error FROM tracks WHERE state = 'pending' AND next_attempt_at <= ?"
-                " ORDER BY created_at LIMIT ?",
+                " error FROM tracks WHERE state = 'pending' AND next_attempt_at <= ?1"
+                " AND customer_id NOT IN (SELECT customer_id FROM tracks"
+                " WHERE state = 'pending' AND next_attempt_at > ?1)"
+                " ORDER BY created_at, rowid LIMIT ?2",
                 (now, limit),
             )
         else:
             rows = self._query(
                 "SELECT key, customer_id, feature_id, value, entity_id, properties, attempts,"
                 " error FROM tracks WHERE state = 'pending' AND customer_id = ?"
-                " ORDER BY created_at LIMIT ?",
+                " ORDER BY created_at, rowid LIMIT ?",
                 (customer_id, limit),
             )
         return [_entry(row) for row in rows]
