@@ -615,9 +615,11 @@ class Meter:
                 if owner_is_alive(hold.owner):
                     continue
                 if state == "held":
-                    self.outbox.put([hold.refund()], now=time.time(), close_hold=hold.key)
-                    self._queued_customers.add(hold.customer_id)
-                    refunded += 1
+                    # put() queues the refund only if this recovery closed the hold: of
+                    # several racing recoveries, exactly one refunds
+                    if self.outbox.put([hold.refund()], now=time.time(), close_hold=hold.key):
+                        self._queued_customers.add(hold.customer_id)
+                        refunded += 1
                 elif self.outbox.close_hold(hold.key):
                     uncertain += 1
                     logger.warning(

@@ -124,8 +124,19 @@ class Outbox:
 
     def put(
         self, requests: Iterable[TrackRequest], *, now: float, close_hold: str | None = None
-    ) -> None:
-        """Queue tracks durably (a key already queued is kept once), closing a hold with them."""
+    ) -> bool:
+        """Queue tracks durably (a key already queued is kept once), closing a hold with them.
+
+        Args:
+            requests: The tracks.
+            now: Unix time, the tracks' first due time.
+            close_hold: A hold the tracks settle. It is closed in the same commit, and the
+                tracks are queued only if it was still open: of several processes racing
+                to settle one hold (two recoveries), exactly one queues its refund.
+
+        Returns:
+            False when ``close_hold`` was already closed (nothing was queued).
+        """
         rows = [
             (
                 r.idempotency_key,
@@ -140,31 +151,42 @@ class Outbox:
             for r in requests
         ]
         with self._transaction() as conn:
+            if (
+                close_hold is not None
+                and conn.execute("DELETE FROM holds WHERE key = ?", (close_hold,)).rowcount == 0
+            ):
+                return False
             conn.executemany(
                 "INSERT INTO tracks (key, customer_id, feature_id, value, entity_id, properties,"
                 " created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (key) DO NOTHING",
                 rows,
             )
-            if close_hold is not None:
-                conn.execute("DELETE FROM holds WHERE key = ?", (close_hold,))
+        return True
 
     def due(
         self, now: float, *, customer_id: str | None = None, limit: int = 100
     ) -> list[OutboxEntry]:
-        """Pending tracks due now (or all of one customer's), oldest first."""
+        """Pending tracks due now (or all of one customer's), oldest first.
+
+        A customer's tracks are delivered in the order they were queued (a track capped at
+        0 and a refund give another balance in the other order): while one of them waits
+        for its back-off, the customer's later ones wait too.
+        """
         if customer_id is None:
             rows = self._query(
                 "SELECT key, customer_id, feature_id, value, entity_id, properties, attempts,"
-                " error FROM tracks WHERE state = 'pending' AND next_attempt_at <= ?"
-                " ORDER BY created_at LIMIT ?",
+                " error FROM tracks WHERE state = 'pending' AND next_attempt_at <= ?1"
+                " AND customer_id NOT IN (SELECT customer_id FROM tracks"
+                " WHERE state = 'pending' AND next_attempt_at > ?1)"
+                " ORDER BY created_at, rowid LIMIT ?2",
                 (now, limit),
             )
         else:
             rows = self._query(
                 "SELECT key, customer_id, feature_id, value, entity_id, properties, attempts,"
                 " error FROM tracks WHERE state = 'pending' AND customer_id = ?"
-                " ORDER BY created_at LIMIT ?",
+                " ORDER BY created_at, rowid LIMIT ?",
                 (customer_id, limit),
             )
         return [_entry(row) for row in rows]
