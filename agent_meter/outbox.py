@@ -116,9 +116,27 @@ class Outbox:
                 msg = f"{self!r}: {exc}"
                 raise BackendUnavailable(msg) from exc
 
-    def _query(self, sql: str, params: Iterable[object] = ()) -> list[tuple[Any, ...]]:
+    @contextmanager
+    def _statement(self) -> Iterator[sqlite3.Connection]:
+        """The connection, for one statement under the lock; sqlite3's errors mapped."""
         with self._lock:
-            return self._conn.execute(sql, tuple(params)).fetchall()
+            try:
+                yield self._conn
+            except sqlite3.OperationalError as exc:
+                msg = f"{self!r}: {exc}"
+                raise BackendUnavailable(msg) from exc
+            except sqlite3.Error as exc:
+                msg = f"{self!r}: {exc}"
+                raise BackendError(msg) from exc
+
+    def _run(self, sql: str, params: Iterable[object] = ()) -> int:
+        """Run one statement, committed on its own; returns how many rows it changed."""
+        with self._statement() as conn:
+            return conn.execute(sql, tuple(params)).rowcount
+
+    def _query(self, sql: str, params: Iterable[object] = ()) -> list[tuple[Any, ...]]:
+        with self._statement() as conn:
+            return conn.execute(sql, tuple(params)).fetchall()
 
     # -- tracks ----------------------------------------------------------------------------
 
@@ -193,26 +211,23 @@ class Outbox:
 
     def delivered(self, key: str) -> None:
         """The backend acknowledged ``key``: forget it."""
-        with self._lock:
-            self._conn.execute("DELETE FROM tracks WHERE key = ?", (key,))
+        self._run("DELETE FROM tracks WHERE key = ?", (key,))
 
     def retry_later(self, key: str, error: str, at: float) -> None:
         """Delivery of ``key`` failed for now: try again at ``at``."""
-        with self._lock:
-            self._conn.execute(
-                "UPDATE tracks SET attempts = attempts + 1, next_attempt_at = ?, error = ?"
-                " WHERE key = ?",
-                (at, error, key),
-            )
+        self._run(
+            "UPDATE tracks SET attempts = attempts + 1, next_attempt_at = ?, error = ?"
+            " WHERE key = ?",
+            (at, error, key),
+        )
 
     def set_aside(self, key: str, reason: str) -> None:
         """The backend rejected ``key`` for good: keep it, with the reason, undelivered."""
-        with self._lock:
-            self._conn.execute(
-                "UPDATE tracks SET attempts = attempts + 1, state = 'set_aside', error = ?"
-                " WHERE key = ?",
-                (reason, key),
-            )
+        self._run(
+            "UPDATE tracks SET attempts = attempts + 1, state = 'set_aside', error = ?"
+            " WHERE key = ?",
+            (reason, key),
+        )
 
     def pending(self, customer_id: str | None = None) -> int:
         """How many tracks wait for delivery (for one customer when named)."""
@@ -243,32 +258,29 @@ class Outbox:
 
     def open_hold(self, hold: Hold) -> None:
         """Record a hold before its check is sent: its answer is unknown until marked."""
-        with self._lock:
-            self._conn.execute(
-                "INSERT INTO holds (key, customer_id, feature_id, units, entity_id, refund_key,"
-                " owner, created_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'asking')"
-                " ON CONFLICT (key) DO NOTHING",
-                (
-                    hold.key,
-                    hold.customer_id,
-                    hold.feature_id,
-                    hold.units,
-                    hold.entity_id,
-                    hold.refund_key,
-                    hold.owner,
-                    hold.created_at,
-                ),
-            )
+        self._run(
+            "INSERT INTO holds (key, customer_id, feature_id, units, entity_id, refund_key,"
+            " owner, created_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'asking')"
+            " ON CONFLICT (key) DO NOTHING",
+            (
+                hold.key,
+                hold.customer_id,
+                hold.feature_id,
+                hold.units,
+                hold.entity_id,
+                hold.refund_key,
+                hold.owner,
+                hold.created_at,
+            ),
+        )
 
     def mark_held(self, key: str) -> None:
         """The check deducted: the hold now stands for a reservation to settle."""
-        with self._lock:
-            self._conn.execute("UPDATE holds SET state = 'held' WHERE key = ?", (key,))
+        self._run("UPDATE holds SET state = 'held' WHERE key = ?", (key,))
 
     def close_hold(self, key: str) -> bool:
         """Forget a hold (settled, or never deducted); False if it was already gone."""
-        with self._lock:
-            return self._conn.execute("DELETE FROM holds WHERE key = ?", (key,)).rowcount > 0
+        return self._run("DELETE FROM holds WHERE key = ?", (key,)) > 0
 
     def holds(self) -> list[tuple[Hold, str]]:
         """Every hold in the journal with its state (``asking`` or ``held``)."""

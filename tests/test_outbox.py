@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from agent_meter import BackendUnavailable, ConfigError, Meter, Pricing, SQLiteBackend
+from agent_meter import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    Meter,
+    Pricing,
+    SQLiteBackend,
+)
 from agent_meter.delivery import Deliverer, backoff_delay
 from agent_meter.engine import Hold, TrackRequest
 from agent_meter.meter import default_outbox_path
@@ -271,3 +278,12 @@ def test_a_normal_exit_with_undelivered_usage_says_so(tmp_path: Path, pricing: P
     assert meter.flush(timeout=5) == 0
     assert credits(backend) == 99
     meter.close()
+
+
+def test_outbox_failures_are_errors_of_the_tree(tmp_path) -> None:
+    outbox = Outbox(tmp_path / "o.db")
+    outbox.close()
+    operations = (outbox.pending, lambda: outbox.delivered("k"), lambda: outbox.close_hold("k"))
+    for operation in operations:
+        with pytest.raises(BackendError, match="Outbox"):
+            operation()
