@@ -88,28 +88,26 @@ def charge_for(pricing: Pricing, customer_id: str, feature_id: str, value: float
     Raises:
         ConfigError: The feature is not in the pricing.
     """
-    kind = pricing.feature_type(feature_id)
-    if kind is None:
+    rate = pricing.rate_table.get(feature_id)
+    if rate is None:
         msg = (
             f"unknown feature {feature_id!r} (customer {customer_id!r}): it is not declared "
             "in the pricing"
         )
         raise ConfigError(msg)
-    if kind is FeatureType.BOOLEAN:
+    if rate.boolean:
         return Charge(feature_id, feature_id, True, value, 0)
-    pool = pricing.pool_of(feature_id)
-    balance_id, rate = pool if pool is not None else (feature_id, Decimal(1))
     if value.is_integer():
-        amount = int(value) * to_nano(rate)
+        amount = int(value) * rate.nano_per_unit
     else:
-        amount = to_nano(Decimal(repr(value)) * rate)
+        amount = to_nano(Decimal(repr(value)) * rate.per_unit)
     if abs(amount) >= _MAX_AMOUNT:
         msg = (
             f"{value!r} units of {feature_id!r} (customer {customer_id!r}) is more than "
             f"a ledger can hold"
         )
         raise InvalidUsage(msg)
-    return Charge(feature_id, balance_id, False, value, amount)
+    return Charge(feature_id, rate.balance_id, False, value, amount)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,13 +18,13 @@ import sys
 from collections.abc import Mapping
 from decimal import Decimal
 from enum import Enum
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import (
     BaseModel,
     ConfigDict,
-    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -37,7 +37,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["FeatureType", "Plan", "Pricing", "ResetInterval"]
+__all__ = ["FeatureType", "Plan", "Pricing", "Rate", "ResetInterval"]
 
 ResetInterval = Literal["day", "week", "month", "year", "never"]
 UNLIMITED = "unlimited"
@@ -51,6 +51,24 @@ class FeatureType(str, Enum):
     """Access yes or no; gated, never tracked."""
     METERED = "metered"
     """Units with a balance, tracked per use."""
+
+
+class Rate(NamedTuple):
+    """What one unit of a feature costs, and where it is paid from."""
+
+    balance_id: str
+    """The credit system it draws from, or the feature itself."""
+    per_unit: Decimal
+    """Units of ``balance_id`` per unit of the feature."""
+    boolean: bool
+    """The feature is access only: it costs nothing and is never tracked."""
+    nano_per_unit: int
+    """``per_unit`` in billionths (exact for any rate with up to 9 decimals)."""
+
+    @classmethod
+    def of(cls, balance_id: str, per_unit: Decimal, *, boolean: bool = False) -> Rate:
+        """A rate, with its integer form worked out."""
+        return cls(balance_id, per_unit, boolean, int(per_unit.scaleb(9).to_integral_value()))
 
 
 class Plan(BaseModel):
@@ -98,12 +116,16 @@ class Pricing(BaseModel):
     credit_systems: dict[str, dict[str, float]] = {}
     plans: dict[str, Plan] = {}
 
-    _pools: dict[str, tuple[str, Decimal]] = PrivateAttr(default_factory=dict)
-
-    def model_post_init(self, context: Any, /) -> None:  # noqa: D102 - pydantic hook
+    @cached_property
+    def rate_table(self) -> dict[str, Rate]:
+        """Every feature's price, worked out once: what a check or a track reads on each call."""
+        table: dict[str, Rate] = {}
+        for feature_id, kind in self.features.items():
+            table[feature_id] = Rate.of(feature_id, Decimal(1), boolean=kind is FeatureType.BOOLEAN)
         for pool, rates in self.credit_systems.items():
             for feature_id, rate in rates.items():
-                self._pools[feature_id] = (pool, Decimal(repr(rate)))
+                table[feature_id] = Rate.of(pool, Decimal(repr(rate)))
+        return table
 
     @model_validator(mode="after")
     def _consistent(self) -> Pricing:  # noqa: PLR0912 - one flat list of checks reads best
@@ -194,7 +216,10 @@ class Pricing(BaseModel):
 
     def pool_of(self, feature_id: str) -> tuple[str, Decimal] | None:
         """The credit system ``feature_id`` draws from and its cost per unit, if any."""
-        return self._pools.get(feature_id)
+        rate = self.rate_table.get(feature_id)
+        if rate is None or rate.balance_id == feature_id:
+            return None
+        return rate.balance_id, rate.per_unit
 
     def auto_plans(self) -> list[tuple[str, Plan]]:
         """The plans every new customer gets, in declaration order."""
