@@ -227,18 +227,20 @@ def admit_unverified(
             which a reader must not confuse with a lack of credits.
     """
     is_outage = isinstance(error, BackendUnavailable)
-    if call.on_backend_error == "allow" and is_outage and unverified < limit:
+    ambiguous = isinstance(error, BackendUnavailable) and error.maybe_applied
+    if call.on_backend_error == "allow" and is_outage and not ambiguous and unverified < limit:
         return Admission(reserved=0.0, verified=False)
     kind = BackendUnavailable if is_outage else BackendError
     reason = "unreachable" if is_outage else "refused the check"
-    capped = (
-        f"; {unverified} calls already ran unverified, the limit is {limit}"
-        if call.on_backend_error == "allow" and is_outage
-        else ""
-    )
+    capped = ""
+    if ambiguous:
+        capped = "; its reservation may have been made, so it does not run unverified"
+    elif call.on_backend_error == "allow" and is_outage:
+        capped = f"; {unverified} calls already ran unverified, the limit is {limit}"
+    used = "a reservation may stand" if ambiguous else "no credits were used"
     msg = (
         f"{call.feature_id} is unavailable: the billing service is {reason} "
-        f"(customer {call.customer_id!r}){capped}; no credits were used. Cause: {error}"
+        f"(customer {call.customer_id!r}){capped}; {used}. Cause: {error}"
     )
     raise kind(msg) from error
 

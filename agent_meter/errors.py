@@ -124,7 +124,17 @@ class BackendError(AgentMeterError):
 
 
 class BackendUnavailable(BackendError):
-    """The billing backend could not be reached or is overloaded; the call may be retried."""
+    """The billing backend could not be reached or is overloaded; the call may be retried.
+
+    Attributes:
+        maybe_applied: The request may have reached the backend and taken effect (a
+            reserving check whose answer was lost). Such a call is never run unverified:
+            if the reservation was made, running and tracking it would bill it twice.
+    """
+
+    def __init__(self, *args: object, maybe_applied: bool = False) -> None:
+        super().__init__(*args)
+        self.maybe_applied = maybe_applied
 
 
 def _fmt(value: float) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import os
 import platform
 import pstats
@@ -52,12 +53,16 @@ def search(query: str) -> str:
     return f"results for {query}"
 
 
+_IDS = itertools.count()
+
+
 def per_call(tool_: BaseTool, calls: int, as_tool_call: bool) -> float:
     """Seconds per invoke over one batch."""
     if as_tool_call:
+        # Fresh ids, as a model gives: a repeated id is a replay, reserved only once.
         inputs: list[Any] = [
-            {"type": "tool_call", "name": "search", "args": {"query": "q"}, "id": f"c{i}"}
-            for i in range(calls)
+            {"type": "tool_call", "name": "search", "args": {"query": "q"}, "id": f"c{next(_IDS)}"}
+            for _ in range(calls)
         ]
     else:
         inputs = [{"query": "q"}] * calls

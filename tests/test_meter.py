@@ -245,3 +245,21 @@ def test_a_replay_that_fails_refunds_nothing_more(backend: MemoryBackend) -> Non
     with pytest.raises(RuntimeError), meter.guard("cus_1", "code_exec", call_id="c"):
         raise RuntimeError
     assert credits(backend) == 98
+
+
+def test_allow_never_runs_a_call_whose_reservation_may_have_been_made(
+    memory_backend: MemoryBackend,
+) -> None:
+    meter = Meter(memory_backend, on_backend_error="allow")
+    lost = BackendUnavailable("the answer was lost", maybe_applied=True)
+    memory_backend.fail(lost, method="check", times=1)
+    ran = []
+    with (
+        pytest.raises(BackendUnavailable, match="may have been made"),
+        meter.guard("cus_1", "code_exec"),
+    ):
+        ran.append(True)
+    assert ran == []
+    with meter.guard("cus_1", "code_exec"):  # a plain outage still fails open
+        ran.append(True)
+    assert ran == [True]

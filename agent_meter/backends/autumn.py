@@ -815,7 +815,8 @@ def _error(  # noqa: PLR0911 - one error per kind of failure
         if call.deducts and not failure.unsent:
             note = "; not retried: this check deducts and may have reached Autumn"
         return BackendUnavailable(
-            f"Autumn is unavailable: {_what(failure)} {tries} ({call.describe()}{note})"
+            f"Autumn is unavailable: {_what(failure)} {tries} ({call.describe()}{note})",
+            maybe_applied=bool(note),
         )
     detail = f": {failure.message}" if failure.message else ""
     return BackendError(f"Autumn failed the {call.describe()}: {_what(failure)}{detail}")
