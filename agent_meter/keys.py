@@ -58,7 +58,8 @@ def idempotency_key(
         >>> idempotency_key("cus_1", "web_search", "call_42", "refund")
         'am1:cus_1::web_search:call_42:refund'
     """
-    key = f"{_prefix(customer_id, entity_id or '', feature_id)}{_part(call_id)}:{_part(purpose)}"
+    tail = call_id if _PLAIN.fullmatch(call_id) else quote(call_id, safe="")
+    key = f"{_prefix(customer_id, entity_id or '', feature_id)}{tail}:{_part(purpose)}"
     if len(key) <= _MAX_LENGTH:
         return key
     digest = hashlib.sha256(key.encode()).hexdigest()

@@ -130,6 +130,12 @@ class Balance:
     interval: str
     next_reset_at: float | None
 
+    def with_balance(self, balance: int) -> Balance:
+        """This balance holding ``balance`` instead (faster than ``dataclasses.replace``)."""
+        return Balance(
+            self.balance_id, self.kind, self.included, balance, self.interval, self.next_reset_at
+        )
+
 
 def readable(balance: Balance) -> float | bool:
     """A balance as people read it: credits as a float, access as a bool, inf if unlimited."""
@@ -251,7 +257,7 @@ def decide_check(
     allowed = balance.balance >= charge.amount
     after = balance
     if allowed and send_event and charge.amount:
-        after = replace(balance, balance=balance.balance - charge.amount)
+        after = balance.with_balance(balance.balance - charge.amount)
     result = CheckResult(
         allowed=allowed,
         customer_id=customer_id,
@@ -298,7 +304,7 @@ def apply_track(charge: Charge, balance: Balance | None) -> Balance | None:
         raise InvalidUsage(msg)
     if balance is None or balance.kind != AMOUNT or charge.amount == 0:
         return None
-    return replace(balance, balance=max(balance.balance - charge.amount, 0))
+    return balance.with_balance(max(balance.balance - charge.amount, 0))
 
 
 def plan_check(

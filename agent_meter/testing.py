@@ -186,11 +186,16 @@ class MemoryBackend:
         units: float,
         entity_id: str | None,
         send_event: bool,
+        *,
+        validated: bool = False,
     ) -> CheckResult:
         """A check under the lock; records the reservation it makes."""
-        customer_id, entity_id, charge = ledger.price_request(
-            self._pricing, customer_id, feature_id, units, entity_id=entity_id
-        )
+        if validated:  # a hold, built by the meter from a validated call
+            charge = ledger.charge_for(self._pricing, customer_id, feature_id, units)
+        else:
+            customer_id, entity_id, charge = ledger.price_request(
+                self._pricing, customer_id, feature_id, units, entity_id=entity_id
+            )
         now = self._clock()
         stored = self._stored(customer_id, charge.balance_id, now)
         if self._is_denied(customer_id, feature_id):
@@ -327,7 +332,7 @@ class MemoryBackend:
                 )
                 return replace(result, allowed=True, replayed=True)
             result = self._check(
-                hold.customer_id, hold.feature_id, hold.units, hold.entity_id, True
+                hold.customer_id, hold.feature_id, hold.units, hold.entity_id, True, validated=True
             )
             if result.deducted:
                 self._holds[hold.key] = hold
