@@ -13,10 +13,8 @@ import itertools
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent_meter import Meter, Plan, Pricing, SQLiteBackend
 from agent_meter.openai import wrap_client
 from agent_meter.testing import MemoryBackend
+from benchmarks._timing import median_per_call
 
 CALLS = 300
 CHUNKS = 50
@@ -37,16 +36,6 @@ PRICING = Pricing(
     plans={"agent_free": Plan(auto_enable=True, grants={"credits": 10_000_000})},
 )
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-def median_per_call(fn: Callable[[], object], *, calls: int, repeats: int = 5) -> float:
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - start) / calls)
-    return statistics.median(samples)
 
 
 def handler() -> Callable[[httpx.Request], httpx.Response]:

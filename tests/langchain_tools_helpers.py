@@ -12,7 +12,7 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from pydantic import PrivateAttr
 
 from agent_meter import Pricing
-from agent_meter.pricing import Plan
+from tests.conftest import PRICING_TOML
 
 CUSTOMER = "cus_1"
 CONFIG = {"configurable": {"customer_id": CUSTOMER}}
@@ -20,16 +20,7 @@ CONFIG = {"configurable": {"customer_id": CUSTOMER}}
 
 def example_pricing() -> Pricing:
     """DESIGN.md §7: a credits pool, web_search=1, code_exec=2, llm_tokens=0.001, premium."""
-    return Pricing(
-        features={
-            "web_search": "metered",
-            "code_exec": "metered",
-            "llm_tokens": "metered",
-            "premium": "boolean",
-        },
-        credit_systems={"credits": {"web_search": 1, "code_exec": 2, "llm_tokens": 0.001}},
-        plans={"agent_free": Plan(auto_enable=True, grants={"credits": 100, "premium": True})},
-    )
+    return Pricing.from_toml(PRICING_TOML)
 
 
 def tool_call(name: str, args: dict[str, Any], call_id: str) -> dict[str, Any]:

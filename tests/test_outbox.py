@@ -287,3 +287,21 @@ def test_outbox_failures_are_errors_of_the_tree(tmp_path) -> None:
     for operation in operations:
         with pytest.raises(BackendError, match="Outbox"):
             operation()
+
+
+def test_remote_meters_on_different_accounts_never_share_a_default_outbox(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from agent_meter.backends.autumn import AutumnBackend  # noqa: PLC0415 - optional SDK
+
+    monkeypatch.delenv("AGENT_METER_OUTBOX")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    one = default_outbox_path(AutumnBackend("am_sk_test_one"))
+    again = default_outbox_path(AutumnBackend("am_sk_test_one"))
+    other_key = default_outbox_path(AutumnBackend("am_sk_test_two"))
+    other_server = default_outbox_path(AutumnBackend("am_sk_test_one", base_url="http://x"))
+    assert one == again
+    assert len({one, other_key, other_server}) == 3
+    assert one is not None
+    assert one.parent == tmp_path / "agent_meter"
+    assert "am_sk" not in str(one)  # the key is hashed, never written into a path
