@@ -62,18 +62,29 @@ class Deliverer:
         self._start_lock = threading.Lock()
         self._round_lock = threading.Lock()
         self._rejected: list[AgentMeterError] = []
+        self._urgent = False  # the next round ignores back-off (a flush is waiting)
+        self._rounds = 0
+        self._round_done = threading.Condition()
         self.delivered = 0
         """Tracks acknowledged by the backend since this deliverer started."""
 
     # -- one round ---------------------------------------------------------------------------
 
-    def deliver(self, entries: list[OutboxEntry]) -> bool:
+    def deliver(self, entries: list[OutboxEntry], deadline: float | None = None) -> bool:
         """Try each entry once, in order; stop at the first sign the backend is down.
 
+        Args:
+            entries: The tracks to send.
+            deadline: A ``time.monotonic()`` after which no further entry is started.
+
         Returns:
-            False if the backend was unavailable (the rest of ``entries`` was not tried).
+            False if the backend was unavailable or the deadline passed (the rest of
+            ``entries`` was not tried).
         """
+        self._rejected.extend(self.outbox.take_unreadable())
         for entry in entries:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
             request = entry.request
             try:
                 self._send(request)
@@ -114,44 +125,66 @@ class Deliverer:
             entries = self.outbox.due(self._clock(), customer_id=customer_id, limit=10_000)
             return self.deliver(entries) and not self.outbox.pending(customer_id)
 
-    def run_once(self, *, ignore_backoff: bool = False) -> bool:
+    def run_once(self, *, ignore_backoff: bool = False, deadline: float | None = None) -> bool:
         """Deliver what is due; returns False if the backend was unavailable."""
         with self._round_lock:
             now = float("inf") if ignore_backoff else self._clock()
             while True:
                 entries = self.outbox.due(now, limit=100)
                 if not entries:
+                    self._rejected.extend(self.outbox.take_unreadable())
                     return True
-                if not self.deliver(entries):
+                if not self.deliver(entries, deadline):
                     return False
 
     # -- the background thread -----------------------------------------------------------------
 
-    def wake(self) -> None:
-        """Make the background thread look at the outbox now (starting it if needed)."""
+    def wake(self) -> bool:
+        """Make the background thread look at the outbox now (starting it if needed).
+
+        Returns:
+            False when no thread could be started (the interpreter is shutting down).
+        """
         if self._thread is None or not self._thread.is_alive():
             with self._start_lock:
                 if self._thread is None or not self._thread.is_alive():
                     self._stop.clear()
-                    self._thread = threading.Thread(
+                    thread = threading.Thread(
                         target=self._loop, name="agent_meter-deliverer", daemon=True
                     )
-                    self._thread.start()
+                    try:
+                        thread.start()
+                    except RuntimeError:  # "can't create new thread at interpreter shutdown"
+                        return False
+                    self._thread = thread
         self._wake.set()
+        return True
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
+            urgent, self._urgent = self._urgent, False
+            timeout = 5.0
             try:
-                self.run_once()
+                self.run_once(ignore_backoff=urgent)
+                due = self.outbox.next_due()
+                if due is not None:
+                    timeout = min(max(due - self._clock(), 0.001), 5.0)
             except AgentMeterError as exc:  # the outbox file itself failed; try again later
                 logger.warning("agent_meter: outbox delivery round failed: %s", exc)
-            due = self.outbox.next_due()
-            timeout = 5.0 if due is None else min(max(due - self._clock(), 0.001), 5.0)
+            except Exception:  # the only thread that delivers must never die of a bug
+                logger.exception("agent_meter: outbox delivery round failed")
+            with self._round_done:
+                self._rounds += 1
+                self._round_done.notify_all()
             self._wake.wait(timeout)
 
     def flush(self, timeout: float | None = None) -> int:
         """Deliver everything queued, retrying with back-off until done or ``timeout``.
+
+        The background thread does the sending; this waits for it, so that ``timeout`` is
+        kept even while a request hangs (the request goes on in the background, and its
+        track stays queued until the backend acknowledges it).
 
         Returns:
             How many tracks are still undelivered.
@@ -163,24 +196,47 @@ class Deliverer:
         deadline = None if timeout is None else time.monotonic() + timeout
         attempt = 0
         while True:
-            if self.run_once(ignore_backoff=True) and not self.outbox.pending():
-                break
-            if deadline is not None and time.monotonic() >= deadline:
+            with self._round_done:
+                seen = self._rounds
+            self._urgent = True
+            if not self.wake():  # no thread at interpreter shutdown: deliver from here
+                self.run_once(ignore_backoff=True, deadline=deadline)
+            else:
+                self._wait_for_round(seen, deadline)
+            if not self.outbox.pending() or _passed(deadline):
                 break
             pause = backoff_delay(attempt, base=0.05, cap=1.0)
             if deadline is not None:
                 pause = min(pause, max(deadline - time.monotonic(), 0))
             time.sleep(pause)
             attempt += 1
+        self._rejected.extend(self.outbox.take_unreadable())
         rejected, self._rejected = self._rejected, []
         if rejected:
             raise rejected[0]
         return self.outbox.pending()
 
-    def stop(self) -> None:
-        """Stop the background thread (what is queued stays in the outbox)."""
+    def _wait_for_round(self, seen: int, deadline: float | None) -> None:
+        """Wait until the background thread finishes a round begun after ``seen``."""
+        with self._round_done:
+            # a round that was under way when we asked may predate our tracks: wait for 2
+            while self._rounds < seen + 2 and not _passed(deadline):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                self._round_done.wait(remaining)
+                if self._rounds == seen + 1 and not self.outbox.pending():
+                    return
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the background thread, waiting at most ``timeout`` seconds for it.
+
+        What is queued stays in the outbox; a request under way may still complete.
+        """
         self._stop.set()
         self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=5)
+            thread.join(timeout=max(timeout, 0))
+
+
+def _passed(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline

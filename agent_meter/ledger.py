@@ -35,6 +35,7 @@ __all__ = [
     "from_nano",
     "initial_balances",
     "plan_check",
+    "plan_refund",
     "plan_track",
     "price_request",
     "readable",
@@ -342,6 +343,50 @@ def plan_track(charge: Charge, stored: Balance | None, now: float) -> tuple[Bala
     if after is None or rolled is None:
         return (rolled if rolled is not stored else None), 0
     return after, after.balance - rolled.balance
+
+
+def plan_refund(
+    amount: int,
+    period: float | None,
+    stored: Balance | None,
+    now: float,
+    *,
+    period_unknown: bool = False,
+) -> tuple[Balance | None, int]:
+    """Give back a reservation's deduction: exactly ``amount`` nano, in its own period only.
+
+    A hold remembers what it deducted, so a price change between the reservation and its
+    refund changes nothing. A reservation spans a reset when the balance has been reset
+    since it was taken (``period``, the balance's ``next_reset_at`` then, is no longer the
+    current one). The reset already restored the whole grant, and the reserved credits
+    belonged to a period that has ended, so such a refund gives nothing back: a refund
+    never creates credits the customer was not granted. Within its period a refund is
+    exact, above the grant too (a top-up keeps its refunds).
+
+    Args:
+        amount: What the reservation deducted (nano, positive).
+        period: ``next_reset_at`` of the balance when the reservation was taken.
+        stored: The balance now, as stored.
+        now: Unix time.
+        period_unknown: The reservation predates recorded periods (a ledger written by an
+            older version): the refund is applied, but never lifts the balance above the
+            grant unless it already was.
+
+    Returns:
+        The balance to write back (None when nothing changed) and the change applied.
+    """
+    rolled = None if stored is None else roll_forward(stored, now)
+    unchanged = rolled if rolled is not stored else None
+    if rolled is None or rolled.kind != AMOUNT or amount <= 0:
+        return unchanged, 0
+    if period_unknown:
+        target = min(rolled.balance + amount, max(rolled.balance, rolled.included))
+        if target == rolled.balance:
+            return unchanged, 0
+        return rolled.with_balance(target), target - rolled.balance
+    if rolled.next_reset_at != period:
+        return unchanged, 0
+    return rolled.with_balance(rolled.balance + amount), amount
 
 
 def admin_balance(

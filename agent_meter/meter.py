@@ -53,6 +53,7 @@ __all__ = ["AsyncGuard", "CustomerScope", "Guard", "GuardedCall", "Meter", "Reco
 logger = logging.getLogger("agent_meter")
 
 _open_meters: weakref.WeakSet[Meter] = weakref.WeakSet()
+_EXIT_FLUSH_SECONDS = 2.0
 
 
 @atexit.register
@@ -866,12 +867,15 @@ class Meter:
         """
         if self._closed:
             return
+        deadline = time.monotonic() + timeout
         try:
             self._flush_before_closing(timeout)
         finally:
             self._closed = True
             _open_meters.discard(self)
-            self.deliverer.stop()
+            # a delivery still hanging on the backend is abandoned at the deadline: its
+            # track stays in the outbox, delivered (once, by its key) by the next meter
+            self.deliverer.stop(timeout=deadline - time.monotonic())
             self.outbox.close()
             self.backend.close()
 
@@ -879,12 +883,13 @@ class Meter:
         """Async :meth:`close`."""
         if self._closed:
             return
+        deadline = time.monotonic() + timeout
         try:
             await asyncio.to_thread(self._flush_before_closing, timeout)
         finally:
             self._closed = True
             _open_meters.discard(self)
-            self.deliverer.stop()
+            self.deliverer.stop(timeout=deadline - time.monotonic())
             self.outbox.close()
             await self.backend.aclose()
 
@@ -906,12 +911,13 @@ class Meter:
         """At interpreter exit: a short flush, and a log line for what is left."""
         if self._closed:
             return
+        deadline = time.monotonic() + _EXIT_FLUSH_SECONDS
         try:
             if self.outbox.pending():
-                self._flush_before_closing(timeout=2.0)
+                self._flush_before_closing(timeout=_EXIT_FLUSH_SECONDS)
         except Exception:  # interpreter shutdown: report, never raise
             logger.exception("agent_meter: delivering at exit failed")
-        self.deliverer.stop()
+        self.deliverer.stop(timeout=deadline - time.monotonic())
 
     def __enter__(self) -> Meter:
         return self

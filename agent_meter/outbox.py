@@ -14,8 +14,11 @@ refund the reservations of processes that died.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
 import threading
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,9 +26,23 @@ from pathlib import Path
 from typing import Any
 
 from agent_meter.engine import Hold, TrackRequest
-from agent_meter.errors import BackendError, BackendUnavailable
+from agent_meter.errors import AgentMeterError, BackendError, BackendUnavailable
 
 __all__ = ["Outbox", "OutboxEntry"]
+
+logger = logging.getLogger("agent_meter")
+
+_open_outboxes: weakref.WeakSet[Outbox] = weakref.WeakSet()
+
+
+def _reopen_in_child() -> None:
+    """After ``os.fork()``, each outbox opens its own connection in the child."""
+    for outbox in list(_open_outboxes):
+        outbox._reopen_after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_reopen_in_child)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tracks (
@@ -83,20 +100,42 @@ class Outbox:
 
     def __init__(self, path: str | Path | None, *, busy_timeout: float = 30.0) -> None:
         self.path = None if path is None else Path(path)
-        target = ":memory:" if self.path is None else str(self.path)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._busy_timeout = busy_timeout
         self._lock = threading.Lock()
+        self._unreadable: list[AgentMeterError] = []
+        self._inherited: list[sqlite3.Connection] = []
+        self._conn = self._connect()
+        _open_outboxes.add(self)
+
+    def _connect(self) -> sqlite3.Connection:
+        target = ":memory:" if self.path is None else str(self.path)
         try:
-            self._conn = sqlite3.connect(
-                target, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            conn = sqlite3.connect(
+                target, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
             )
-            self._conn.execute("PRAGMA journal_mode = WAL")
-            self._conn.execute("PRAGMA synchronous = NORMAL")
-            self._conn.executescript(_SCHEMA)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             msg = f"cannot open the outbox {target}: {exc}"
             raise BackendError(msg) from exc
+        return conn
+
+    def _reopen_after_fork(self) -> None:
+        """In a forked child: a connection of its own; the parent's is kept, never used.
+
+        An in-memory outbox is the parent's copy: the child keeps it (nothing is shared).
+        """
+        self._lock = threading.Lock()
+        if self.path is None:
+            return
+        self._inherited.append(self._conn)
+        try:
+            self._conn = self._connect()
+        except BackendError:
+            logger.exception("agent_meter: the outbox could not be reopened after fork")
 
     def __repr__(self) -> str:
         return f"Outbox({str(self.path) if self.path else ':memory:'!r})"
@@ -207,7 +246,36 @@ class Outbox:
                 " ORDER BY created_at, rowid LIMIT ?",
                 (customer_id, limit),
             )
-        return [_entry(row) for row in rows]
+        return self._decoded(rows)
+
+    def _decoded(self, rows: list[tuple[Any, ...]]) -> list[OutboxEntry]:
+        """The rows as entries; a row that cannot be read is set aside, never in the way.
+
+        One undecodable row (a damaged file, a foreign writer) must not stop the delivery
+        of every other track: it is kept with its reason, like a track the backend
+        rejected for good, and reported by the next ``flush()``.
+        """
+        entries = []
+        for row in rows:
+            try:
+                entries.append(_entry(row))
+            except (ValueError, TypeError) as exc:
+                reason = f"unreadable outbox row ({type(exc).__name__}: {exc})"
+                self._run(
+                    "UPDATE tracks SET state = 'set_aside', error = ? WHERE key = ?",
+                    (reason, row[0]),
+                )
+                logger.error("agent_meter: track %r set aside: %s", row[0], reason)
+                self._unreadable.append(
+                    BackendError(f"{self!r}: track {row[0]!r} set aside: {reason}")
+                )
+        return entries
+
+    def take_unreadable(self) -> list[AgentMeterError]:
+        """The rows set aside as unreadable since the last call, as errors to report."""
+        with self._lock:
+            taken, self._unreadable = self._unreadable, []
+        return taken
 
     def delivered(self, key: str) -> None:
         """The backend acknowledged ``key``: forget it."""
@@ -252,7 +320,7 @@ class Outbox:
             "SELECT key, customer_id, feature_id, value, entity_id, properties, attempts, error"
             " FROM tracks WHERE state = 'set_aside' ORDER BY created_at"
         )
-        return [_entry(row) for row in rows]
+        return [_entry(row, lenient=True) for row in rows]
 
     # -- the hold journal (for backends that cannot hold in the ledger) ----------------------
 
@@ -296,14 +364,27 @@ class Outbox:
             self._conn.close()
 
 
-def _entry(row: tuple[Any, ...]) -> OutboxEntry:
+def _entry(row: tuple[Any, ...], *, lenient: bool = False) -> OutboxEntry:
+    """A row as an entry; ``lenient`` (for reports) reads what it can of a damaged one."""
     key, customer_id, feature_id, value, entity_id, properties, attempts, error = row
+    try:
+        details = json.loads(str(properties)) if properties else None
+        number = float(value)
+    except (ValueError, TypeError):
+        if not lenient:
+            raise
+        details, number = None, float("nan")
+    if details is not None and not isinstance(details, dict):
+        if not lenient:
+            msg = f"properties are not an object: {details!r}"
+            raise ValueError(msg)
+        details = None
     request = TrackRequest(
         str(customer_id),
         str(feature_id),
-        float(value),
+        number,
         str(key),
         None if entity_id is None else str(entity_id),
-        json.loads(str(properties)) if properties else None,
+        details,
     )
     return OutboxEntry(request, int(attempts), None if error is None else str(error))

@@ -41,6 +41,11 @@ __all__ = ["FeatureType", "Plan", "Pricing", "Rate", "ResetInterval"]
 
 ResetInterval = Literal["day", "week", "month", "year", "never"]
 UNLIMITED = "unlimited"
+
+LEDGER_DECIMALS = 9
+"""The embedded ledgers keep amounts in integer billionths of a unit."""
+LEDGER_LIMIT = Decimal(2**62).scaleb(-LEDGER_DECIMALS)
+"""The largest amount (about 4.6e9 units) a ledger holds, with room for sums."""
 _SUBKEY = "@"  # marks a validator message that names a key below the field's location
 
 
@@ -144,6 +149,7 @@ class Pricing(BaseModel):
                 if isinstance(rate, bool) or not math.isfinite(rate) or rate <= 0:
                     msg = f"{where}: the cost must be a positive number of credits, not {rate!r}"
                     raise ValueError(msg)
+                _check_representable(where, "the cost", rate)
         pools_of: dict[str, str] = {}
         for pool, rates in self.credit_systems.items():
             for feature_id in rates:
@@ -157,6 +163,8 @@ class Pricing(BaseModel):
         for plan_id, plan in self.plans.items():
             for key, amount in plan.grants.items():
                 where = f"plans.{plan_id}.grants.{key}"
+                if not isinstance(amount, (bool, str)):
+                    _check_representable(where, "the grant", amount)
                 if key in self.credit_systems:
                     if isinstance(amount, bool):
                         msg = f"{where}: a credit system is granted an amount, not {amount!r}"
@@ -170,6 +178,18 @@ class Pricing(BaseModel):
                     kind = "true or false" if is_boolean else "an amount"
                     msg = f"{where}: feature {key!r} is {self.features[key].value}; grant {kind}"
                     raise ValueError(msg)
+        totals: dict[str, Decimal] = {}
+        for _plan_id, plan in self.auto_plans():
+            for key, amount in plan.grants.items():
+                if not isinstance(amount, (bool, str)):
+                    totals[key] = totals.get(key, Decimal(0)) + Decimal(repr(float(amount)))
+        for key, total in totals.items():
+            if total > LEDGER_LIMIT:
+                msg = (
+                    f"plans: the auto-enabled plans' grants of {key!r} add up to {total}, more "
+                    f"than a ledger holds ({LEDGER_LIMIT:.0f})"
+                )
+                raise ValueError(msg)
         return self
 
     # -- loading -----------------------------------------------------------------------
@@ -233,6 +253,25 @@ class Pricing(BaseModel):
             cost = f"{pool[1].normalize():f} {pool[0]} per unit" if pool else "-"
             rows.append((feature_id, kind.value, cost))
         return rows
+
+
+def _check_representable(where: str, what: str, amount: float) -> None:
+    """Refuse an amount the embedded ledgers would round (to 0, or to another amount).
+
+    Amounts are kept in billionths: a cost of 1e-12 per token would bill a billion tokens
+    at 0, and a grant of 1e30 would fail every call of every customer.
+    """
+    exact = Decimal(repr(float(amount)))
+    scaled = exact.scaleb(LEDGER_DECIMALS)
+    if scaled != scaled.to_integral_value():
+        msg = (
+            f"{where}: {what} {amount!r} has more than {LEDGER_DECIMALS} decimals, finer "
+            "than a ledger keeps (price a larger unit: per 1,000 tokens, say)"
+        )
+        raise ValueError(msg)
+    if exact > LEDGER_LIMIT:
+        msg = f"{where}: {what} {amount!r} is more than a ledger holds ({LEDGER_LIMIT:.0f})"
+        raise ValueError(msg)
 
 
 def _describe(exc: ValidationError, source: str) -> str:

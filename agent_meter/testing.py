@@ -79,6 +79,8 @@ class MemoryBackend:
         self._denied: list[tuple[str | None, str | None]] = []
         self._faults: list[_Fault] = []
         self._holds: dict[str, Hold] = {}
+        # what each open hold deducted (nano) and in which period: what its refund gives
+        self._held: dict[str, tuple[int, str, float | None]] = {}
         self._reserved: set[str] = set()
         self.calls: list[RecordedCall] = []
         """Every check and track received, in order (also those that failed)."""
@@ -331,11 +333,15 @@ class MemoryBackend:
                     hold.customer_id, hold.feature_id, hold.units, hold.entity_id, False
                 )
                 return replace(result, allowed=True, replayed=True)
+            charge = ledger.charge_for(self._pricing, hold.customer_id, hold.feature_id, hold.units)
             result = self._check(
                 hold.customer_id, hold.feature_id, hold.units, hold.entity_id, True, validated=True
             )
             if result.deducted:
                 self._holds[hold.key] = hold
+                balance = self._balances.get((hold.customer_id, charge.balance_id))
+                period = None if balance is None else balance.next_reset_at
+                self._held[hold.key] = (charge.amount, charge.balance_id, period)
                 self._reserved.add(hold.key)
             return result
 
@@ -354,15 +360,46 @@ class MemoryBackend:
                 )
             if self._holds.pop(key, None) is None:
                 return False
+            held = self._held.pop(key)
             if refund is not None:
-                self._track(
-                    refund.customer_id,
-                    refund.feature_id,
-                    refund.value,
-                    refund.idempotency_key,
-                    refund.entity_id,
-                )
+                self._refund(refund, *held)
             return True
+
+    def _refund(
+        self, refund: TrackRequest, amount: int, balance_id: str, period: float | None
+    ) -> None:
+        """Give back exactly what a hold deducted, in its own period only (under the lock)."""
+        customer_id, entity_id, charge = ledger.price_request(
+            self._pricing,
+            refund.customer_id,
+            refund.feature_id,
+            refund.value,
+            entity_id=refund.entity_id,
+            track=True,
+            idempotency_key=refund.idempotency_key,
+        )
+        if refund.idempotency_key in self._keys:
+            return
+        now = self._clock()
+        stored = self._stored(customer_id, balance_id, now)
+        after, applied = ledger.plan_refund(amount, period, stored, now)
+        if after is not None:
+            self._balances[customer_id, balance_id] = after
+        self._keys.add(refund.idempotency_key)
+        self._events.append(
+            UsageEvent(
+                now,
+                customer_id,
+                entity_id,
+                charge.feature_id,
+                balance_id,
+                "track",
+                charge.value,
+                -ledger.from_nano(amount),
+                ledger.from_nano(applied),
+                refund.idempotency_key,
+            )
+        )
 
     def holds(self) -> list[Hold]:
         """Every open hold, oldest first."""

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -64,8 +66,9 @@ CREATE TABLE IF NOT EXISTS events (
     applied INTEGER NOT NULL,      -- what it changed on the balance (capped at 0)
     idempotency_key TEXT UNIQUE,
     properties TEXT,
-    owner TEXT,                    -- a reservation's holder (host:pid:start) until settled
-    refund_key TEXT                -- the key its refund is tracked under
+    owner TEXT,                    -- a reservation's holder (see agent_meter.owner) until settled
+    refund_key TEXT,               -- the key its refund is tracked under
+    period REAL                    -- a reservation's balance period (its next_reset_at then)
 );
 CREATE INDEX IF NOT EXISTS events_by_customer ON events (customer_id, at);
 CREATE INDEX IF NOT EXISTS events_held ON events (owner) WHERE owner IS NOT NULL;
@@ -89,7 +92,29 @@ _INSERT_EVENT = (
     " credits, applied, idempotency_key, properties, owner, refund_key)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_INSERT_RESERVATION = (
+    "INSERT INTO events (at, customer_id, entity_id, feature_id, balance_id, kind, value,"
+    " credits, applied, idempotency_key, properties, owner, refund_key, period)"
+    " VALUES (?, ?, ?, ?, ?, 'reserve', ?, ?, ?, ?, NULL, ?, ?, ?)"
+)
 _RELEASE = "UPDATE events SET owner = NULL WHERE idempotency_key = ? AND owner IS NOT NULL"
+_RELEASE_RETURNING = f"{_RELEASE} RETURNING credits, balance_id, period"
+# ``period`` of a reservation whose balance never resets (NULL means "written before the
+# column existed", so it cannot stand for "never")
+_NEVER = 0.0
+
+
+_open_backends: weakref.WeakSet[SQLiteBackend] = weakref.WeakSet()
+
+
+def _reopen_in_child() -> None:
+    """After ``os.fork()``, no backend may use a connection its parent opened."""
+    for backend in list(_open_backends):
+        backend._forget_parent_connections()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_reopen_in_child)
 
 
 class SQLiteBackend:
@@ -128,13 +153,19 @@ class SQLiteBackend:
         self._clock = clock
         self._busy_timeout = busy_timeout
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        # each thread's connection, with the thread, so that a finished thread's is closed
+        self._connections: list[tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = []
         self._connections_lock = threading.Lock()
+        self._inherited: list[sqlite3.Connection] = []
         self._known_customers: set[str] = set()
         self._closed = False
+        _open_backends.add(self)
         with self._errors("open"):
             conn = self._conn()
             conn.executescript(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+            if "period" not in columns:  # a ledger written before reservations kept it
+                conn.execute("ALTER TABLE events ADD COLUMN period REAL")
             self._pricing = self._load_or_store_pricing(conn, pricing)
 
     def __repr__(self) -> str:
@@ -167,8 +198,28 @@ class SQLiteBackend:
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
         self._local.conn = conn
         with self._connections_lock:
-            self._connections.append(conn)
+            # Threads come and go (a thread per request, asyncio.to_thread's pool): close
+            # the connections of those that ended, or every short-lived thread would keep
+            # two file descriptors until the process runs out of them.
+            finished = [c for ref, c in self._connections if not _alive(ref)]
+            self._connections = [(ref, c) for ref, c in self._connections if _alive(ref)]
+            self._connections.append((weakref.ref(threading.current_thread()), conn))
+        for old in finished:
+            with contextlib.suppress(sqlite3.Error):
+                old.close()
         return conn
+
+    def _forget_parent_connections(self) -> None:
+        """In a forked child: open new connections, never touch the parent's.
+
+        A SQLite connection must not cross a fork: the child would share its file locks
+        and WAL index with the parent. The inherited ones are kept (closing them could
+        checkpoint the parent's WAL from here) and never used.
+        """
+        self._inherited.extend(c for _, c in self._connections)
+        self._connections = []
+        self._connections_lock = threading.Lock()
+        self._local = threading.local()
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -297,35 +348,39 @@ class SQLiteBackend:
         hold: Hold | None,
     ) -> CheckResult:
         """A check inside a write transaction; records the reservation (and hold) it makes."""
-        result = (
+        known = (
             self._deduct_known(conn, customer_id, charge, entity_id, now) if send_event else None
         )
-        if result is None:
+        if known is not None:
+            result, period = known
+        else:
             stored = self._balance(conn, customer_id, charge.balance_id, now)
             result, after = ledger.plan_check(
                 customer_id, charge, stored, now, send_event=send_event, entity_id=entity_id
             )
             if after is not None:
                 self._store(conn, customer_id, after)
+            current = after if after is not None else stored
+            period = None if current is None else current.next_reset_at
         if result.deducted and (charge.amount or hold is not None):
-            # the reservation's event is its hold too: one row, in the deduction's commit
+            # the reservation's event is its hold too: one row, in the deduction's commit;
+            # it keeps what was deducted and in which period, which is what a refund gives
             held = (None, None, None) if hold is None else (hold.key, hold.owner, hold.refund_key)
             conn.execute(
-                _INSERT_EVENT,
+                _INSERT_RESERVATION,
                 (
                     now,
                     customer_id,
                     entity_id,
                     charge.feature_id,
                     charge.balance_id,
-                    "reserve",
                     charge.value,
                     charge.amount,
                     -charge.amount,
                     held[0],
-                    None,
                     held[1],
                     held[2],
+                    _NEVER if period is None else period,
                 ),
             )
         return result
@@ -337,23 +392,26 @@ class SQLiteBackend:
         charge: ledger.Charge,
         entity_id: str | None,
         now: float,
-    ) -> CheckResult | None:
+    ) -> tuple[CheckResult, float | None] | None:
         """The hot path of a reservation: one UPDATE that deducts when the balance suffices.
 
-        Returns None (take the general path) for anything unusual: a new customer, a reset
-        due, a boolean or unlimited balance, or not enough balance.
+        Returns:
+            The answer and the balance's period (its ``next_reset_at``); None (take the
+            general path) for anything unusual: a new customer, a reset due, a boolean or
+            unlimited balance, or not enough balance.
         """
         if charge.boolean or customer_id not in self._known_customers:
             return None
         row = conn.execute(
             "UPDATE balances SET balance = balance - ?1 WHERE customer_id = ?2"
             " AND balance_id = ?3 AND kind = 'amount' AND balance >= ?1"
-            " AND (next_reset_at IS NULL OR next_reset_at > ?4) RETURNING included, balance",
+            " AND (next_reset_at IS NULL OR next_reset_at > ?4)"
+            " RETURNING included, balance, next_reset_at",
             (charge.amount, customer_id, charge.balance_id, now),
         ).fetchone()
         if row is None:
             return None
-        return ledger.deducted_result(customer_id, charge, row[0], row[1], entity_id)
+        return ledger.deducted_result(customer_id, charge, row[0], row[1], entity_id), row[2]
 
     def _read_only_check(
         self, customer_id: str, charge: ledger.Charge, entity_id: str | None, now: float
@@ -517,12 +575,58 @@ class SQLiteBackend:
             )
             now = self._clock()
             with self._write() as conn:
-                if conn.execute(_RELEASE, (key,)).rowcount == 0:
+                row = conn.execute(_RELEASE_RETURNING, (key,)).fetchone()
+                if row is None:
                     return False
-                self._track_in(
-                    conn, customer_id, charge, entity_id, refund.idempotency_key, None, now
+                self._refund_in(
+                    conn, customer_id, entity_id, charge, refund.idempotency_key, now, row
                 )
                 return True
+
+    def _refund_in(  # noqa: PLR0917 - private; one call site
+        self,
+        conn: sqlite3.Connection,
+        customer_id: str,
+        entity_id: str | None,
+        charge: ledger.Charge,
+        idempotency_key: str,
+        now: float,
+        reservation: tuple[int, str, float | None],
+    ) -> None:
+        """Refund a reservation inside a write transaction: exactly what it deducted."""
+        if conn.execute(
+            "SELECT 1 FROM events WHERE idempotency_key = ?", (idempotency_key,)
+        ).fetchone():
+            return  # refunded before (a recovery racing a settle): once only
+        credits, balance_id, period = reservation
+        stored = self._balance(conn, customer_id, balance_id, now)
+        after, applied = ledger.plan_refund(
+            credits,
+            None if period == _NEVER else period,
+            stored,
+            now,
+            period_unknown=period is None,
+        )
+        if after is not None:
+            self._store(conn, customer_id, after)
+        conn.execute(
+            _INSERT_EVENT,
+            (
+                now,
+                customer_id,
+                entity_id,
+                charge.feature_id,
+                balance_id,
+                "track",
+                charge.value,
+                -credits,
+                applied,
+                idempotency_key,
+                None,
+                None,
+                None,
+            ),
+        )
 
     def holds(self) -> list[Hold]:
         """Every open hold, oldest first."""
@@ -550,10 +654,11 @@ class SQLiteBackend:
         self._closed = True
         with self._connections_lock:
             connections, self._connections = self._connections, []
-        for conn in connections:
+        for _, conn in connections:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
         self._local = threading.local()
+        _open_backends.discard(self)
 
     async def acheck(
         self,
@@ -715,3 +820,8 @@ class SQLiteBackend:
             )
             for at, cus, ent, feat, bal, kind, value, credits, applied, key in rows
         ]
+
+
+def _alive(ref: weakref.ref[threading.Thread]) -> bool:
+    thread = ref()
+    return thread is not None and thread.is_alive()
