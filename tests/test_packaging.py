@@ -9,10 +9,10 @@ its extra, raises ``MissingExtra`` naming that extra.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tarfile
-import re
 import textwrap
 import venv
 import zipfile
