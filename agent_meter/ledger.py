@@ -346,7 +346,6 @@ def plan_track(charge: Charge, stored: Balance | None, now: float) -> tuple[Bala
     return after, after.balance - rolled.balance
 
 
-<<<<<<< HEAD
 def plan_refund(
     amount: int,
     period: float | None,
@@ -389,7 +388,8 @@ def plan_refund(
     if rolled.next_reset_at != period:
         return unchanged, 0
     return rolled.with_balance(rolled.balance + amount), amount
-=======
+
+
 def uncharged(charge: Charge, stored: Balance | None, applied: int) -> float:
     """Units of a track the balance could not pay: it was capped at 0, or there was none.
 
@@ -405,7 +405,6 @@ def uncharged(charge: Charge, stored: Balance | None, applied: int) -> float:
     if unpaid <= 0:
         return 0.0
     return charge.value * unpaid / charge.amount
->>>>>>> main
 
 
 def admin_balance(
