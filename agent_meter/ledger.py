@@ -39,6 +39,7 @@ __all__ = [
     "plan_track",
     "price_request",
     "readable",
+    "refund_share",
     "roll_forward",
     "to_nano",
     "uncharged",
@@ -344,6 +345,19 @@ def plan_track(charge: Charge, stored: Balance | None, now: float) -> tuple[Bala
     if after is None or rolled is None:
         return (rolled if rolled is not stored else None), 0
     return after, after.balance - rolled.balance
+
+
+def refund_share(deducted: int, reserved_units: float, refund_units: float) -> int:
+    """What a refund of ``refund_units`` of a reservation gives back, in nano.
+
+    Priced at the reservation's own rate (``deducted`` for ``reserved_units``), never at
+    today's: the whole reservation gives back exactly what it deducted, a part of it
+    (the unused rest of an estimate) its share of that, and never more than the whole.
+    """
+    if refund_units >= reserved_units or reserved_units <= 0:
+        return deducted
+    share = Decimal(deducted) * Decimal(repr(refund_units)) / Decimal(repr(reserved_units))
+    return min(deducted, max(int(share.to_integral_value(ROUND_HALF_EVEN)), 0))
 
 
 def plan_refund(

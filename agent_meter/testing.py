@@ -368,11 +368,14 @@ class MemoryBackend:
                     entity_id=refund.entity_id,
                     properties=None,
                 )
-            if self._holds.pop(key, None) is None:
+            hold = self._holds.pop(key, None)
+            if hold is None:
                 return False
             held = self._held.pop(key)
             if refund is not None:
-                self._refund(refund, *held)
+                amount, balance_id, period = held
+                share = ledger.refund_share(amount, hold.units, -refund.value)
+                self._refund(refund, share, balance_id, period)
             return True
 
     def _refund(

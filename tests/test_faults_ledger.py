@@ -312,3 +312,18 @@ def sqlite_conn(path: Path) -> Iterator[sqlite3.Connection]:
         yield conn
     finally:
         conn.close()
+
+
+def test_the_unused_rest_of_an_estimate_goes_back_at_the_reservations_price(
+    kind: str, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    backend = _backend(kind, tmp_path, _pricing(rate=2), clock)
+    meter = Meter(backend, recover_on_start=False)
+    guard = meter.guard("cus_1", "code_exec", 10, call_id="c1")
+    call = guard.__enter__()
+    assert backend.balances("cus_1")["credits"] == 80
+    backend._pricing = _pricing(rate=10)  # the price changes while the call runs
+    call.bill(4)  # 6 of the 10 reserved units were not used
+    guard.__exit__(None, None, None)
+    assert backend.balances("cus_1")["credits"] == 92  # 8 kept, 12 back: not 60 back

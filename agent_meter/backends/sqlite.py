@@ -98,7 +98,7 @@ _INSERT_RESERVATION = (
     " VALUES (?, ?, ?, ?, ?, 'reserve', ?, ?, ?, ?, NULL, ?, ?, ?)"
 )
 _RELEASE = "UPDATE events SET owner = NULL WHERE idempotency_key = ? AND owner IS NOT NULL"
-_RELEASE_RETURNING = f"{_RELEASE} RETURNING credits, balance_id, period"
+_RELEASE_RETURNING = f"{_RELEASE} RETURNING credits, balance_id, period, value"
 # ``period`` of a reservation whose balance never resets (NULL means "written before the
 # column existed", so it cannot stand for "never")
 _NEVER = 0.0
@@ -605,14 +605,15 @@ class SQLiteBackend:
         charge: ledger.Charge,
         idempotency_key: str,
         now: float,
-        reservation: tuple[int, str, float | None],
+        reservation: tuple[int, str, float | None, float],
     ) -> None:
-        """Refund a reservation inside a write transaction: exactly what it deducted."""
+        """Refund (all or part of) a reservation inside a write transaction, at its price."""
         if conn.execute(
             "SELECT 1 FROM events WHERE idempotency_key = ?", (idempotency_key,)
         ).fetchone():
             return  # refunded before (a recovery racing a settle): once only
-        credits, balance_id, period = reservation
+        deducted, balance_id, period, reserved_units = reservation
+        credits = ledger.refund_share(deducted, reserved_units, -charge.value)
         stored = self._balance(conn, customer_id, balance_id, now)
         after, applied = ledger.plan_refund(
             credits,
