@@ -295,8 +295,10 @@ class Flows:
         )
         return admission
 
-    def settle(self, admission: Admission, settlement: engine.Settlement) -> Flow[None]:
-        """Close the call's hold (refunding a failure) and deliver its usage."""
+    def settle(
+        self, admission: Admission, settlement: engine.Settlement
+    ) -> Flow[list[TrackResult]]:
+        """Close the call's hold (with its refund) and record its tracks; their answers."""
         hold = admission.hold
         if hold is not None:
             if (holder := self.holder) is not None:
@@ -309,7 +311,8 @@ class Flows:
             else:
                 yield local(self.outbox.close_hold, hold.key)
         if settlement.tracks:
-            yield from self.deliver(settlement.tracks)
+            return (yield from self.deliver(settlement.tracks))
+        return []
 
     def _release_failed(
         self, hold: Hold, refund: TrackRequest | None, exc: BackendError

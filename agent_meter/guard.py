@@ -14,7 +14,7 @@ from types import TracebackType
 from agent_meter import engine
 from agent_meter.engine import Admission, MeteredCall
 from agent_meter.flow import Flow, Flows, arun, run
-from agent_meter.results import CheckResult
+from agent_meter.results import CheckResult, TrackResult
 from agent_meter.validation import check_units
 
 __all__ = ["AsyncGuard", "Guard", "GuardedCall"]
@@ -27,14 +27,18 @@ class GuardedCall:
         call: The metered call (customer, feature, units, call id).
         admission: The go-ahead, once the guard is entered.
         billed: Units that stayed billed, once the guard has exited.
+        uncharged: Of the units billed beyond the reservation, those the balance could
+            not pay (the backend capped the track at 0), once the guard has exited; None
+            when the backend does not say.
     """
 
-    __slots__ = ("_actual", "_failure", "admission", "billed", "call")
+    __slots__ = ("_actual", "_failure", "admission", "billed", "call", "uncharged")
 
     def __init__(self, call: MeteredCall) -> None:
         self.call = call
         self.admission: Admission | None = None
         self.billed: float | None = None
+        self.uncharged: float | None = 0.0
         self._actual: float | None = None
         self._failure: str | None = None
 
@@ -68,6 +72,14 @@ class GuardedCall:
         self.billed = final if succeeded and not self.call.gate_only else 0.0
         return requests
 
+    def _settled(self, results: list[TrackResult]) -> None:
+        unpaid: float | None = 0.0
+        for result in results:
+            unpaid = (
+                None if unpaid is None or result.uncharged is None else unpaid + result.uncharged
+            )
+        self.uncharged = unpaid
+
 
 class Guard:
     """The context manager of a guarded call: ``with`` and ``async with`` alike.
@@ -94,7 +106,7 @@ class Guard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        run(self._settle(exc_type))
+        self.handle._settled(run(self._settle(exc_type)))
 
     async def __aenter__(self) -> GuardedCall:
         self.handle.admission = await arun(self._flows.admit(self.handle.call))
@@ -106,9 +118,9 @@ class Guard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await arun(self._settle(exc_type))
+        self.handle._settled(await arun(self._settle(exc_type)))
 
-    def _settle(self, exc_type: type[BaseException] | None) -> Flow[None]:
+    def _settle(self, exc_type: type[BaseException] | None) -> Flow[list[TrackResult]]:
         handle = self.handle
         settlement = handle._settlement(exc_type)
         assert handle.admission is not None  # noqa: S101 - set on entry

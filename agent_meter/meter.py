@@ -348,6 +348,16 @@ class Meter:
         )
         return await arun(self._flows.track(request))
 
+    def _settle(self, admission: Admission, settlement: engine.Settlement) -> list[TrackResult]:
+        """Close the hold (with its refund) and record the tracks; returns their answers."""
+        return run(self._flows.settle(admission, settlement))
+
+    async def _asettle(
+        self, admission: Admission, settlement: engine.Settlement
+    ) -> list[TrackResult]:
+        """Async :meth:`_settle`."""
+        return await arun(self._flows.settle(admission, settlement))
+
     def flush(self, timeout: float | None = None) -> int:
         """Wait until the queued usage is delivered, or ``timeout`` seconds have passed.
 
