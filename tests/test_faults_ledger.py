@@ -22,6 +22,7 @@ import pytest
 from conftest import PRICING_TOML, FakeClock
 
 from agent_meter import Meter, Pricing, SQLiteBackend
+from agent_meter.engine import TrackRequest
 from agent_meter.errors import ConfigError
 from agent_meter.testing import MemoryBackend
 
@@ -150,7 +151,7 @@ def test_a_grant_the_ledger_cannot_hold_is_refused_at_load(grant: str) -> None:
 def test_the_finest_rate_the_ledger_holds_bills_exactly(tmp_path: Path) -> None:
     pricing = Pricing.from_toml(PRICING_TOML.replace("llm_tokens = 0.001", "llm_tokens = 1e-9"))
     backend = SQLiteBackend(tmp_path / "usage.db", pricing=pricing)
-    backend.track("cus_1", "llm_tokens", 10**9, idempotency_key="k")
+    backend.track(TrackRequest("cus_1", "llm_tokens", 10**9, "k"))
     assert backend.balances("cus_1")["credits"] == 99
 
 
@@ -163,13 +164,13 @@ def _open_fds() -> int:
 
 def test_short_lived_threads_leave_no_connections_open(tmp_path: Path) -> None:
     backend = SQLiteBackend(tmp_path / "usage.db", pricing=_pricing())
-    backend.check("cus_1", "web_search")
+    backend.set_balance("cus_1", "credits", 1000)
     before = _open_fds()
     errors: list[BaseException] = []
 
     def one_call() -> None:
         try:
-            backend.track("cus_1", "web_search", 0.001, idempotency_key=f"k{threading.get_ident()}")
+            backend.track(TrackRequest("cus_1", "web_search", 1, f"k{threading.get_ident()}"))
         except BaseException as exc:
             errors.append(exc)
 
