@@ -357,7 +357,9 @@ def retired_hold_key(refund_key: str) -> str:
     A call's hold key is what makes a replay free; a call that failed was refunded and
     never paid, so its key is retired (renamed after the attempt, whose refund key is
     unique: ``...:<call>.r<attempt>:hold``) and a retry under the same call id is
-    reserved, and billed, as a new attempt.
+    reserved, and billed, as a new attempt. Only the refund under the hold's own refund
+    key retires it: giving back the unused part of a reservation (a success that used
+    less than its estimate) leaves the call reserved.
     """
     return f"{refund_key.removesuffix(':refund')}:hold"
 

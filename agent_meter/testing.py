@@ -366,11 +366,13 @@ class MemoryBackend:
                     entity_id=refund.entity_id,
                     properties=None,
                 )
-            if self._holds.pop(key, None) is None:
+            hold = self._holds.pop(key, None)
+            if hold is None:
                 return False
             if refund is not None:
-                # the call failed: its key is retired, so a retry is a new attempt
-                self._reserved.discard(key)
+                if refund.idempotency_key == hold.refund_key:
+                    # the call failed: its key is retired (see ledger.retired_hold_key)
+                    self._reserved.discard(key)
                 self._track(
                     refund.customer_id,
                     refund.feature_id,

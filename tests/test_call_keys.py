@@ -83,6 +83,15 @@ def test_a_replay_after_success_is_not_billed_again(ledger) -> None:
     assert credits(ledger) == 9
 
 
+def test_a_success_that_used_less_than_its_estimate_stays_reserved(ledger) -> None:
+    meter = Meter(ledger, recover_on_start=False)
+    for _ in range(2):  # the call, then its replay
+        with meter.guard(CUSTOMER, "web_search", 3, call_id="call_1") as call:
+            call.bill(1)
+    assert credits(ledger) == 9
+    assert ledger.holds() == []
+
+
 def test_a_replay_at_zero_credits_runs_free_on_both_ledgers(ledger) -> None:
     meter = Meter(ledger, recover_on_start=False)
     with meter.guard(CUSTOMER, "code_exec", call_id="call_1"):

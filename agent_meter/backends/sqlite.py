@@ -91,9 +91,12 @@ _INSERT_EVENT = (
 )
 _RELEASE = "UPDATE events SET owner = NULL WHERE idempotency_key = ? AND owner IS NOT NULL"
 # A refunded hold gives its call's key up (see ledger.retired_hold_key), in the same commit.
+# Only the refund of the whole reservation (the hold's own refund key) retires it; the
+# refund of an unused part of it (a success that used less) keeps the call reserved.
 _RETIRE = (
-    "UPDATE events SET owner = NULL, idempotency_key = ?"
-    " WHERE idempotency_key = ? AND owner IS NOT NULL"
+    "UPDATE events SET owner = NULL,"
+    " idempotency_key = CASE WHEN refund_key = ?3 THEN ?1 ELSE idempotency_key END"
+    " WHERE idempotency_key = ?2 AND owner IS NOT NULL"
 )
 _HELD = "SELECT 1 FROM events WHERE idempotency_key = ?"
 
@@ -542,7 +545,7 @@ class SQLiteBackend:
             now = self._clock()
             with self._write() as conn:
                 retired = ledger.retired_hold_key(refund.idempotency_key)
-                if conn.execute(_RETIRE, (retired, key)).rowcount == 0:
+                if conn.execute(_RETIRE, (retired, key, refund.idempotency_key)).rowcount == 0:
                     return False
                 self._track_in(
                     conn, customer_id, charge, entity_id, refund.idempotency_key, None, now
