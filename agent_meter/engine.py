@@ -284,11 +284,12 @@ def settlement(
     if call.gate_only or admitted.replay:
         return Settlement()
     if not succeeded:
+        refund = None
         if admitted.hold is not None:  # under the attempt's refund key (see hold_for)
-            return Settlement(refund=admitted.hold.refund())
-        if admitted.reserved:
-            return Settlement(refund=_track(call, -admitted.reserved, "refund"))
-        return Settlement()
+            refund = admitted.hold.refund()
+        elif admitted.reserved:
+            refund = _track(call, -admitted.reserved, "refund")
+        return Settlement(refund=refund)
     final = call.units if actual_units is None else actual_units
     delta = final - admitted.reserved
     if delta == 0:
