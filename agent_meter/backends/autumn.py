@@ -40,16 +40,19 @@ adds what autumn-py lacks:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import email.utils
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any, Literal, NoReturn, cast
 from urllib.parse import quote
@@ -133,14 +136,87 @@ class _RedactedCause(Exception):
     """Stands in for a foreign exception whose text carried the secret key."""
 
 
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
+"""The largest answer read from Autumn (its answers are a few KB): a bigger one is refused
+before it is held in memory."""
+_CHUNK = 64 * 1024
+
+
+class _AnswerTooLarge(Exception):
+    """The answer was longer than :data:`MAX_ANSWER_BYTES`."""
+
+
 @dataclass(slots=True)
 class _Exchange:
-    """What one attempt saw of the HTTP response, for errors autumn-py reports without it."""
+    """One attempt: what it saw of the HTTP response, and the limits its answer must keep.
 
+    Attributes:
+        deadline: ``time.monotonic()`` by which the whole answer must have arrived.
+        status: The HTTP status, for errors autumn-py reports without it.
+        retry_after: Seconds the server asked to wait (``Retry-After``), if it did.
+        received: Bytes of the body received so far (async transport).
+    """
+
+    deadline: float = float("inf")
     status: int | None = None
+    retry_after: float | None = None
+    received: int = 0
 
     def requests_hook(self, response: requests.Response, *args: object, **kwargs: object) -> None:
+        """Runs once the headers are in, before requests reads the body: reads it here.
+
+        requests' timeout bounds each read, not the answer: a server dripping a byte at a
+        time would hold the caller forever. The body is read against the whole request's
+        deadline, and never beyond :data:`MAX_ANSWER_BYTES`.
+        """
         self.status = response.status_code
+        self.retry_after = _retry_after(response.headers.get("Retry-After"))
+        length = response.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > MAX_ANSWER_BYTES:
+            response.close()
+            raise _AnswerTooLarge(f"the answer announces {length} bytes")
+        sock = getattr(getattr(response.raw, "_connection", None), "sock", None)
+        read = getattr(response.raw, "read1", response.raw.read)
+        body = bytearray()
+        while True:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                response.close()
+                msg = "the whole answer did not arrive in time"
+                raise requests.exceptions.ReadTimeout(msg)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.settimeout(remaining)
+            # read1: whatever has arrived (read() would wait for the whole chunk)
+            try:
+                chunk = read(_CHUNK, decode_content=True)
+            except TypeError:  # a stand-in response (vcrpy's) without urllib3's keywords
+                chunk = read(_CHUNK)
+            if not chunk:
+                break
+            body += chunk
+            if len(body) > MAX_ANSWER_BYTES:
+                response.close()
+                raise _AnswerTooLarge(f"the answer is longer than {MAX_ANSWER_BYTES} bytes")
+        response._content = bytes(body)  # what requests would have read, read by our rules
+        response._content_consumed = True  # type: ignore[attr-defined]
+
+
+def _retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in seconds (a number of seconds or an HTTP date), if usable."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = when.timestamp() - time.time()
+    if not math.isfinite(seconds):
+        return None
+    return max(seconds, 0.0)
 
 
 async def _record_status(
@@ -151,6 +227,19 @@ async def _record_status(
     exchange = context.trace_request_ctx
     if isinstance(exchange, _Exchange):
         exchange.status = params.response.status
+        exchange.retry_after = _retry_after(params.response.headers.get("Retry-After"))
+
+
+async def _count_chunk(
+    session: aiohttp.ClientSession,
+    context: SimpleNamespace,
+    params: aiohttp.TraceResponseChunkReceivedParams,
+) -> None:
+    exchange = context.trace_request_ctx
+    if isinstance(exchange, _Exchange):
+        exchange.received += len(params.chunk)
+        if exchange.received > MAX_ANSWER_BYTES:
+            raise _AnswerTooLarge(f"the answer is longer than {MAX_ANSWER_BYTES} bytes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +277,7 @@ class _Failure:
     transient: bool = False
     unsent: bool = False
     cause: BaseException | None = None
+    retry_after: float | None = None
 
 
 class AutumnBackend:
@@ -230,8 +320,15 @@ class AutumnBackend:
         max_backoff: float = 8.0,
     ) -> None:
         key = secret_key if secret_key is not None else os.environ.get(KEY_ENV)
-        if not key or not key.strip():
+        if not isinstance(key, str) or not key.strip():
             msg = f"AutumnBackend needs an Autumn secret key: {_SETUP}"
+            raise ConfigError(msg)
+        if not key.strip().isprintable() or any(c.isspace() for c in key.strip()):
+            # such a key cannot be sent in a header, and the error saying so would quote it
+            msg = (
+                "the Autumn secret key contains whitespace or control characters (a pasted "
+                f"line break?): {_SETUP}"
+            )
             raise ConfigError(msg)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             msg = f"AutumnBackend timeout must be a positive number of seconds, not {timeout!r}"
@@ -296,6 +393,7 @@ class AutumnBackend:
             logger.warning("agent_meter: AutumnBackend used from a new event loop; new session")
         trace = aiohttp.TraceConfig()
         trace.on_request_end.append(_record_status)
+        trace.on_response_chunk_received.append(_count_chunk)
         session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.timeout), trace_configs=[trace]
         )
@@ -317,7 +415,7 @@ class AutumnBackend:
         client = self._sync_client()
         attempts = self.max_retries + 1
         for attempt in range(attempts):
-            exchange = _Exchange()
+            exchange = _Exchange(deadline=time.monotonic() + self.timeout)
             try:
                 answer = client.http.request(
                     call.method,
@@ -329,6 +427,7 @@ class AutumnBackend:
                 )
             except Exception as exc:  # noqa: BLE001 - every foreign error is mapped below
                 failure = _classify(exc, exchange.status, self._key.reveal())
+                failure = replace(failure, retry_after=exchange.retry_after)
             else:
                 return answer.fields()
             if not self._should_retry(call, failure, attempt):
@@ -349,6 +448,7 @@ class AutumnBackend:
                 )
             except Exception as exc:  # noqa: BLE001 - every foreign error is mapped below
                 failure = _classify(exc, exchange.status, self._key.reveal())
+                failure = replace(failure, retry_after=exchange.retry_after)
             else:
                 return answer.fields()
             if not self._should_retry(call, failure, attempt):
@@ -359,11 +459,15 @@ class AutumnBackend:
     def _should_retry(self, call: _Call, failure: _Failure, attempt: int) -> bool:
         if attempt >= self.max_retries or not failure.transient:
             return False
+        if failure.retry_after is not None and failure.retry_after > self.max_backoff:
+            return False  # asked to wait longer than a caller should: unavailable for now
         return failure.unsent or not call.deducts
 
     def _delay(self, call: _Call, failure: _Failure, attempt: int) -> float:
         ceiling = min(self.max_backoff, self.backoff * 2.0**attempt)
         delay = ceiling * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not crypto
+        if failure.retry_after is not None:  # the server said when: never sooner
+            delay = max(delay, failure.retry_after)
         logger.info(
             "agent_meter: Autumn %s failed (%s); retry %d/%d in %.2fs",
             call.describe(),
@@ -683,17 +787,48 @@ def _redact(text: str, secret: str) -> str:
 
 
 def _safe_cause(exc: BaseException, secret: str) -> BaseException:
-    """``exc`` itself, or a redacted stand-in when its chain's text carries the key."""
+    """``exc`` itself, or a redacted stand-in when anything reachable from it holds the key.
+
+    Not only its text: a requests exception keeps the request it failed (``.request``,
+    with the ``Authorization`` header), an aiohttp one its ``request_info`` with headers.
+    """
     probes = [secret] + ([secret[:_PREFIX_CHARS]] if len(secret) >= _PREFIX_CHARS else [])
     for item in _chain(exc):
         try:
             text = f"{item!s}\n{item!r}"
         except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the real error
             text = ""
-        if any(probe in text for probe in probes) or _KEY_SHAPED.search(text):
+        leaks = any(probe in text for probe in probes) or _KEY_SHAPED.search(text)
+        if leaks or _holds(item, probes, depth=4, seen=set()):
             name = f"{type(exc).__module__}.{type(exc).__qualname__}"
             return _RedactedCause(f"{name}: {_redact(str(exc), secret)} (redacted)")
     return exc
+
+
+def _holds(obj: object, probes: list[str], *, depth: int, seen: set[int]) -> bool:
+    """Whether ``obj`` or what it refers to (attributes, mappings, sequences) holds a probe."""
+    if isinstance(obj, (str, bytes)):
+        text = obj.decode("latin-1") if isinstance(obj, bytes) else obj
+        return any(probe in text for probe in probes)
+    if depth <= 0 or obj is None or isinstance(obj, (int, float, bool)) or id(obj) in seen:
+        return False
+    seen.add(id(obj))
+    try:
+        if isinstance(obj, Mapping):
+            items: list[object] = [*obj.keys(), *obj.values()]
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            items = list(obj)
+        else:
+            attributes = dict(getattr(obj, "__dict__", {}))
+            for klass in type(obj).__mro__:
+                for slot in getattr(klass, "__slots__", ()):
+                    if isinstance(slot, str) and hasattr(obj, slot):
+                        attributes[slot] = getattr(obj, slot)
+            items = list(attributes.values())
+            items.extend(getattr(obj, name, None) for name in ("headers", "request_info"))
+    except Exception:  # noqa: BLE001 - an object that cannot be inspected is not trusted
+        return True
+    return any(_holds(item, probes, depth=depth - 1, seen=seen) for item in items)
 
 
 def _status_class(status: int | None) -> tuple[bool, bool]:
@@ -720,6 +855,8 @@ def _classify(  # noqa: PLR0911, PLR0912 - one branch per family of failures, in
     if isinstance(exc, _RetryRequestError):  # autumn-py's word for 500-504
         transient, unsent = _status_class(status or 500)
         return _Failure("overloaded", status, transient=True, unsent=unsent, cause=cause)
+    if isinstance(exc, _AnswerTooLarge):
+        return _Failure("unreadable", status, message=str(exc), cause=cause)
     if isinstance(exc, (requests.JSONDecodeError, json.JSONDecodeError, aiohttp.ContentTypeError)):
         if isinstance(exc, aiohttp.ContentTypeError):
             status = status or exc.status
@@ -764,7 +901,7 @@ def _what(failure: _Failure) -> str:
         return "could not connect" if failure.unsent else "connection failed"
     if failure.kind == "unreadable":
         status = f"HTTP {failure.status}, " if failure.status else ""
-        return f"unreadable answer ({status}not JSON)"
+        return f"unreadable answer ({status}{failure.message or 'not JSON'})"
     cause = failure.cause
     return f"{failure.kind}: {type(cause).__name__ if cause else 'error'}"
 
@@ -792,6 +929,12 @@ def _error(  # noqa: PLR0911 - one error per kind of failure
     if failure.kind == "url":
         return ConfigError(f"AutumnBackend base_url {base_url!r} is not a usable URL")
     tries = f"after {attempts} attempt{'s' if attempts > 1 else ''}"
+    if failure.kind == "unreadable" and call.op == "track":
+        # not Autumn's answer (a proxy's HTML page, a cut body): the track may or may not
+        # have landed, and its key makes sending it again safe, so it waits in the outbox
+        return BackendUnavailable(
+            f"Autumn's answer could not be read: {_what(failure)} {tries} ({call.describe()})"
+        )
     if failure.transient:
         note = ""
         if call.deducts and not failure.unsent:
