@@ -633,7 +633,7 @@ async def test_denial_answers_a_tool_call_with_an_error_message_async(
     message = await wrapped.ainvoke(
         tool_call("run_python", {"expression": "1"}, "c"), config=CONFIG
     )
-    assert message.content == "code_exec is unavailable: 1 credits left, 2 needed"
+    assert message.content == "code_exec is unavailable: 1 credit left, 2 needed"
     assert message.status == "error"
     assert RAN == []
 
@@ -896,4 +896,4 @@ def test_example_runs_offline() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "credits left: 97 of 100" in done.stdout
-    assert "code_exec is unavailable: 1 credits left, 2 needed" in done.stdout
+    assert "code_exec is unavailable: 1 credit left, 2 needed" in done.stdout

@@ -95,7 +95,7 @@ def test_quickstart_runs_and_saves_the_credits_plot(kernel_env: Path) -> None:
     assert data.startswith(PNG_MAGIC)
     assert len(data) > 10_000  # a drawn figure, not an empty canvas
     text = outputs(notebook)
-    assert "code_exec is unavailable: 1 credits left, 2 needed" in text
+    assert "code_exec is unavailable: 1 credit left, 2 needed" in text
     assert "web_search is unavailable: 0 credits left, 1 needed" in text
 
 

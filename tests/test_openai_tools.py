@@ -150,7 +150,7 @@ def test_denial_is_told_to_the_model_and_the_function_never_runs(
 
     [reply] = run_tool_calls(meter, message, tools.functions(), FEATURES, customer_id=CUSTOMER)
 
-    assert reply["content"] == "Error: code_exec is unavailable: 1 credits left, 2 needed"
+    assert reply["content"] == "Error: code_exec is unavailable: 1 credit left, 2 needed"
     assert tools.ran == []
     assert credits(backend) == 1
 

@@ -26,7 +26,7 @@ def test_pricing_built_in_python() -> None:
         plans={"free": Plan(auto_enable=True, grants={"credits": 10, "premium": True})},
     )
     assert pricing.describe() == [
-        ("web_search", "metered", "1 credits per unit"),
+        ("web_search", "metered", "1 credit per unit"),
         ("premium", "boolean", "-"),
     ]
 
