@@ -14,10 +14,10 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from agent_meter import engine
 from agent_meter.backends.base import DenialRecorder, FullBackend, ReservingBackend
@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 __all__ = ["AsyncGuard", "CustomerScope", "Guard", "GuardedCall", "Meter", "Recovery"]
 
 logger = logging.getLogger("agent_meter")
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 _open_meters: weakref.WeakSet[Meter] = weakref.WeakSet()
 
@@ -834,11 +836,30 @@ class Meter:
 
         return wrap_tools(self, tools, features, **options)
 
-    def metered(self, feature_id: str, units: Any = 1, **options: Any) -> Any:
-        """Decorate a plain sync or async function so each call is guarded."""
+    def metered(
+        self,
+        feature_id: str,
+        units: float | Callable[[dict[str, Any]], float] = 1,
+        *,
+        units_from_result: Callable[[Any], float] | None = None,
+        strategy: Strategy | None = None,
+        on_backend_error: FailPolicy | None = None,
+    ) -> Callable[[_F], _F]:
+        """Decorate a plain sync or async function so each call is guarded.
+
+        The decorated function keeps its type. See
+        :func:`agent_meter.langchain.tools.metered` for the options.
+        """
         from agent_meter.langchain.tools import metered  # noqa: PLC0415
 
-        return metered(self, feature_id, units, **options)
+        return metered(
+            self,
+            feature_id,
+            units,
+            units_from_result=units_from_result,
+            strategy=strategy,
+            on_backend_error=on_backend_error,
+        )
 
     def callback_handler(
         self,
