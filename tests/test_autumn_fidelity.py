@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 import requests
-from autumn_helpers import PRICING, REPLAY_KEY, replay
 
 from agent_meter import (
     AgentMeterError,
@@ -30,6 +29,7 @@ from agent_meter import (
     UsageLimitExceeded,
 )
 from agent_meter.backends.autumn import AutumnBackend
+from tests.autumn_helpers import PRICING, REPLAY_KEY, replay
 
 Step = tuple[Any, ...]
 

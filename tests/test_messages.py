@@ -25,12 +25,13 @@ BASE = '[features]\nweb_search = "metered"\n'
 
 
 def test_one_credit_is_singular(pricing: Pricing) -> None:
-    meter = Meter(MemoryBackend(pricing=pricing))
-    meter.backend.set_balance("cus_1", "credits", 1)
+    backend = MemoryBackend(pricing=pricing)
+    meter = Meter(backend)
+    backend.set_balance("cus_1", "credits", 1)
     with pytest.raises(UsageLimitExceeded) as denied, meter.guard("cus_1", "code_exec"):
         pass
     assert str(denied.value) == "code_exec is unavailable: 1 credit left, 2 needed"
-    meter.backend.set_balance("cus_1", "credits", 1.5)
+    backend.set_balance("cus_1", "credits", 1.5)
     with pytest.raises(UsageLimitExceeded) as denied, meter.guard("cus_1", "code_exec"):
         pass
     assert str(denied.value) == "code_exec is unavailable: 1.5 credits left, 2 needed"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import cast
 
 import nbformat
 import pytest
@@ -60,7 +61,7 @@ def execute(path: Path) -> nbformat.NotebookNode:
         client.execute()
     except CellExecutionError as exc:  # name the notebook and keep the cell's traceback
         pytest.fail(f"{path.name} failed:\n{exc}")
-    return notebook
+    return cast("nbformat.NotebookNode", notebook)
 
 
 def outputs(notebook: nbformat.NotebookNode) -> str:
