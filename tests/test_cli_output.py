@@ -13,6 +13,7 @@ from click.testing import CliRunner, Result
 
 from agent_meter import Pricing, SQLiteBackend
 from agent_meter.cli import cli
+from agent_meter.engine import TrackRequest
 from agent_meter.pricing import example_toml
 from agent_meter.report import usage_report
 
@@ -96,8 +97,8 @@ def test_report_events_and_balance_piped_are_never_wrapped(
     customer = ("cus_" + "c" * length)[:256]  # the longest a customer id may be
     call = "call_" + "k" * (length - 5)
     backend = SQLiteBackend(db, pricing=pricing)
-    backend.track(customer, "llm_tokens", 1830, idempotency_key=call)
-    backend.track("cus_short", "web_search", 1, idempotency_key="k1")
+    backend.track(TrackRequest(customer, "llm_tokens", 1830, call))
+    backend.track(TrackRequest("cus_short", "web_search", 1, "k1"))
     backend.close()
 
     report = invoke(monkeypatch, "--db", str(db), "report").stdout
@@ -113,7 +114,7 @@ def test_ids_are_shown_as_written_never_read_as_markup(
 ) -> None:
     db = tmp_path / "usage.db"
     backend = SQLiteBackend(db, pricing=pricing)
-    backend.track("cus_[bold]x[/bold]", "web_search", 1, idempotency_key="[red]k")
+    backend.track(TrackRequest("cus_[bold]x[/bold]", "web_search", 1, "[red]k"))
     backend.close()
     report = invoke(monkeypatch, "--db", str(db), "report").stdout
     assert "cus_[bold]x[/bold]" in report
@@ -156,8 +157,8 @@ def test_print_of_a_report_table_prints_the_table(
     tmp_path: Path, pricing: Pricing, capsys: pytest.CaptureFixture[str]
 ) -> None:
     backend = SQLiteBackend(tmp_path / "usage.db", pricing=pricing)
-    backend.track("cus_1", "web_search", 1, idempotency_key="k1")
-    backend.track("cus_1", "llm_tokens", 2000, idempotency_key="k2")
+    backend.track(TrackRequest("cus_1", "web_search", 1, "k1"))
+    backend.track(TrackRequest("cus_1", "llm_tokens", 2000, "k2"))
     report = usage_report(backend)
     backend.close()
     print(report.table())
@@ -173,9 +174,9 @@ def test_report_json_totals_never_mix_units_with_numbers(
 ) -> None:
     db = tmp_path / "usage.db"
     backend = SQLiteBackend(db, pricing=pricing)
-    backend.track("cus_one_feature", "web_search", 2, idempotency_key="k1")
-    backend.track("cus_two_features", "web_search", 1, idempotency_key="k2")
-    backend.track("cus_two_features", "code_exec", 1, idempotency_key="k3")
+    backend.track(TrackRequest("cus_one_feature", "web_search", 2, "k1"))
+    backend.track(TrackRequest("cus_two_features", "web_search", 1, "k2"))
+    backend.track(TrackRequest("cus_two_features", "code_exec", 1, "k3"))
     backend.close()
     data = json.loads(invoke(monkeypatch, "--db", str(db), "report", "--json").stdout)
     assert all(isinstance(row["units"], float) for row in data["rows"])

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from agent_meter import BackendError, ConfigError, Pricing, SQLiteBackend
 from agent_meter.cli import cli
 from agent_meter.demo import BROKE_CUSTOMER, CUSTOMER
+from agent_meter.engine import TrackRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 OTHER = Pricing(features={"web_search": "metered"}, credit_systems={"pool": {"web_search": 3}})
@@ -49,7 +50,7 @@ def ledger(tmp_path: Path, pricing: Pricing) -> Path:
     """A ledger that bills by the example pricing, with one customer's usage."""
     path = tmp_path / "usage.db"
     backend = SQLiteBackend(path, pricing=pricing)
-    backend.track("cus_1", "web_search", 3, idempotency_key="k1")
+    backend.track(TrackRequest("cus_1", "web_search", 3, "k1"))
     backend.close()
     return path
 
@@ -198,7 +199,7 @@ def test_read_only_backend_never_writes(ledger: Path) -> None:
     backend = SQLiteBackend(ledger, read_only=True)
     assert backend.customers() == ["cus_1"]
     with pytest.raises(BackendError, match=r"readonly|read-only"):
-        backend.track("cus_1", "web_search", 1, idempotency_key="k2")
+        backend.track(TrackRequest("cus_1", "web_search", 1, "k2"))
     backend.close()
     assert digest(ledger) == before
     with pytest.raises(ConfigError, match="bills by a different pricing"):
