@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from autumn_helpers import PRICING, SECRET
 
 from agent_meter import Meter
 from agent_meter.backends.autumn import MAX_ANSWER_BYTES, AutumnBackend
 from agent_meter.engine import CheckRequest, TrackRequest
 from agent_meter.errors import AgentMeterError, BackendError, BackendUnavailable, ConfigError
+from tests.autumn_helpers import PRICING, SECRET
 
 CHECK_OK = {
     "allowed": True,
@@ -66,8 +66,8 @@ class Misbehaving:
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        port = self._server.server_address[1]
+        return f"http://127.0.0.1:{port}"
 
     def __enter__(self) -> Misbehaving:
         self._thread.start()

@@ -12,13 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from outage_helpers import SECRET, AutumnServer, pricing
 
 from agent_meter import Meter
 from agent_meter.backends.autumn import AutumnBackend
 from agent_meter.engine import TrackRequest
 from agent_meter.errors import AgentMeterError
 from agent_meter.testing import MemoryBackend
+from tests.outage_helpers import SECRET, AutumnServer, pricing
 
 # -- 10: one bad outbox row never stops delivery ------------------------------------------------
 

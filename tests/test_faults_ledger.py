@@ -19,12 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PRICING_TOML, FakeClock
 
 from agent_meter import Meter, Pricing, SQLiteBackend
 from agent_meter.engine import TrackRequest
 from agent_meter.errors import ConfigError
 from agent_meter.testing import MemoryBackend
+from tests.conftest import PRICING_TOML, FakeClock
 
 ROOT = Path(__file__).resolve().parent.parent
 MONTH = 31 * 86_400
