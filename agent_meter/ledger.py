@@ -33,6 +33,7 @@ __all__ = [
     "admin_balance",
     "apply_track",
     "charge_for",
+    "checked_now",
     "decide_check",
     "deducted_result",
     "duplicate_track",
@@ -65,6 +66,21 @@ def to_nano(amount: Decimal | float) -> int:
     if not isinstance(amount, Decimal):
         amount = Decimal(repr(float(amount)))
     return int((amount * _SCALE_DECIMAL).to_integral_value(ROUND_HALF_EVEN))
+
+
+_LATEST = 253_402_300_799.0  # 9999-12-31T23:59:59Z: the last time a reset can be dated
+
+
+def checked_now(now: float) -> float:
+    """``now`` if a ledger can date resets from it, else ConfigError (a broken clock).
+
+    Raises:
+        ConfigError: ``now`` is not a finite Unix time between 1970 and the year 9999.
+    """
+    if isinstance(now, bool) or not isinstance(now, (int, float)) or not 0 <= now <= _LATEST:
+        msg = f"the ledger's clock says {now!r}, which is not a Unix time a ledger can date"
+        raise ConfigError(msg)
+    return float(now)
 
 
 def from_nano(nano: int) -> float:
@@ -167,6 +183,8 @@ def next_reset(interval: str, after: float) -> float | None:
     months = 1 if interval == "month" else 12
     month_index = start.month - 1 + months
     year, month = start.year + month_index // 12, month_index % 12 + 1
+    if year > dt.MAXYEAR:  # past the last date a calendar can name: no further reset
+        return None
     day = min(start.day, calendar.monthrange(year, month)[1])
     return start.replace(year=year, month=month, day=day).timestamp()
 
@@ -485,7 +503,14 @@ def admin_balance(
             raise InvalidUsage(msg)
         return BOOLEAN, int(value)
     units = check_units(value, feature_id=balance_id, customer_id=customer_id)
-    return AMOUNT, to_nano(units)
+    nano = to_nano(units)
+    if nano >= _MAX_AMOUNT:
+        msg = (
+            f"a balance of {value!r} {balance_id!r} (customer {customer_id!r}) is more than a "
+            f"ledger holds ({_MAX_AMOUNT // SCALE})"
+        )
+        raise InvalidUsage(msg)
+    return AMOUNT, nano
 
 
 def price_request(

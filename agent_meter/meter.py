@@ -39,7 +39,14 @@ from agent_meter.pricing import FeatureType, Pricing
 from agent_meter.results import CheckResult, TrackResult
 from agent_meter.scope import CustomerScope
 from agent_meter.tokens import TokenFeatures, TokenUsage
-from agent_meter.validation import check_customer_id, check_entity_id, check_feature_id, check_units
+from agent_meter.validation import (
+    check_customer_id,
+    check_entity_id,
+    check_feature_id,
+    check_key,
+    check_properties,
+    check_units,
+)
 
 if TYPE_CHECKING:
     from langchain_core.tools import BaseTool
@@ -244,9 +251,8 @@ class Meter:
         feature_id = check_feature_id(feature_id)
         entity_id = check_entity_id(entity_id)
         units = check_units(units, feature_id=feature_id, customer_id=customer_id)
-        if call_id is not None and (not isinstance(call_id, str) or not call_id):
-            msg = f"call_id for {feature_id!r} must be a non-empty string, not {call_id!r}"
-            raise InvalidUsage(msg)
+        if call_id is not None:
+            call_id = check_key("call_id", call_id, feature_id=feature_id)
         strategy = strategy or self.strategy
         policy = on_backend_error or self.on_backend_error
         if strategy not in engine.STRATEGIES or policy not in engine.FAIL_POLICIES:
@@ -287,11 +293,9 @@ class Meter:
         if self.feature_type(feature_id) is FeatureType.BOOLEAN:
             msg = f"{feature_id!r} is a boolean feature: it is checked, never tracked"
             raise InvalidUsage(msg)
-        if idempotency_key is not None and (
-            not isinstance(idempotency_key, str) or not idempotency_key
-        ):
-            msg = f"idempotency_key for {feature_id!r} must be a non-empty string"
-            raise InvalidUsage(msg)
+        if idempotency_key is not None:
+            idempotency_key = check_key("idempotency_key", idempotency_key, feature_id=feature_id)
+        properties = check_properties(properties, feature_id=feature_id)
         call = MeteredCall(
             customer_id, feature_id, value, idempotency_key or new_call_id(), entity_id
         )

@@ -60,7 +60,9 @@ def test_a_refund_gives_back_what_was_deducted_not_todays_price(kind: str, tmp_p
     assert backend.balances("cus_1")["credits"] == 80
     if kind == "sqlite":  # the price changes while the call runs (another process)
         backend.close()
-        backend = SQLiteBackend(tmp_path / "usage.db", pricing=_pricing(rate=10), clock=clock)
+        backend = SQLiteBackend(
+            tmp_path / "usage.db", pricing=_pricing(rate=10), clock=clock, replace_pricing=True
+        )
         meter = Meter(backend, recover_on_start=False)
         [hold] = backend.holds()
         assert backend.release(hold.key, hold.refund())
@@ -80,7 +82,9 @@ def test_recovery_refunds_a_dead_holds_deduction_after_a_price_change(tmp_path: 
     # the process "died" (its owner is rewritten to a dead one) and the price went up
     with sqlite_conn(tmp_path / "usage.db") as conn:
         conn.execute("UPDATE events SET owner = ? WHERE owner IS NOT NULL", (DEAD_OWNER,))
-    backend = SQLiteBackend(tmp_path / "usage.db", pricing=_pricing(rate=0.5), clock=clock)
+    backend = SQLiteBackend(
+        tmp_path / "usage.db", pricing=_pricing(rate=0.5), clock=clock, replace_pricing=True
+    )
     report = Meter(backend, recover_on_start=False).recover()
     assert report.refunded == 1
     assert backend.balances("cus_1")["credits"] == 100  # not 85

@@ -198,7 +198,7 @@ class MemoryBackend:
             customer_id, entity_id, charge = ledger.price_request(
                 self._pricing, customer_id, feature_id, units, entity_id=entity_id
             )
-        now = self._clock()
+        now = ledger.checked_now(self._clock())
         stored = self._stored(customer_id, charge.balance_id, now)
         if self._is_denied(customer_id, feature_id):
             result, _ = ledger.plan_check(customer_id, charge, stored, now, send_event=False)
@@ -268,7 +268,7 @@ class MemoryBackend:
             return ledger.duplicate_track(
                 customer_id, feature_id, charge.value, stood, idempotency_key
             )
-        now = self._clock()
+        now = ledger.checked_now(self._clock())
         stored = self._stored(customer_id, charge.balance_id, now)
         after, applied = ledger.plan_track(charge, stored, now)
         if after is not None:
@@ -304,7 +304,7 @@ class MemoryBackend:
             charge = ledger.charge_for(self._pricing, customer_id, feature_id, units)
             self._events.append(
                 UsageEvent(
-                    self._clock(),
+                    ledger.checked_now(self._clock()),
                     customer_id,
                     entity_id,
                     feature_id,
@@ -334,7 +334,7 @@ class MemoryBackend:
                 charge = ledger.charge_for(
                     self._pricing, hold.customer_id, hold.feature_id, hold.units
                 )
-                now = self._clock()
+                now = ledger.checked_now(self._clock())
                 stored = self._stored(hold.customer_id, charge.balance_id, now)
                 return ledger.replay_answer(
                     hold.customer_id, charge, stored, now, entity_id=hold.entity_id
@@ -391,7 +391,7 @@ class MemoryBackend:
         )
         if refund.idempotency_key in self._keys:
             return
-        now = self._clock()
+        now = ledger.checked_now(self._clock())
         stored = self._stored(customer_id, balance_id, now)
         after, applied = ledger.plan_refund(amount, period, stored, now)
         if after is not None:
@@ -446,7 +446,7 @@ class MemoryBackend:
         customer_id = check_customer_id(customer_id)
         kind, nano = ledger.admin_balance(self._pricing, customer_id, balance_id, value)
         with self._lock:
-            now = self._clock()
+            now = ledger.checked_now(self._clock())
             current = self._stored(customer_id, balance_id, now)
             if current is None:
                 current = Balance(balance_id, kind, 0, 0, "never", None)
@@ -459,7 +459,7 @@ class MemoryBackend:
         with self._lock:
             if customer_id not in self._customers:
                 raise CustomerNotFound(customer_id, "memory")
-            now = self._clock()
+            now = ledger.checked_now(self._clock())
             rows = [
                 ledger.roll_forward(balance, now)
                 for (customer, _), balance in self._balances.items()

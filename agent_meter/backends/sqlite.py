@@ -484,7 +484,7 @@ class SQLiteBackend:
             request.required_balance,
             entity_id=request.entity_id,
         )
-        now = self._clock()
+        now = ledger.checked_now(self._clock())
         with self._errors(f"check {feature_id!r} for {customer_id!r}"):
             if not send_event:
                 fast = self._read_only_check(customer_id, charge, entity_id, now)
@@ -603,7 +603,7 @@ class SQLiteBackend:
             track=True,
             idempotency_key=idempotency_key,
         )
-        now = self._clock()
+        now = ledger.checked_now(self._clock())
         with self._errors(f"track {feature_id!r} for {customer_id!r}"), self._write() as conn:
             unpaid = self._track_in(
                 conn, customer_id, charge, entity_id, idempotency_key, properties, now
@@ -678,7 +678,7 @@ class SQLiteBackend:
     ) -> None:
         """Keep a refused call in the ledger (kind ``denied``, nothing applied), for reports."""
         charge = ledger.charge_for(self._pricing, customer_id, feature_id, units)
-        now = self._clock()
+        now = ledger.checked_now(self._clock())
         with self._errors(f"record a denial of {feature_id!r}"), self._write() as conn:
             conn.execute(
                 _INSERT_EVENT,
@@ -711,7 +711,7 @@ class SQLiteBackend:
         # A hold is built by the meter from a validated call: only the price is new here.
         customer_id, entity_id = hold.customer_id, hold.entity_id
         charge = ledger.charge_for(self._pricing, customer_id, hold.feature_id, hold.units)
-        now = self._clock()
+        now = ledger.checked_now(self._clock())
         with self._errors(f"reserve {hold.feature_id!r} for {customer_id!r}"):
             try:
                 with self._write() as conn:
@@ -748,7 +748,7 @@ class SQLiteBackend:
                 track=True,
                 idempotency_key=refund.idempotency_key,
             )
-            now = self._clock()
+            now = ledger.checked_now(self._clock())
             with self._write() as conn:
                 retired = ledger.retired_hold_key(refund.idempotency_key)
                 row = conn.execute(
@@ -868,7 +868,7 @@ class SQLiteBackend:
         """
         customer_id = check_customer_id(customer_id)
         kind, nano = ledger.admin_balance(self._pricing, customer_id, balance_id, value)
-        now = self._clock()
+        now = ledger.checked_now(self._clock())
         with self._errors(f"set_balance {balance_id!r} for {customer_id!r}"), self._write() as c:
             current = self._balance(c, customer_id, balance_id, now)
             if current is None:
@@ -897,7 +897,7 @@ class SQLiteBackend:
             CustomerNotFound: The customer was never seen (nothing is created).
         """
         customer_id = check_customer_id(customer_id)
-        now = self._clock()
+        now = ledger.checked_now(self._clock())
         with self._errors(f"balances of {customer_id!r}"):
             conn = self._conn()
             known = conn.execute(
