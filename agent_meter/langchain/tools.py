@@ -521,7 +521,12 @@ def wrap_tools(
     meter: Meter,
     tools: Sequence[BaseTool],
     features: Mapping[str, str],
-    **options: Any,
+    *,
+    units: Units = 1,
+    units_from_result: Callable[[Any], float] | None = None,
+    on_denied: OnDenied = "message",
+    strategy: Strategy | None = None,
+    on_backend_error: FailPolicy | None = None,
 ) -> list[MeteredTool]:
     """Wrap several tools; ``features`` maps every tool name to its feature.
 
@@ -530,8 +535,11 @@ def wrap_tools(
         tools: The agent's tools.
         features: Tool name to feature id, for every tool (names not in ``tools`` are
             ignored, so one map can serve several agents).
-        **options: Passed to :func:`wrap_tool` for every tool (``units``,
-            ``on_denied``, ``strategy``, ...).
+        units: Units per call of every tool (see :func:`wrap_tool`).
+        units_from_result: The real count from a tool's result (see :func:`wrap_tool`).
+        on_denied: What a refused call does (see :func:`wrap_tool`).
+        strategy: Overrides the meter's strategy.
+        on_backend_error: Overrides the meter's fail policy.
 
     Raises:
         ConfigError: A tool missing from ``features`` (an unmetered tool would be free),
@@ -549,7 +557,19 @@ def wrap_tools(
             "features={tool_name: feature_id} (a free tool need not be wrapped)"
         )
         raise ConfigError(msg)
-    return [wrap_tool(meter, tool, features[tool.name], **options) for tool in tools]
+    return [
+        wrap_tool(
+            meter,
+            tool,
+            features[tool.name],
+            units,
+            units_from_result=units_from_result,
+            on_denied=on_denied,
+            strategy=strategy,
+            on_backend_error=on_backend_error,
+        )
+        for tool in tools
+    ]
 
 
 NO_CUSTOMER_FOR_FUNCTION = (
