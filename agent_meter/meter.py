@@ -568,6 +568,8 @@ class Meter:
         on_denied: OnDenied = "message",
         strategy: Strategy | None = None,
         on_backend_error: FailPolicy | None = None,
+        customer_id: str | None = None,
+        entity_id: str | None = None,
     ) -> MeteredTool:
         """Wrap a LangChain tool so every call is checked and only successes are billed.
 
@@ -583,6 +585,8 @@ class Meter:
             on_denied=on_denied,
             strategy=strategy,
             on_backend_error=on_backend_error,
+            customer_id=customer_id,
+            entity_id=entity_id,
         )
 
     def wrap_tools(
@@ -595,6 +599,8 @@ class Meter:
         on_denied: OnDenied = "message",
         strategy: Strategy | None = None,
         on_backend_error: FailPolicy | None = None,
+        customer_id: str | None = None,
+        entity_id: str | None = None,
     ) -> list[MeteredTool]:
         """Wrap several LangChain tools; ``features`` maps each tool name to its feature.
 
@@ -610,6 +616,8 @@ class Meter:
             on_denied=on_denied,
             strategy=strategy,
             on_backend_error=on_backend_error,
+            customer_id=customer_id,
+            entity_id=entity_id,
         )
 
     def metered(
@@ -620,6 +628,8 @@ class Meter:
         units_from_result: Callable[[Any], float] | None = None,
         strategy: Strategy | None = None,
         on_backend_error: FailPolicy | None = None,
+        customer_id: str | None = None,
+        entity_id: str | None = None,
     ) -> Callable[[F], F]:
         """Decorate a plain sync or async function so each call is guarded.
 
@@ -633,6 +643,8 @@ class Meter:
             units_from_result=units_from_result,
             strategy=strategy,
             on_backend_error=on_backend_error,
+            customer_id=customer_id,
+            entity_id=entity_id,
         )
 
     def callback_handler(

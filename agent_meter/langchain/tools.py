@@ -616,6 +616,8 @@ def wrap_tools(
     on_denied: OnDenied = "message",
     strategy: Strategy | None = None,
     on_backend_error: FailPolicy | None = None,
+    customer_id: str | None = None,
+    entity_id: str | None = None,
 ) -> list[MeteredTool]:
     """Wrap several tools; ``features`` maps every tool name to its feature.
 
@@ -629,6 +631,8 @@ def wrap_tools(
         on_denied: What a refused call does (see :func:`wrap_tool`).
         strategy: Overrides the meter's strategy.
         on_backend_error: Overrides the meter's fail policy.
+        customer_id: Who pays when the run names nobody (see :func:`wrap_tool`).
+        entity_id: The entity of ``customer_id``.
 
     Raises:
         ConfigError: A tool missing from ``features`` (an unmetered tool would be free),
@@ -656,6 +660,8 @@ def wrap_tools(
             on_denied=on_denied,
             strategy=strategy,
             on_backend_error=on_backend_error,
+            customer_id=customer_id,
+            entity_id=entity_id,
         )
         for tool in tools
     ]
