@@ -16,7 +16,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from agent_meter import engine
 from agent_meter.backends.base import (
@@ -54,6 +54,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 __all__ = ["AsyncGuard", "CustomerScope", "Guard", "GuardedCall", "Meter", "Recovery"]
 
 logger = logging.getLogger("agent_meter")
+
 
 _open_meters: weakref.WeakSet[Meter] = weakref.WeakSet()
 
@@ -152,6 +153,12 @@ class Meter:
                 f"on_backend_error must be one of {engine.FAIL_POLICIES}, not {on_backend_error!r}"
             )
             raise ConfigError(msg)
+        if not all(callable(getattr(backend, name, None)) for name in ("check", "track")):
+            msg = (
+                "Meter needs a backend with check() and track() (SQLiteBackend, "
+                f"AutumnBackend, testing.MemoryBackend), got {backend!r}"
+            )
+            raise ConfigError(msg)
         self.backend = backend
         self.strategy: Strategy = strategy
         self.on_backend_error: FailPolicy = on_backend_error
@@ -242,8 +249,10 @@ class Meter:
 
         Raises:
             InvalidUsage: A malformed id or units.
-            ConfigError: An unknown feature, strategy or policy.
+            ConfigError: An unknown feature, strategy or policy, or the meter is closed.
         """
+        if self._closed:
+            self._refuse_closed()
         customer_id = check_customer_id(customer_id)
         feature_id = check_feature_id(feature_id)
         entity_id = check_entity_id(entity_id)
@@ -267,6 +276,10 @@ class Meter:
             gate_only=self.feature_type(feature_id) is FeatureType.BOOLEAN,
         )
 
+    def _refuse_closed(self) -> NoReturn:
+        msg = f"this meter is closed ({self!r}): meter.close() was called; open a new Meter"
+        raise ConfigError(msg)
+
     def _track_request(  # noqa: PLR0917 - private, mirrors track()'s parameters in order
         self,
         customer_id: str,
@@ -276,6 +289,8 @@ class Meter:
         entity_id: str | None,
         properties: Mapping[str, Any] | None,
     ) -> TrackRequest:
+        if self._closed:
+            self._refuse_closed()
         customer_id = check_customer_id(customer_id)
         feature_id = check_feature_id(feature_id)
         entity_id = check_entity_id(entity_id)
