@@ -14,6 +14,7 @@ The decisions themselves are the pure functions of :mod:`agent_meter.engine`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -50,19 +51,24 @@ class Effect:
         acall: Its native async twin (a backend's ``acheck``), or None for blocking local
             work that the async driver runs in a worker thread.
         args: The arguments of either.
+        shield: The async driver lets it finish even when the caller is cancelled (a
+            reservation: the flow must know whether it was made, to give it back).
     """
 
-    __slots__ = ("acall", "args", "call")
+    __slots__ = ("acall", "args", "call", "shield")
 
     def __init__(
         self,
         call: Callable[..., Any],
         acall: Callable[..., Awaitable[Any]] | None,
         args: tuple[Any, ...],
+        *,
+        shield: bool = False,
     ) -> None:
         self.call = call
         self.acall = acall
         self.args = args
+        self.shield = shield
 
     def __repr__(self) -> str:
         return f"Effect({getattr(self.call, '__qualname__', self.call)!r})"
@@ -105,9 +111,10 @@ async def arun(flow: Flow[T]) -> T:
         while True:
             try:
                 if effect.acall is not None:
-                    result = await effect.acall(*effect.args)
+                    awaitable = effect.acall(*effect.args)
                 else:
-                    result = await asyncio.to_thread(effect.call, *effect.args)
+                    awaitable = asyncio.to_thread(effect.call, *effect.args)
+                result = await (_shielded(awaitable) if effect.shield else awaitable)
             except BaseException as exc:  # noqa: BLE001 - thrown into the flow, which decides
                 effect = flow.throw(exc)
             else:
@@ -115,6 +122,21 @@ async def arun(flow: Flow[T]) -> T:
     except StopIteration as stop:
         answer: T = stop.value
         return answer
+
+
+async def _shielded(awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable``; if the caller is cancelled meanwhile, let it finish first.
+
+    The cancellation is raised once it has finished, so the flow can undo what it did
+    (a reservation made in a worker thread goes on after its awaiter is cancelled).
+    """
+    task = asyncio.ensure_future(awaitable)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await asyncio.wait({task})  # not cancellable by the same cancel
+        raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +283,15 @@ class Flows:
 
     def _reserve(self, hold: Hold, request: CheckRequest) -> Flow[CheckResult]:
         if (holder := self.holder) is not None:
-            reserved: CheckResult = yield remote(holder.reserve, holder.areserve, hold)
+            try:
+                reserved: CheckResult = yield Effect(
+                    holder.reserve, holder.areserve, (hold,), shield=True
+                )
+            except asyncio.CancelledError:
+                # The async caller was cancelled while reserving; the driver let the
+                # reservation finish: give it back (nothing happens if none was made).
+                yield local(holder.release, hold.key, hold.refund())
+                raise
             return reserved
         # A remote backend: journal the hold before the check, so that a crash between
         # the deduction and the answer is found by recover().
