@@ -111,7 +111,7 @@ def _holds_tables(path: Path) -> bool:
             return False
         conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
         try:
-            return conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
+            return bool(conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0)
         finally:
             conn.close()
     except (OSError, sqlite3.Error):
