@@ -227,7 +227,8 @@ ADAPTERS = [WrapTool(), Middleware(), OpenAITools()]
 
 @pytest.fixture(params=ADAPTERS, ids=lambda adapter: adapter.name)
 def adapter(request: pytest.FixtureRequest) -> Adapter:
-    return request.param
+    chosen: Adapter = request.param
+    return chosen
 
 
 # -- the scenarios ---------------------------------------------------------------------------
@@ -358,7 +359,7 @@ def test_a_stream_is_billed_exactly_once(ledger: Ledger, how: str) -> None:
     openai_client = openai.OpenAI(
         api_key="sk-test",
         base_url=API_BASE,
-        http_client=httpx.Client(transport=httpx.MockTransport(api)),
+        http_client=httpx.Client(transport=httpx.MockTransport(api)),  # type: ignore[arg-type]
         max_retries=0,
     )
     client = wrap_client(openai_client, ledger.meter, customer_id=CUSTOMER)
