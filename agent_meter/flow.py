@@ -352,9 +352,24 @@ class Flows:
             # this process has ended, and its refund carries the same key: it counts once.
             yield local(self.queue, (refund,))
             return
-        logger.error(
-            "agent_meter: could not close the hold of %s (%s); it stays until this process "
-            "ends: %s",
+        # The call succeeded and its caller is told it is billed: whatever happens to the
+        # bookkeeping, recover() must never refund it. The outbox (another file) keeps
+        # that word; recover() then closes the hold without a refund.
+        try:
+            yield local(self.outbox.mark_settled, hold.key, time.time())
+        except AgentMeterError as marker:
+            logger.error(
+                "agent_meter: could not close the hold of %s (%s) after its success (%s), "
+                "nor record it in the outbox (%s): recover() may refund it",
+                hold.feature_id,
+                hold.customer_id,
+                exc,
+                marker,
+            )
+            return
+        logger.warning(
+            "agent_meter: could not close the hold of %s (%s) after its success (%s); it is "
+            "recorded as billed in the outbox and closed, never refunded, by recover()",
             hold.feature_id,
             hold.customer_id,
             exc,
@@ -387,6 +402,13 @@ class Flows:
         """Refund the reservations of processes that died, and deliver the outbox."""
         refunded = uncertain = 0
         if (holder := self.holder) is not None:
+            settled: set[str] = yield local(self.outbox.settled_keys)
+            if settled:  # successes whose hold could not be closed: close, never refund
+                for hold in (yield local(holder.holds)):
+                    if hold.key in settled:
+                        yield remote(holder.release, holder.arelease, hold.key, None)
+                for key in settled:
+                    yield local(self.outbox.forget_settled, key)
             holds: list[Hold] = yield local(_dead, holder.holds)
             for hold in holds:
                 if (yield remote(holder.release, holder.arelease, hold.key, hold.refund())):

@@ -71,6 +71,10 @@ CREATE TABLE IF NOT EXISTS holds (
     created_at REAL NOT NULL,
     state TEXT NOT NULL                       -- asking (answer unknown) | held
 );
+CREATE TABLE IF NOT EXISTS settled (          -- ledger holds of calls that succeeded but
+    key TEXT PRIMARY KEY,                     -- could not be closed: never to be refunded
+    at REAL NOT NULL
+);
 """
 
 
@@ -357,6 +361,23 @@ class Outbox:
             " state FROM holds ORDER BY created_at"
         )
         return [(Hold(*row[:8]), str(row[8])) for row in rows]
+
+    # -- successes whose ledger hold could not be closed ------------------------------------
+
+    def mark_settled(self, key: str, now: float) -> None:
+        """Remember that the call of ledger hold ``key`` succeeded: it stays billed."""
+        self._run(
+            "INSERT INTO settled (key, at) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+            (key, now),
+        )
+
+    def settled_keys(self) -> set[str]:
+        """The ledger holds marked settled and not closed yet."""
+        return {str(row[0]) for row in self._query("SELECT key FROM settled")}
+
+    def forget_settled(self, key: str) -> None:
+        """The ledger hold ``key`` is closed now."""
+        self._run("DELETE FROM settled WHERE key = ?", (key,))
 
     def close(self) -> None:
         """Close the file."""

@@ -332,3 +332,27 @@ def test_the_unused_rest_of_an_estimate_goes_back_at_the_reservations_price(
     call.bill(4)  # 6 of the 10 reserved units were not used
     guard.__exit__(None, None, None)
     assert backend.balances("cus_1")["credits"] == 92  # 8 kept, 12 back: not 60 back
+
+
+# -- 1: a success stays billed whatever happens to its bookkeeping ----------------------------
+
+
+def test_a_success_whose_hold_cannot_be_closed_is_never_refunded(tmp_path: Path) -> None:
+    path = tmp_path / "usage.db"
+    backend = SQLiteBackend(path, pricing=_pricing(), busy_timeout=0.2)
+    meter = Meter(backend, outbox=tmp_path / "outbox.db", recover_on_start=False)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    with meter.guard("cus_1", "code_exec", 1, call_id="c1"):
+        blocker.execute("BEGIN IMMEDIATE")  # closing the hold times out on this lock
+    blocker.execute("COMMIT")
+    blocker.close()
+    assert backend.balances("cus_1")["credits"] == 98  # the caller was told: billed
+    assert len(backend.holds()) == 1  # still open in the ledger
+    # the process dies; whoever recovers later must not refund a call that succeeded
+    with sqlite_conn(path) as conn:
+        conn.execute("UPDATE events SET owner = ? WHERE owner IS NOT NULL", (DEAD_OWNER,))
+    reopened = SQLiteBackend(path)
+    later = Meter(reopened, outbox=tmp_path / "outbox.db", recover_on_start=False)
+    assert later.recover().refunded == 0
+    assert reopened.holds() == []
+    assert reopened.balances("cus_1")["credits"] == 98
