@@ -188,8 +188,9 @@ class MemoryBackend:
         send_event: bool,
         *,
         validated: bool = False,
+        key: str | None = None,
     ) -> CheckResult:
-        """A check under the lock; records the reservation it makes."""
+        """A check under the lock; records the reservation it makes (under ``key``)."""
         if validated:  # a hold, built by the meter from a validated call
             charge = ledger.charge_for(self._pricing, customer_id, feature_id, units)
         else:
@@ -219,7 +220,7 @@ class MemoryBackend:
                     charge.value,
                     credits,
                     -credits,
-                    None,
+                    key,
                 )
             )
         return result
@@ -342,7 +343,13 @@ class MemoryBackend:
                 )
                 return replace(result, allowed=True, replayed=True)
             result = self._check(
-                hold.customer_id, hold.feature_id, hold.units, hold.entity_id, True, validated=True
+                hold.customer_id,
+                hold.feature_id,
+                hold.units,
+                hold.entity_id,
+                True,
+                validated=True,
+                key=hold.key,  # as the SQLite ledger records it
             )
             if result.deducted:
                 self._holds[hold.key] = hold
