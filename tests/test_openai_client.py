@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,8 @@ def tracks(backend: MemoryBackend) -> list[tuple[str, float]]:
     net: dict[tuple[str, str], float] = {}
     for event in backend.events():
         if event.kind in ("reserve", "track"):
-            call = (event.idempotency_key or "").rsplit(":", 1)[0]
+            # the hold, adjust and refund keys of one call (a refund names its attempt)
+            call = re.sub(r"\.r[0-9a-f]{12}$", "", (event.idempotency_key or "").rsplit(":", 1)[0])
             net[call, event.feature_id] = net.get((call, event.feature_id), 0.0) + event.value
     return [(feature, value) for (_, feature), value in net.items() if value]
 
