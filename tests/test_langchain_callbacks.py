@@ -12,10 +12,11 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from langchain_core.outputs import ChatGeneration, LLMResult
-from langchain_core.runnables import RunnableLambda
+from langchain_core.runnables import RunnableConfig, RunnableLambda
 
 from agent_meter import (
     AgentMeterError,
@@ -38,7 +39,7 @@ from tests.langchain_token_helpers import (
     reply,
 )
 
-CONFIG = {"metadata": {"customer_id": CUSTOMER}}
+CONFIG: RunnableConfig = {"metadata": {"customer_id": CUSTOMER}}
 
 
 @pytest.fixture
@@ -62,8 +63,8 @@ def tracks(backend: MemoryBackend) -> list[tuple[str, float]]:
     return [(feature, value) for (_, feature), value in net.items() if value]
 
 
-def run_config(handler: MeteringCallbackHandler, **extra: object) -> dict[str, object]:
-    return {"callbacks": [handler], **CONFIG, **extra}
+def run_config(handler: MeteringCallbackHandler, **extra: Any) -> RunnableConfig:
+    return cast("RunnableConfig", {"callbacks": [handler], **CONFIG, **extra})
 
 
 # -- invoke -------------------------------------------------------------------------------
@@ -82,7 +83,9 @@ def test_invoke_bills_total_tokens_once(any_meter: Meter) -> None:
 
     model.invoke("hi", config=run_config(handler))
 
-    assert any_meter.backend.balances(CUSTOMER)["credits"] == credits_left(100, 150 * TOKEN_RATE)
+    assert cast("MemoryBackend | SQLiteBackend", any_meter.backend).balances(CUSTOMER)[
+        "credits"
+    ] == credits_left(100, 150 * TOKEN_RATE)
     assert model.calls == 1
     usage = handler.summary.models["scripted-1"]
     assert (usage.calls, usage.input_tokens, usage.output_tokens, usage.total_tokens) == (
@@ -100,7 +103,9 @@ async def test_ainvoke_bills_total_tokens_once(any_meter: Meter) -> None:
 
     await model.ainvoke("hi", config=run_config(handler))
 
-    assert any_meter.backend.balances(CUSTOMER)["credits"] == credits_left(100, 150 * TOKEN_RATE)
+    assert cast("MemoryBackend | SQLiteBackend", any_meter.backend).balances(CUSTOMER)[
+        "credits"
+    ] == credits_left(100, 150 * TOKEN_RATE)
     assert handler.summary.total.total_tokens == 150
 
 

@@ -15,6 +15,7 @@ import openai
 import pytest
 from langchain.agents import create_agent
 from langchain_core.messages import AIMessage
+from openai.types.chat import ChatCompletionMessageParam
 
 from agent_meter import Meter, SQLiteBackend, UsageLimitExceeded
 from agent_meter.errors import ConfigError
@@ -25,7 +26,10 @@ from tests.openai_helpers import example_pricing
 from tests.token_server import ServerChatModel, TokenServer
 
 CUS = "cus_ledger"
-MESSAGES = [{"role": "user", "content": "What is the weather in Paris today?"}]
+MESSAGES: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the weather in Paris today?"}
+]
+QUESTION = "What is the weather in Paris today?"
 Backend = MemoryBackend | SQLiteBackend
 
 
@@ -93,9 +97,10 @@ def test_the_middleware_reads_the_limit_from_the_model(backend: Backend) -> None
 def test_wrap_client_reads_the_limit_from_the_request(backend: Backend, param: str) -> None:
     server = TokenServer()
     client = wrap_client(server.client(), Meter(backend), customer_id=CUS, estimate=len)
-    client.chat.completions.create(model="m", messages=MESSAGES, **{param: 40})
+    limit: dict[str, Any] = {param: 40}
+    client.chat.completions.create(model="m", messages=MESSAGES, **limit)
     [held] = reserved(backend)
-    assert held == 40 + len(MESSAGES[0]["content"]) + 4 + 3  # counter len(): 1 per char
+    assert held == 40 + len(QUESTION) + 4 + 3  # counter len(): 1 per char
     assert billed_tokens(backend) == server.ledger
 
 
@@ -156,11 +161,11 @@ def _llm_call_through(adapter: str, meter: Meter, server: TokenServer) -> Any:
     if adapter == "handler":
         handler = meter.callback_handler()
         config: Any = {"callbacks": [handler], "metadata": {"customer_id": CUS}}
-        return lambda: model.invoke(MESSAGES[0]["content"], config=config)
+        return lambda: model.invoke(QUESTION, config=config)
     if adapter == "middleware":
         agent = create_agent(model, middleware=[MeteringMiddleware(meter)])
         config = {"configurable": {"customer_id": CUS}}
-        return lambda: agent.invoke({"messages": [("user", MESSAGES[0]["content"])]}, config=config)
+        return lambda: agent.invoke({"messages": [("user", QUESTION)]}, config=config)
     client = wrap_client(server.client(), meter, customer_id=CUS)
     return lambda: client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=100)
 

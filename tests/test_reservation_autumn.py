@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from outage_helpers import SECRET, AutumnServer, pricing
 
 from agent_meter import Meter, TokenUsage, UsageLimitExceeded
 from agent_meter.backends.autumn import AutumnBackend
@@ -20,6 +19,7 @@ from agent_meter.context import CustomerRef
 from agent_meter.estimate import TokenEstimate
 from agent_meter.reservation import reserve_tokens
 from agent_meter.tokens import TokenFeatures
+from tests.outage_helpers import SECRET, AutumnServer, pricing
 
 CUS = CustomerRef("cus_autumn_llm")
 

@@ -140,7 +140,8 @@ class TokenServer:
         return OpenAI(
             api_key="sk-test",
             base_url=API_BASE,
-            http_client=httpx.Client(transport=httpx.MockTransport(self)),
+            # openai types http_client as its own httpx fork's client; httpx's works the same
+            http_client=httpx.Client(transport=httpx.MockTransport(self)),  # type: ignore[arg-type]
             max_retries=0,
         )
 
@@ -149,7 +150,7 @@ class TokenServer:
         return AsyncOpenAI(
             api_key="sk-test",
             base_url=API_BASE,
-            http_client=httpx.AsyncClient(transport=httpx.MockTransport(self.handle_async)),
+            http_client=httpx.AsyncClient(transport=httpx.MockTransport(self.handle_async)),  # type: ignore[arg-type]
             max_retries=0,
         )
 
