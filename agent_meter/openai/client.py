@@ -10,33 +10,27 @@ settled once to the usage the answer reports, and given back when the request fa
 Every other attribute is the client's own: return types, errors, retries and options are
 unchanged.
 
-Streams are settled when their usage arrives, and released (logged) when they fail or
-end without usage. A chat stream reports usage only when asked
-(``stream_options={"include_usage": True}``); when the caller did not ask, the proxy asks
-for it and hides the extra usage-only chunk (``choices == []``), so the caller's loop sees
-exactly the chunks it would have seen. The stream object returned is the SDK's own
-``Stream`` / ``AsyncStream``, metered in place.
+Streams are settled when their usage arrives (a stream closed early is read to its usage
+first), and released (logged) when they fail or end without usage. A chat stream reports
+usage only when asked (``stream_options={"include_usage": True}``); when the caller did
+not ask, the proxy asks for it and hides the extra usage-only chunk (``choices == []``),
+so the caller's loop sees exactly the chunks it would have seen. The stream object
+returned is the SDK's own ``Stream`` / ``AsyncStream``, metered in place.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterator,
-    Callable,
-    Generator,
-    Iterator,
-    Mapping,
-)
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from openai import AsyncOpenAI, AsyncStream, OpenAI, Stream
 
-from agent_meter.context import NO_CUSTOMER_HELP, CustomerRef, current_customer
-from agent_meter.errors import AgentMeterError, BackendError, ConfigError
+from agent_meter.context import CustomerRef
+from agent_meter.errors import BackendError
 from agent_meter.estimate import DEFAULT_MAX_TOKENS, Estimator, TokenCounter, completion_limit
+from agent_meter.integration import default_customer, resolve_customer
 from agent_meter.keys import new_call_id
 from agent_meter.llm_billing import LLMBilling, LLMCall, llm_billing
 from agent_meter.meter import Meter
@@ -142,10 +136,10 @@ class _Billing:
     customer: CustomerRef | None
 
     def _ref(self) -> CustomerRef:
-        ref = self.customer or current_customer()
-        if ref is None:
-            raise AgentMeterError(NO_CUSTOMER_HELP)
-        return ref
+        # imported here: langchain-core is needed only when a LangChain run names the customer
+        from langchain_core.runnables.config import var_child_runnable_config  # noqa: PLC0415
+
+        return resolve_customer(var_child_runnable_config.get(), default=self.customer)
 
     @staticmethod
     def _request(kwargs: Mapping[str, Any]) -> tuple[object, int | None]:
@@ -184,6 +178,10 @@ class _Billing:
         )
 
 
+_STREAM_FAILED = "the stream failed before its usage arrived"
+_NO_STREAM_USAGE = "the stream ended without reporting usage"
+
+
 _END = object()
 
 
@@ -206,110 +204,159 @@ class _StreamMeter:
         self.pending = None
         return not (self.hide and _usage_only(item)), found
 
+    def settle(self) -> Found | None:
+        """The usage still to bill when the stream ends (a count repeated on every item)."""
+        found, self.pending = self.pending, None
+        return found
 
-_STREAM_FAILED = "the stream failed before its usage arrived"
-_NO_STREAM_USAGE = "the stream ended without reporting usage"
-_CLOSED_EARLY = "the stream was closed before its usage arrived"
+
+def _meter_stream(stream: Stream[Any], items: Iterator[Any]) -> None:
+    """Meter the SDK's stream in place; ``close()`` (and ``with``) bills it at once.
+
+    A stream closed before its usage arrived is read to its end first, quietly: usage
+    comes last, and tokens the server produced are paid for whether or not the caller
+    read them. Without this, the bill would wait for garbage collection.
+    """
+    stream._iterator = items
+    close_response = stream.close
+
+    def close() -> None:
+        try:
+            for _ in items:
+                pass
+        except Exception as exc:  # noqa: BLE001 - closing must not fail over the rest
+            logger.warning("agent_meter: reading a closed stream to its usage failed: %s", exc)
+        finally:
+            cast(Any, items).close()
+            close_response()
+
+    stream.close = close  # type: ignore[method-assign]
 
 
-def _why(failed: bool | None) -> str:
-    """Why a stream's reservation is released: it failed, ended without usage, was closed."""
-    if failed is None:
-        return _CLOSED_EARLY
-    return _STREAM_FAILED if failed else _NO_STREAM_USAGE
+def _ameter_stream(stream: AsyncStream[Any], items: AsyncIterator[Any]) -> None:
+    """Async :func:`_meter_stream`."""
+    stream._iterator = items
+    close_response = stream.close
+
+    async def close() -> None:
+        try:
+            async for _ in items:
+                pass
+        except Exception as exc:  # noqa: BLE001 - closing must not fail over the rest
+            logger.warning("agent_meter: reading a closed stream to its usage failed: %s", exc)
+        finally:
+            await cast(Any, items).aclose()
+            await close_response()
+
+    stream.close = close  # type: ignore[method-assign]
+
+
+class _ClosingManager:
+    """The SDK's ``stream()`` manager, whose exit closes the metered stream under it.
+
+    The SDK's helper closes the HTTP response directly, past the metered stream's
+    ``close()``; closing that stream first bills it on exit of the ``with`` block.
+    """
+
+    def __init__(self, manager: Any) -> None:
+        self._manager = manager
+        self._stream: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._manager, name)
+
+    def __enter__(self) -> Any:
+        self._stream = self._manager.__enter__()
+        return self._stream
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        try:
+            raw = getattr(self._stream, "_raw_stream", None)
+            if raw is not None:
+                raw.close()
+        finally:
+            result = self._manager.__exit__(*exc_info)
+        return result
+
+    async def __aenter__(self) -> Any:
+        self._stream = await self._manager.__aenter__()
+        return self._stream
+
+    async def __aexit__(self, *exc_info: Any) -> Any:
+        try:
+            raw = getattr(self._stream, "_raw_stream", None)
+            if raw is not None:
+                await raw.close()
+        finally:
+            result = await self._manager.__aexit__(*exc_info)
+        return result
 
 
 def _metered_items(
     items: Iterator[Any], billing: _Billing, call: LLMCall, meter: _StreamMeter
-) -> Generator[Any, None, None]:
-    failed: bool | None = True
+) -> Iterator[Any]:
+    failed = True
     try:
         for item in items:
             batch = [item]
+            ended = False
             if meter.endpoint.finishing(item):
                 # The usage chunk follows the last text chunk at once: read it before the
                 # caller, who may stop at finish_reason, gets the chance to walk away.
                 ahead = next(items, _END)
-                if ahead is not _END:
+                ended = ahead is _END
+                if not ended:
                     batch.append(ahead)
             kept = []
-            for each in batch:  # bill the whole batch before the caller sees any of it
+            for each in batch:  # settle on the whole batch before the caller sees any of it
                 keep, found = meter.see(each)
                 if found is not None:
                     billing.settle(call, found)  # once: a later settle does nothing
                 if keep:
                     kept.append(each)
+            if ended and (found := meter.settle()) is not None:
+                billing.settle(call, found)  # the last count of a server that repeats it
             for each in kept:
                 yield each
         failed = False
-    except GeneratorExit:
-        failed = None  # closed by the caller
-        raise
     finally:
         # Settled already when the usage arrived; else the latest count, else released.
-        if meter.pending is not None:
-            billing.settle(call, meter.pending)
+        if (found := meter.settle()) is not None:
+            billing.settle(call, found)
         else:
-            call.release(_why(failed))
+            call.release(_STREAM_FAILED if failed else _NO_STREAM_USAGE)
 
 
 async def _ametered_items(
     items: AsyncIterator[Any], billing: _Billing, call: LLMCall, meter: _StreamMeter
-) -> AsyncGenerator[Any, None]:
-    failed: bool | None = True
+) -> AsyncIterator[Any]:
+    failed = True
     try:
         async for item in items:
             batch = [item]
+            ended = False
             if meter.endpoint.finishing(item):
                 ahead = await anext(items, _END)
-                if ahead is not _END:
+                ended = ahead is _END
+                if not ended:
                     batch.append(ahead)
             kept = []
-            for each in batch:  # bill the whole batch before the caller sees any of it
+            for each in batch:  # settle on the whole batch before the caller sees any of it
                 keep, found = meter.see(each)
                 if found is not None:
                     await billing.asettle(call, found)
                 if keep:
                     kept.append(each)
+            if ended and (found := meter.settle()) is not None:
+                await billing.asettle(call, found)
             for each in kept:
                 yield each
         failed = False
-    except GeneratorExit:
-        failed = None  # closed by the caller
-        raise
     finally:
-        if meter.pending is not None:
-            await billing.asettle(call, meter.pending)
+        if (found := meter.settle()) is not None:
+            await billing.asettle(call, found)
         else:
-            await call.arelease(_why(failed))
-
-
-def _close_with(stream: Stream[Any], items: Generator[Any, None, None], call: LLMCall) -> None:
-    """Make ``stream.close()`` (and ``with`` exit) close the metering too, not only GC."""
-    close = stream.close
-
-    def closing() -> None:
-        try:
-            close()
-        finally:
-            items.close()  # settles or releases, if it was read from
-            call.release(_CLOSED_EARLY)  # never read from: released; else a no-op
-
-    stream.close = closing  # type: ignore[method-assign]
-
-
-def _aclose_with(stream: AsyncStream[Any], items: AsyncGenerator[Any, None], call: LLMCall) -> None:
-    """Async :func:`_close_with`."""
-    close = stream.close
-
-    async def closing() -> None:
-        try:
-            await close()
-        finally:
-            await items.aclose()
-            await call.arelease(_CLOSED_EARLY)
-
-    stream.close = closing  # type: ignore[method-assign]
+            await call.arelease(_STREAM_FAILED if failed else _NO_STREAM_USAGE)
 
 
 class _Proxy:
@@ -345,11 +392,12 @@ class _SyncEndpoint(_Proxy):
             call.release(f"the request failed: {type(exc).__name__}")
             raise
         if isinstance(value, Stream):
-            items = _metered_items(  # meter the SDK's stream in place
-                value._iterator, self._billing, call, _StreamMeter(self._endpoint, hide=hide)
+            _meter_stream(
+                value,
+                _metered_items(
+                    value._iterator, self._billing, call, _StreamMeter(self._endpoint, hide=hide)
+                ),
             )
-            value._iterator = items
-            _close_with(value, items, call)
         else:
             self._billing.settle(call, self._endpoint.read(value))
         return result
@@ -367,7 +415,7 @@ class _SyncEndpoint(_Proxy):
         if self._raw:
             return self._inner.stream(**kwargs)
         # The SDK's helper calls resource.create: handing it this proxy meters the stream.
-        return type(self._inner).stream(cast(Any, self), **kwargs)
+        return _ClosingManager(type(self._inner).stream(cast(Any, self), **kwargs))
 
     @property
     def with_raw_response(self) -> _SyncEndpoint:
@@ -393,11 +441,12 @@ class _AsyncEndpoint(_Proxy):
             await call.arelease(f"the request failed: {type(exc).__name__}")
             raise
         if isinstance(value, AsyncStream):
-            items = _ametered_items(  # meter the SDK's stream in place
-                value._iterator, self._billing, call, _StreamMeter(self._endpoint, hide=hide)
+            _ameter_stream(
+                value,
+                _ametered_items(
+                    value._iterator, self._billing, call, _StreamMeter(self._endpoint, hide=hide)
+                ),
             )
-            value._iterator = items
-            _aclose_with(value, items, call)
         else:
             await self._billing.asettle(call, self._endpoint.read(value))
         return result
@@ -414,7 +463,7 @@ class _AsyncEndpoint(_Proxy):
         """The client's ``stream`` helper, over the metered :meth:`create`."""
         if self._raw:
             return self._inner.stream(**kwargs)
-        return type(self._inner).stream(cast(Any, self), **kwargs)
+        return _ClosingManager(type(self._inner).stream(cast(Any, self), **kwargs))
 
     @property
     def with_raw_response(self) -> _AsyncEndpoint:
@@ -514,8 +563,10 @@ def wrap_client(
     Args:
         client: The client to wrap; it is not modified and keeps working unmetered.
         meter: The meter that gates and bills.
-        customer_id: Who pays. None: the customer bound by ``meter.customer(...)`` at the
-            time of each request (one wrapped client shared by a server's requests).
+        customer_id: Who pays by default: a LangChain run or a ``meter.customer(...)``
+            block around a request names its own customer first (one wrapped client shared
+            by a server's requests), in the order of
+            :func:`agent_meter.integration.resolve_customer`. None: such a block is needed.
         feature_id: The feature billed ``total_tokens``.
         input_feature_id: With ``output_feature_id``: bill input and output tokens to
             features of their own instead.
@@ -554,7 +605,7 @@ def wrap_client(
         msg = f"wrap_client needs an openai.OpenAI or openai.AsyncOpenAI client, not {client!r}"
         raise TypeError(msg)
     features = TokenFeatures(total=feature_id, input=input_feature_id, output=output_feature_id)
-    policy = llm_billing(
+    policy = llm_billing(  # checks the billed features: a split bill never uses the total
         meter,
         features,
         estimate=estimate,
@@ -563,9 +614,6 @@ def wrap_client(
         on_denied=on_denied,
         allowed_on_denied=("raise",),
     )
-    if customer_id is None and entity_id is not None:
-        msg = "entity_id needs customer_id (or bind both with meter.customer(...))"
-        raise ConfigError(msg)
-    customer = None if customer_id is None else CustomerRef.of(customer_id, entity_id)
+    customer = default_customer(customer_id, entity_id)
     billing = _Billing(policy, customer)
     return cast(ClientT, _Client(client, billing, raw=False, is_async=is_async))
