@@ -11,6 +11,7 @@ import asyncio
 import atexit
 import logging
 import os
+import secrets
 import threading
 import time
 import weakref
@@ -20,10 +21,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent_meter import engine
-from agent_meter.backends.base import DenialRecorder, FullBackend, ReservingBackend
+from agent_meter.backends.base import (
+    DefaultsToLocks,
+    DenialRecorder,
+    FullBackend,
+    KeyedReserves,
+    LockingBackend,
+    ReservingBackend,
+)
 from agent_meter.context import CustomerRef
 from agent_meter.delivery import Deliverer
-from agent_meter.engine import Admission, FailPolicy, Hold, MeteredCall, Strategy, TrackRequest
+from agent_meter.engine import (
+    Admission,
+    FailPolicy,
+    FinalizeRequest,
+    Hold,
+    MeteredCall,
+    Strategy,
+    TrackRequest,
+)
 from agent_meter.errors import (
     AgentMeterError,
     BackendError,
@@ -34,7 +50,7 @@ from agent_meter.errors import (
 )
 from agent_meter.guard import AsyncGuard, Guard, GuardedCall
 from agent_meter.keys import new_call_id
-from agent_meter.outbox import Outbox
+from agent_meter.outbox import Outbox, Queued
 from agent_meter.owner import current_owner, owner_is_alive
 from agent_meter.pricing import FeatureType, Pricing
 from agent_meter.results import CheckResult, TrackResult
@@ -102,7 +118,20 @@ def default_outbox_path(backend: object) -> Path | None:
     return Path(state) / "agent_meter" / f"outbox-{name}.db"
 
 
-def _queued(request: TrackRequest) -> TrackResult:
+def _raises_balance_view(request: Queued) -> bool:
+    """Whether the customer's next check must wait for ``request`` to be delivered.
+
+    A track must be seen by the next check. A lock's confirm of the held amount changes
+    nothing, and a release only gives back: a check that runs first sees less than there
+    is, never more, so neither puts a round trip on the next call's path. A confirm above
+    the hold does charge more, so it is delivered first.
+    """
+    if isinstance(request, FinalizeRequest):
+        return request.value > request.held
+    return True
+
+
+def _queued(request: Queued) -> TrackResult:
     return TrackResult(
         request.customer_id,
         request.feature_id,
@@ -118,8 +147,13 @@ class Meter:
     Args:
         backend: Implements :class:`~agent_meter.backends.Backend` and its async twin
             (every backend shipped does).
-        strategy: ``"reserve"`` (deduct atomically up front, refund on failure; no
-            concurrent overspend) or ``"check_then_track"`` (Autumn's literal pattern).
+        strategy: ``"lock"`` (hold the units under a unique lock id, then confirm the
+            real count or release exactly; the default on Autumn), ``"reserve"`` (deduct
+            atomically up front, refund on failure; the default on the embedded ledgers,
+            where it is the same thing in one commit) or ``"check_then_track"`` (Autumn's
+            literal pattern). ``lock`` and ``reserve`` never overspend under concurrency;
+            on Autumn, a ``reserve`` refund is dropped above the plan's grant (Autumn caps
+            negative tracks there) while a lock's release is exact.
         on_backend_error: ``"deny"`` refuses a call whose check the backend cannot answer;
             ``"allow"`` runs it and bills it afterwards.
         pricing: The feature catalogue, when the backend does not carry one; lets the
@@ -146,15 +180,20 @@ class Meter:
         self,
         backend: FullBackend,
         *,
-        strategy: Strategy = "reserve",
+        strategy: Strategy | None = None,
         on_backend_error: FailPolicy = "deny",
         pricing: Pricing | None = None,
         outbox: str | Path | None = None,
         unverified_limit: int = 10,
         recover_on_start: bool = True,
     ) -> None:
+        if strategy is None:
+            strategy = "lock" if isinstance(backend, DefaultsToLocks) else "reserve"
         if strategy not in engine.STRATEGIES:
             msg = f"strategy must be one of {engine.STRATEGIES}, not {strategy!r}"
+            raise ConfigError(msg)
+        if strategy == "lock" and not isinstance(backend, LockingBackend):
+            msg = f"strategy 'lock' needs a backend with locks; {backend!r} has none"
             raise ConfigError(msg)
         if on_backend_error not in engine.FAIL_POLICIES:
             msg = (
@@ -173,7 +212,7 @@ class Meter:
         self.pricing = pricing if pricing is not None else getattr(backend, "pricing", None)
         self.unverified_limit = unverified_limit
         self.outbox = Outbox(outbox if outbox is not None else default_outbox_path(backend))
-        self.deliverer = Deliverer(self.outbox, self._send)
+        self.deliverer = Deliverer(self.outbox, self._deliver_one)
         self._inline = bool(getattr(backend, "is_local", False))
         self._lock = threading.Lock()
         self._unverified: dict[str, int] = {}
@@ -256,6 +295,9 @@ class Meter:
         policy = on_backend_error or self.on_backend_error
         if strategy not in engine.STRATEGIES or policy not in engine.FAIL_POLICIES:
             msg = f"unknown strategy {strategy!r} or on_backend_error {policy!r}"
+            raise ConfigError(msg)
+        if strategy == "lock" and not isinstance(self.backend, LockingBackend):
+            msg = f"strategy 'lock' needs a backend with locks; {self.backend!r} has none"
             raise ConfigError(msg)
         return MeteredCall(
             customer_id=customer_id,
@@ -386,7 +428,7 @@ class Meter:
         try:
             self._deliver_queued_first(call.customer_id)
             if request.send_event:
-                hold = engine.hold_for(call, current_owner(), time.time())
+                hold = self._hold_for(call)
                 result = self._reserve(hold, request)
             else:
                 result = self.backend.check(
@@ -408,7 +450,7 @@ class Meter:
             if call.customer_id in self._queued_customers:
                 await asyncio.to_thread(self._deliver_queued_first, call.customer_id)
             if request.send_event:
-                hold = engine.hold_for(call, current_owner(), time.time())
+                hold = self._hold_for(call)
                 result = await self._areserve(hold, request)
             else:
                 result = await self.backend.acheck(
@@ -435,12 +477,27 @@ class Meter:
         except AgentMeterError as exc:
             logger.warning("agent_meter: could not record a denial of %s: %s", call.feature_id, exc)
 
+    def _hold_for(self, call: MeteredCall) -> Hold:
+        # An embedded ledger keeps one hold per call (it spots replays); a remote backend
+        # keeps keys and lock ids past the call, so each admission is its own attempt.
+        attempt = None if self._holder is not None else secrets.token_hex(4)
+        return engine.hold_for(call, current_owner(), time.time(), attempt)
+
     def _reserve(self, hold: Hold, request: engine.CheckRequest) -> CheckResult:
         if (holder := self._holder) is not None:
+            if hold.lock and isinstance(holder, LockingBackend):
+                return holder.lock(hold)
             return holder.reserve(hold)
         self.outbox.open_hold(hold)
         try:
-            result = self.backend.check(request.customer_id, request.feature_id, **request.kwargs())
+            if hold.lock:
+                result = self._locker().lock(hold)
+            else:
+                result = self.backend.check(
+                    request.customer_id, request.feature_id, **self._reserve_kwargs(hold, request)
+                )
+        except BackendUnavailable as exc:
+            raise self._unanswered(hold, exc) from exc
         except BaseException:
             self.outbox.close_hold(hold.key)
             raise
@@ -449,17 +506,50 @@ class Meter:
 
     async def _areserve(self, hold: Hold, request: engine.CheckRequest) -> CheckResult:
         if (holder := self._holder) is not None:
+            if hold.lock and isinstance(holder, LockingBackend):
+                return await holder.alock(hold)
             return await holder.areserve(hold)
         self.outbox.open_hold(hold)
         try:
-            result = await self.backend.acheck(
-                request.customer_id, request.feature_id, **request.kwargs()
-            )
+            if hold.lock:
+                result = await self._locker().alock(hold)
+            else:
+                result = await self.backend.acheck(
+                    request.customer_id, request.feature_id, **self._reserve_kwargs(hold, request)
+                )
+        except BackendUnavailable as exc:
+            raise self._unanswered(hold, exc) from exc
         except BaseException:
             self.outbox.close_hold(hold.key)
             raise
         self._journal_answer(hold, result)
         return result
+
+    def _locker(self) -> LockingBackend:
+        if not isinstance(self.backend, LockingBackend):
+            msg = f"strategy 'lock' needs a backend with locks; {self.backend!r} has none"
+            raise ConfigError(msg)
+        return self.backend
+
+    def _reserve_kwargs(self, hold: Hold, request: engine.CheckRequest) -> dict[str, Any]:
+        kwargs = request.kwargs()
+        if isinstance(self.backend, KeyedReserves) and self.backend.keyed_reserves:
+            kwargs["idempotency_key"] = hold.key  # a lost answer can be retried safely
+        return kwargs
+
+    def _unanswered(self, hold: Hold, error: BackendUnavailable) -> BackendUnavailable:
+        """Settle the journal of a reserve the backend did not answer; the error to raise.
+
+        A lock that may stand is released by id (a release of a lock never made finds
+        nothing), through the outbox: then nothing stands, and the call may run
+        unverified like any other. A v1 reserve that may have landed cannot be told from
+        one that did not; its hold is closed and the error keeps ``maybe_applied``.
+        """
+        if hold.lock and error.maybe_applied:
+            self._enqueue((hold.finalize(succeeded=False),), close_hold=hold.key)
+            return BackendUnavailable(f"{error}; its lock is released", maybe_applied=False)
+        self.outbox.close_hold(hold.key)
+        return error
 
     def _journal_answer(self, hold: Hold, result: CheckResult) -> None:
         if result.deducted:
@@ -492,6 +582,26 @@ class Meter:
             msg = f"usage of {customer_id!r} queued earlier could not be delivered before the check"
             raise BackendUnavailable(msg)
         self._queued_customers.discard(customer_id)
+        if self.outbox.pending(customer_id):  # another thread queued meanwhile: keep it marked
+            self._queued_customers.add(customer_id)
+
+    def _deliver_one(self, request: Queued) -> object:
+        """What the deliverer sends: a track, or a lock's finalize (strategy ``lock``)."""
+        if isinstance(request, FinalizeRequest):
+            return self._finalize(request)
+        return self._send(request)
+
+    def _finalize(self, request: FinalizeRequest) -> bool:
+        locker = self.backend
+        if not isinstance(locker, LockingBackend):
+            msg = f"{self.backend!r} has no locks: cannot finalize {request.lock_id!r}"
+            raise ConfigError(msg)
+        done = locker.finalize(request)
+        if not done:
+            # Autumn holds nothing under the id: finalized before (a lost answer), never
+            # made, or expired. A lock finalizes once, so there is nothing left to do.
+            logger.info("agent_meter: lock %s was already settled", request.lock_id)
+        return done
 
     def _send(self, request: TrackRequest) -> TrackResult:
         return self.backend.track(
@@ -504,12 +614,13 @@ class Meter:
         )
 
     def _enqueue(
-        self, requests: Sequence[TrackRequest], *, close_hold: str | None = None
+        self, requests: Sequence[Queued], *, close_hold: str | None = None
     ) -> list[TrackResult]:
         """Keep tracks in the durable outbox and wake the deliverer."""
         self.outbox.put(requests, now=time.time(), close_hold=close_hold)
         for request in requests:
-            self._queued_customers.add(request.customer_id)
+            if _raises_balance_view(request):
+                self._queued_customers.add(request.customer_id)
         self.deliverer.wake()
         return [_queued(request) for request in requests]
 
@@ -539,7 +650,9 @@ class Meter:
 
     def _settle(self, admission: Admission, settlement: engine.Settlement) -> None:
         hold = admission.hold
-        if hold is not None:
+        if hold is not None and settlement.finalize is not None:
+            self._settle_lock(hold, settlement.finalize)
+        elif hold is not None:
             if (holder := self._holder) is not None:
                 try:
                     holder.release(hold.key, settlement.refund)
@@ -554,7 +667,15 @@ class Meter:
 
     async def _asettle(self, admission: Admission, settlement: engine.Settlement) -> None:
         hold = admission.hold
-        if hold is not None:
+        if hold is not None and settlement.finalize is not None:
+            if isinstance(self._holder, LockingBackend):
+                try:
+                    await self._holder.afinalize(settlement.finalize)
+                except BackendError:
+                    self._enqueue((settlement.finalize,))
+            else:
+                self._enqueue((settlement.finalize,), close_hold=hold.key)
+        elif hold is not None:
             if (holder := self._holder) is not None:
                 try:
                     await holder.arelease(hold.key, settlement.refund)
@@ -566,6 +687,20 @@ class Meter:
                 self.outbox.close_hold(hold.key)
         if settlement.tracks:
             await self._adeliver(settlement.tracks)
+
+    def _settle_lock(self, hold: Hold, finalize: FinalizeRequest) -> None:
+        """Confirm or release a lock: in the ledger's commit (embedded), else via the outbox.
+
+        On Autumn the finalize leaves the caller's path: it waits durably in the outbox,
+        closing the journal's hold in the same commit, and is delivered in the background.
+        """
+        if isinstance(self._holder, LockingBackend):
+            try:
+                self._holder.finalize(finalize)
+            except BackendError:
+                self._enqueue((finalize,))  # the hold stays until the finalize lands
+            return
+        self._enqueue((finalize,), close_hold=hold.key)
 
     def _release_failed(self, hold: Hold, refund: TrackRequest | None, exc: BackendError) -> None:
         if refund is not None:
@@ -614,7 +749,14 @@ class Meter:
             for hold, state in self.outbox.holds():
                 if owner_is_alive(hold.owner):
                     continue
-                if state == "held":
+                if hold.lock:
+                    # a lock is released by id whether or not its answer came back: a
+                    # release of a lock that was never made finds nothing (400)
+                    release = hold.finalize(succeeded=False)
+                    if self.outbox.put([release], now=time.time(), close_hold=hold.key):
+                        self._queued_customers.add(hold.customer_id)
+                        refunded += 1
+                elif state == "held":
                     # put() queues the refund only if this recovery closed the hold: of
                     # several racing recoveries, exactly one refunds
                     if self.outbox.put([hold.refund()], now=time.time(), close_hold=hold.key):
