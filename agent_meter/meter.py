@@ -648,7 +648,8 @@ class Meter:
                 return results + self._enqueue(requests[index:])
         return results
 
-    def _settle(self, admission: Admission, settlement: engine.Settlement) -> None:
+    def _settle(self, admission: Admission, settlement: engine.Settlement) -> list[TrackResult]:
+        """Close the hold (with its refund) and record the tracks; returns their answers."""
         hold = admission.hold
         if hold is not None and settlement.finalize is not None:
             self._settle_lock(hold, settlement.finalize)
@@ -663,9 +664,13 @@ class Meter:
             else:
                 self.outbox.close_hold(hold.key)
         if settlement.tracks:
-            self._deliver(settlement.tracks)
+            return self._deliver(settlement.tracks)
+        return []
 
-    async def _asettle(self, admission: Admission, settlement: engine.Settlement) -> None:
+    async def _asettle(
+        self, admission: Admission, settlement: engine.Settlement
+    ) -> list[TrackResult]:
+        """Close the hold (with its refund) and record the tracks; returns their answers."""
         hold = admission.hold
         if hold is not None and settlement.finalize is not None:
             if isinstance(self._holder, LockingBackend):
@@ -686,7 +691,8 @@ class Meter:
             else:
                 self.outbox.close_hold(hold.key)
         if settlement.tracks:
-            await self._adeliver(settlement.tracks)
+            return await self._adeliver(settlement.tracks)
+        return []
 
     def _settle_lock(self, hold: Hold, finalize: FinalizeRequest) -> None:
         """Confirm or release a lock: in the ledger's commit (embedded), else via the outbox.

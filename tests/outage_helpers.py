@@ -219,13 +219,8 @@ class AutumnServer:
                 self.stats.refused += 1
                 status, answer = 503, _error("service_unavailable", "Service unavailable")
             elif header_key is not None and header_key in self._header_keys:
-                status, answer = (
-                    409,
-                    _error(
-                        "duplicate_idempotency_key",
-                        f"Another request with idempotency key {header_key} has already been received",
-                    ),
-                )
+                message = f"Another request with idempotency key {header_key} was received"
+                status, answer = 409, _error("duplicate_idempotency_key", message)
             else:
                 status, answer = self._failed_open(mode, path, body) or self._answer(
                     request.command, path, body
