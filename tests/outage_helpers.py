@@ -80,6 +80,8 @@ class Stats:
     """Locks made (allowed lock checks)."""
     finalized: Counter[str] = field(default_factory=Counter)
     """Finalizes that settled a lock, by action."""
+    finalize_log: list[tuple[str, str]] = field(default_factory=list)
+    """(lock id, action) of every finalize that settled a lock, in order."""
 
 
 class AutumnServer:
@@ -398,6 +400,7 @@ class AutumnServer:
             cost = _nano(float(body["override_value"]) * RATES[feature_id])
             self._balances[customer_id] = max(0, balance + held - cost)
         self.stats.finalized[str(body.get("action"))] += 1
+        self.stats.finalize_log.append((lock_id, str(body.get("action"))))
         return 200, {"success": True}
 
 
