@@ -24,6 +24,7 @@ from autumn_helpers import (
 
 from agent_meter import BackendUnavailable, ConfigError
 from agent_meter.backends.autumn import AutumnBackend
+from agent_meter.engine import CheckRequest, TrackRequest
 
 FAILOPEN = {
     "allowed": True,
@@ -48,12 +49,12 @@ def test_a_failopen_202_reserve_is_no_reservation_and_deducts_nothing():
     with replay(body=True).use_cassette("check_failopen_202.yaml") as cassette:
         backend = AutumnBackend(REPLAY_KEY, max_retries=0)
         cus = "cus_check_failopen_202"
-        first = backend.check(cus, "code_exec")
+        first = backend.check(CheckRequest(cus, "code_exec"))
         with pytest.raises(BackendUnavailable, match="202") as info:
-            backend.check(cus, "code_exec", send_event=True)
-        after = backend.check(cus, "code_exec")
+            backend.check(CheckRequest(cus, "code_exec", send_event=True))
+        after = backend.check(CheckRequest(cus, "code_exec"))
         credits = _customer(backend, cus)
-        real = backend.check(cus, "code_exec", send_event=True)
+        real = backend.check(CheckRequest(cus, "code_exec", send_event=True))
         backend.close()
     assert cassette.all_played
     assert first.balance == 100.0
@@ -80,10 +81,10 @@ async def test_a_plain_check_answered_202_is_unavailable_not_allowed(asynchronou
         backend = AutumnBackend(SECRET, base_url=server.url, max_retries=1, backoff=0)
         if asynchronous:
             with pytest.raises(BackendUnavailable, match="failed open"):
-                await backend.acheck("cus_fault", "code_exec")
+                await backend.acheck(CheckRequest("cus_fault", "code_exec"))
         else:
             with pytest.raises(BackendUnavailable, match="failed open"):
-                backend.check("cus_fault", "code_exec")
+                backend.check(CheckRequest("cus_fault", "code_exec"))
         await backend.aclose()
     assert len(server.requests) == 2  # retried once: a 202 deducted nothing
 
@@ -96,10 +97,10 @@ def test_a_keyed_reserve_sent_twice_deducts_once():
     with replay(body=True).use_cassette("reserve_idempotency_header.yaml") as cassette:
         backend = AutumnBackend(REPLAY_KEY, max_retries=0)
         cus = "cus_reserve_idempotency_header"
-        backend.check(cus, "code_exec")
-        first = backend.check(cus, "code_exec", send_event=True, idempotency_key=key)
+        backend.check(CheckRequest(cus, "code_exec"))
+        first = backend.check(CheckRequest(cus, "code_exec", send_event=True, idempotency_key=key))
         with pytest.raises(BackendUnavailable, match="already received") as info:
-            backend.check(cus, "code_exec", send_event=True, idempotency_key=key)
+            backend.check(CheckRequest(cus, "code_exec", send_event=True, idempotency_key=key))
         credits = _customer(backend, cus)
         backend.close()
     assert cassette.all_played
@@ -115,11 +116,11 @@ def test_a_202_keeps_its_key_so_a_409_after_it_is_not_a_deduction():
     with replay(body=True).use_cassette("reserve_key_after_failopen.yaml") as cassette:
         backend = AutumnBackend(REPLAY_KEY, max_retries=0)
         cus = "cus_reserve_key_after_failopen"
-        backend.check(cus, "web_search")
+        backend.check(CheckRequest(cus, "web_search"))
         with pytest.raises(BackendUnavailable, match="202") as failed_open:
-            backend.check(cus, "web_search", send_event=True, idempotency_key=key)
+            backend.check(CheckRequest(cus, "web_search", send_event=True, idempotency_key=key))
         with pytest.raises(BackendUnavailable) as duplicate:
-            backend.check(cus, "web_search", send_event=True, idempotency_key=key)
+            backend.check(CheckRequest(cus, "web_search", send_event=True, idempotency_key=key))
         credits = _customer(backend, cus)
         backend.close()
     assert cassette.all_played
@@ -137,9 +138,9 @@ async def test_a_keyed_reserve_carries_the_header_and_retries_a_202_with_a_fresh
         backend = AutumnBackend(SECRET, base_url=server.url, backoff=0)
         kwargs = {"send_event": True, "idempotency_key": "am1:cus_fault::code_exec:c1:hold"}
         if asynchronous:
-            result = await backend.acheck("cus_fault", "code_exec", **kwargs)
+            result = await backend.acheck(CheckRequest("cus_fault", "code_exec", **kwargs))
         else:
-            result = backend.check("cus_fault", "code_exec", **kwargs)
+            result = backend.check(CheckRequest("cus_fault", "code_exec", **kwargs))
         await backend.aclose()
     keys = [seen.headers.get("Idempotency-Key") for seen in server.requests]
     assert keys[0] == "am1:cus_fault::code_exec:c1:hold"
@@ -155,9 +156,9 @@ async def test_a_keyed_reserve_whose_answer_was_lost_is_retried_with_the_same_ke
         backend = AutumnBackend(SECRET, base_url=server.url, backoff=0)
         kwargs = {"send_event": True, "idempotency_key": "k-lost"}
         if asynchronous:
-            result = await backend.acheck("cus_fault", "code_exec", **kwargs)
+            result = await backend.acheck(CheckRequest("cus_fault", "code_exec", **kwargs))
         else:
-            result = backend.check("cus_fault", "code_exec", **kwargs)
+            result = backend.check(CheckRequest("cus_fault", "code_exec", **kwargs))
         await backend.aclose()
     assert [seen.headers.get("Idempotency-Key") for seen in server.requests] == ["k-lost"] * 2
     assert result.deducted
@@ -168,7 +169,7 @@ def test_an_unkeyed_reserve_is_still_not_retried_after_a_502():
     with FaultServer(replies) as server:
         backend = AutumnBackend(SECRET, base_url=server.url, backoff=0)
         with pytest.raises(BackendUnavailable) as info:
-            backend.check("cus_fault", "code_exec", send_event=True)
+            backend.check(CheckRequest("cus_fault", "code_exec", send_event=True))
         backend.close()
     assert len(server.requests) == 1
     assert info.value.maybe_applied is True
@@ -180,7 +181,9 @@ def test_a_409_on_the_retry_of_a_keyed_reserve_leaves_it_in_doubt():
     with FaultServer(replies) as server:
         backend = AutumnBackend(SECRET, base_url=server.url, backoff=0)
         with pytest.raises(BackendUnavailable, match="whether it deducted is unknown") as info:
-            backend.check("cus_fault", "code_exec", send_event=True, idempotency_key="k")
+            backend.check(
+                CheckRequest("cus_fault", "code_exec", send_event=True, idempotency_key="k")
+            )
         backend.close()
     assert info.value.maybe_applied is True
 
@@ -204,12 +207,12 @@ def test_a_refund_above_the_grant_is_answered_200_but_dropped_and_logged(caplog)
         )
         backend = AutumnBackend(REPLAY_KEY, max_retries=0)
         start = _customer(backend, cus)
-        backend.track(cus, "web_search", 1, idempotency_key="refund_capped_at_grant:use_1")
+        backend.track(TrackRequest(cus, "web_search", 1, "refund_capped_at_grant:use_1"))
         used = _customer(backend, cus)
         backend._above_grant[cus] = used > 100  # what a check answer would have shown
         with caplog.at_level(logging.WARNING, logger="agent_meter.autumn"):
             refund = backend.track(
-                cus, "web_search", -1, idempotency_key="refund_capped_at_grant:refund_1"
+                TrackRequest(cus, "web_search", -1, "refund_capped_at_grant:refund_1")
             )
         after = _customer(backend, cus)
         backend.close()
@@ -223,7 +226,7 @@ def test_the_above_grant_flag_comes_from_check_answers():
     above = check_ok(150) | {"included_usage": 100}
     with FaultServer([Reply(200, above)]) as server:
         backend = AutumnBackend(SECRET, base_url=server.url)
-        backend.check("cus_fault", "web_search")
+        backend.check(CheckRequest("cus_fault", "web_search"))
         backend.close()
     assert backend._above_grant == {"cus_fault": True}
 

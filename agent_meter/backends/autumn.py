@@ -81,7 +81,7 @@ from pydantic import BaseModel, ConfigDict
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 from agent_meter.backends.autumn_locks import DEFAULT_API_VERSION, MAX_LOCK_SECONDS, LockClient
-from agent_meter.engine import FinalizeRequest, Hold
+from agent_meter.engine import CheckRequest, FinalizeRequest, Hold, TrackRequest
 from agent_meter.errors import (
     BackendError,
     BackendUnavailable,
@@ -490,16 +490,7 @@ class AutumnBackend:
 
     # -- the protocol ------------------------------------------------------------------
 
-    def check(
-        self,
-        customer_id: str,
-        feature_id: str,
-        *,
-        required_balance: float = 1,
-        send_event: bool = False,
-        entity_id: str | None = None,
-        idempotency_key: str | None = None,
-    ) -> CheckResult:
+    def check(self, request: CheckRequest) -> CheckResult:
         """Ask Autumn whether the customer may use ``required_balance`` units (one request).
 
         With ``send_event=True`` Autumn deducts atomically when it allows. Given an
@@ -518,27 +509,15 @@ class AutumnBackend:
                 open, or a keyed reserve's outcome is unknown (``maybe_applied``).
             BackendError: Autumn refused the request (a wrong key, bad input).
         """
-        call = _check_call(
-            customer_id, feature_id, required_balance, send_event, entity_id, idempotency_key
-        )
-        return self._seen(_check_result(call, self._request(call), required_balance, entity_id))
+        call = _check_call(*_check_fields(request))
+        answer = self._request(call)
+        return self._seen(_check_result(call, answer, request.required_balance, request.entity_id))
 
-    async def acheck(
-        self,
-        customer_id: str,
-        feature_id: str,
-        *,
-        required_balance: float = 1,
-        send_event: bool = False,
-        entity_id: str | None = None,
-        idempotency_key: str | None = None,
-    ) -> CheckResult:
+    async def acheck(self, request: CheckRequest) -> CheckResult:
         """Async :meth:`check`, over aiohttp."""
-        call = _check_call(
-            customer_id, feature_id, required_balance, send_event, entity_id, idempotency_key
-        )
-        result = _check_result(call, await self._arequest(call), required_balance, entity_id)
-        return self._seen(result)
+        call = _check_call(*_check_fields(request))
+        answer = await self._arequest(call)
+        return self._seen(_check_result(call, answer, request.required_balance, request.entity_id))
 
     def _seen(self, result: CheckResult) -> CheckResult:
         """Remember whether the customer's balance stood above its grant (refunds stop there)."""
@@ -557,16 +536,7 @@ class AutumnBackend:
                 customer_id,
             )
 
-    def track(
-        self,
-        customer_id: str,
-        feature_id: str,
-        value: float,
-        *,
-        idempotency_key: str,
-        entity_id: str | None = None,
-        properties: Mapping[str, Any] | None = None,
-    ) -> TrackResult:
+    def track(self, request: TrackRequest) -> TrackResult:
         """Record usage in Autumn (one request), once per idempotency key.
 
         A 409 ``duplicate_idempotency_key`` means Autumn already has this usage: the
@@ -580,12 +550,12 @@ class AutumnBackend:
             BackendError: Autumn refused the request.
         """
         call, result = _track_call(
-            customer_id,
-            feature_id,
-            value,
-            idempotency_key=idempotency_key,
-            entity_id=entity_id,
-            properties=properties,
+            request.customer_id,
+            request.feature_id,
+            request.value,
+            idempotency_key=request.idempotency_key,
+            entity_id=request.entity_id,
+            properties=request.properties,
         )
         self._note_refund(result.customer_id, result.feature_id, result.value)
         try:
@@ -594,24 +564,15 @@ class AutumnBackend:
             return _as_duplicate(result)
         return result
 
-    async def atrack(
-        self,
-        customer_id: str,
-        feature_id: str,
-        value: float,
-        *,
-        idempotency_key: str,
-        entity_id: str | None = None,
-        properties: Mapping[str, Any] | None = None,
-    ) -> TrackResult:
+    async def atrack(self, request: TrackRequest) -> TrackResult:
         """Async :meth:`track`, over aiohttp."""
         call, result = _track_call(
-            customer_id,
-            feature_id,
-            value,
-            idempotency_key=idempotency_key,
-            entity_id=entity_id,
-            properties=properties,
+            request.customer_id,
+            request.feature_id,
+            request.value,
+            idempotency_key=request.idempotency_key,
+            entity_id=request.entity_id,
+            properties=request.properties,
         )
         self._note_refund(result.customer_id, result.feature_id, result.value)
         try:
@@ -738,7 +699,20 @@ def _wire(number: float) -> int | float:
     return int(number) if number.is_integer() else number
 
 
-def _check_call(  # noqa: PLR0917 - private; mirrors check()'s parameters in order
+def _check_fields(
+    request: CheckRequest,
+) -> tuple[str, str, float, bool, str | None, str | None]:
+    return (
+        request.customer_id,
+        request.feature_id,
+        request.required_balance,
+        request.send_event,
+        request.entity_id,
+        request.idempotency_key,
+    )
+
+
+def _check_call(  # noqa: PLR0917 - private; mirrors CheckRequest's fields in order
     customer_id: str,
     feature_id: str,
     required_balance: float,
