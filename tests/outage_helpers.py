@@ -357,6 +357,10 @@ class AutumnServer:
             "remaining": balance / NANO,
             "usage": (_nano(self.grant) - balance) / NANO,
             "unlimited": False,
+            "overage_allowed": False,
+            "max_purchase": None,
+            "next_reset_at": 1798831487482,
+            "breakdown": [],
         }
 
     def _check_v2(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:

@@ -68,7 +68,9 @@ from urllib.parse import quote
 
 from agent_meter.extras import require
 
-require("autumn", "autumn", "aiohttp", "requests", integration="agent_meter.backends.autumn")
+require(
+    "autumn", "autumn", "aiohttp", "requests", "httpx", integration="agent_meter.backends.autumn"
+)
 
 import aiohttp
 import autumn
