@@ -9,6 +9,7 @@ integration (tool wrappers, callbacks, middleware, OpenAI) goes through the same
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -209,24 +210,31 @@ class Hold:
 def hold_for(call: MeteredCall, owner: str, now: float, attempt: str | None = None) -> Hold:
     """The hold a reservation of ``call`` opens.
 
+    The refund key names this attempt: a call that failed is refunded and may be retried
+    under the same call id, and if the retry fails too its refund must count again, not be
+    taken for a duplicate of the first.
+
     Args:
         call: The call.
         owner: The process that holds it.
         now: Unix time.
-        attempt: Names this admission of the call, for a backend whose keys outlive it
-            (Autumn keeps a key 24 h, org-wide): a call retried after a failure is a new
-            attempt, with its own hold, reserve key, lock id and refund key. None keeps
-            one hold per call, so that an embedded ledger spots a replayed call.
+        attempt: Names this admission in the hold key too, for a backend whose keys
+            outlive the call (Autumn keeps a key 24 h, org-wide, and a lock id must never
+            be reused): each admission gets its own reserve key or lock id. None keeps one
+            hold key per call, so that an embedded ledger spots a replayed call.
     """
     suffix = "" if attempt is None else f".{attempt}"
     purpose = "lock" if call.strategy == "lock" else "hold"
+    refund_attempt = f"{call.call_id}.r{uuid.uuid4().hex[:12]}"
     return Hold(
         call.key(f"{purpose}{suffix}"),
         call.customer_id,
         call.feature_id,
         call.units,
         call.entity_id,
-        call.key(f"refund{suffix}"),
+        idempotency_key(
+            call.customer_id, call.feature_id, refund_attempt, "refund", call.entity_id
+        ),
         owner,
         now,
         call.strategy == "lock",
@@ -356,11 +364,12 @@ def settlement(  # noqa: PLR0911 - one outcome per kind of admission
     if hold is not None and hold.lock:
         return Settlement(finalize=hold.finalize(succeeded=succeeded, units=final))
     if not succeeded:
-        if hold is not None:
-            return Settlement(refund=hold.refund())
-        if admitted.reserved:
-            return Settlement(refund=_track(call, -admitted.reserved, "refund"))
-        return Settlement()
+        refund = None
+        if hold is not None:  # under the attempt's refund key (see hold_for)
+            refund = hold.refund()
+        elif admitted.reserved:
+            refund = _track(call, -admitted.reserved, "refund")
+        return Settlement(refund=refund)
     delta = final - admitted.reserved
     if delta == 0:
         return Settlement()
