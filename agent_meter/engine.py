@@ -343,7 +343,7 @@ class Settlement:
     finalize: FinalizeRequest | None = None
 
 
-def settlement(  # noqa: PLR0911 - one outcome per kind of admission
+def settlement(
     call: MeteredCall,
     admitted: Admission,
     *,
