@@ -12,7 +12,11 @@ import logging
 
 import pytest
 import requests
-from autumn_helpers import (
+
+from agent_meter import BackendUnavailable, ConfigError
+from agent_meter.backends.autumn import AutumnBackend
+from agent_meter.engine import CheckRequest, TrackRequest
+from tests.autumn_helpers import (
     REPLAY_KEY,
     SECRET,
     FaultServer,
@@ -21,10 +25,6 @@ from autumn_helpers import (
     error_body,
     replay,
 )
-
-from agent_meter import BackendUnavailable, ConfigError
-from agent_meter.backends.autumn import AutumnBackend
-from agent_meter.engine import CheckRequest, TrackRequest
 
 FAILOPEN = {
     "allowed": True,

@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import pytest
 import requests
-from autumn_helpers import PRICING, REPLAY_KEY, replay
 
 from agent_meter import (
     AgentMeterError,
@@ -33,6 +32,7 @@ from agent_meter import (
 from agent_meter.backends.autumn import AutumnBackend
 from agent_meter.engine import CheckRequest, FinalizeRequest, Hold, TrackRequest
 from agent_meter.testing import MemoryBackend
+from tests.autumn_helpers import PRICING, REPLAY_KEY, replay
 
 Step = tuple[Any, ...]
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from autumn_helpers import REPLAY_KEY, SECRET, FaultServer, Reply, error_body, replay
 
 from agent_meter import BackendError, BackendUnavailable, CustomerNotFound
 from agent_meter.backends.autumn import AutumnBackend
 from agent_meter.backends.autumn_locks import _lock_call, _lock_result
 from agent_meter.engine import FinalizeRequest, Hold
+from tests.autumn_helpers import REPLAY_KEY, SECRET, FaultServer, Reply, error_body, replay
 
 
 def _backend(**options: object) -> AutumnBackend:
@@ -275,7 +275,7 @@ def test_an_unreachable_lock_may_stand_and_never_shows_the_key():
             backend.lock(_hold("cus_fault:l3", "cus_fault", "code_exec", 1))
         backend.close()
     assert info.value.maybe_applied is True  # release the id to be sure
-    from autumn_helpers import exception_texts  # noqa: PLC0415
+    from tests.autumn_helpers import exception_texts  # noqa: PLC0415
 
     assert SECRET not in exception_texts(info.value)
     assert SECRET[:12] not in exception_texts(info.value)

@@ -14,13 +14,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from outage_helpers import SECRET, AutumnServer, pricing
 
 from agent_meter import BackendUnavailable, Meter, UsageLimitExceeded
 from agent_meter.backends.autumn import AutumnBackend
 from agent_meter.delivery import Deliverer
 from agent_meter.engine import Strategy, TrackRequest
 from agent_meter.outbox import Outbox, Queued
+from tests.outage_helpers import SECRET, AutumnServer, pricing
 
 THREADS = 200
 

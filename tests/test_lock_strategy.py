@@ -14,11 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from outage_helpers import SECRET, AutumnServer, pricing
 
 from agent_meter import ConfigError, Meter, SQLiteBackend, UsageLimitExceeded
 from agent_meter.backends.autumn import AutumnBackend
 from agent_meter.testing import MemoryBackend
+from tests.outage_helpers import SECRET, AutumnServer, pricing
 
 CUS = "cus_lock"
 
