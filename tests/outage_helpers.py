@@ -259,8 +259,8 @@ class AutumnServer:
         if mode != "failopen" and not first:
             return None
         if path == "/v1/balances.finalize":  # queued for replay by the server: applied later
-            status, answer = self._finalize(body)
-            return (202, answer) if status == 200 else (status, answer)
+            status, done = self._finalize(body)
+            return (202, done) if status == 200 else (status, done)
         self.stats.failed_open += 1
         answer: dict[str, Any] = {
             "allowed": True,

@@ -136,11 +136,16 @@ async def test_a_keyed_reserve_carries_the_header_and_retries_a_202_with_a_fresh
     replies = [Reply(202, FAILOPEN), Reply(200, check_ok(98, required=2))]
     with FaultServer(replies) as server:
         backend = AutumnBackend(SECRET, base_url=server.url, backoff=0)
-        kwargs = {"send_event": True, "idempotency_key": "am1:cus_fault::code_exec:c1:hold"}
+        request = CheckRequest(
+            "cus_fault",
+            "code_exec",
+            send_event=True,
+            idempotency_key="am1:cus_fault::code_exec:c1:hold",
+        )
         if asynchronous:
-            result = await backend.acheck(CheckRequest("cus_fault", "code_exec", **kwargs))
+            result = await backend.acheck(request)
         else:
-            result = backend.check(CheckRequest("cus_fault", "code_exec", **kwargs))
+            result = backend.check(request)
         await backend.aclose()
     keys = [seen.headers.get("Idempotency-Key") for seen in server.requests]
     assert keys[0] == "am1:cus_fault::code_exec:c1:hold"
@@ -154,11 +159,11 @@ async def test_a_keyed_reserve_whose_answer_was_lost_is_retried_with_the_same_ke
     replies = [Reply(502, error_body("bad_gateway", "x")), Reply(200, check_ok(98, required=2))]
     with FaultServer(replies) as server:
         backend = AutumnBackend(SECRET, base_url=server.url, backoff=0)
-        kwargs = {"send_event": True, "idempotency_key": "k-lost"}
+        request = CheckRequest("cus_fault", "code_exec", send_event=True, idempotency_key="k-lost")
         if asynchronous:
-            result = await backend.acheck(CheckRequest("cus_fault", "code_exec", **kwargs))
+            result = await backend.acheck(request)
         else:
-            result = backend.check(CheckRequest("cus_fault", "code_exec", **kwargs))
+            result = backend.check(request)
         await backend.aclose()
     assert [seen.headers.get("Idempotency-Key") for seen in server.requests] == ["k-lost"] * 2
     assert result.deducted

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -387,7 +387,14 @@ class _Locks:
             self.backend.set_balance(cus, "credits", credits)
 
 
-def _finalize(lock_id: str, cus: str, feature: str, held: float, action: str, override=None):
+def _finalize(
+    lock_id: str,
+    cus: str,
+    feature: str,
+    held: float,
+    action: Literal["confirm", "release"],
+    override: float | None = None,
+) -> FinalizeRequest:
     value = None if override is None else float(override)
     return FinalizeRequest(lock_id, cus, feature, float(held), action, value)
 

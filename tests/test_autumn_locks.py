@@ -57,7 +57,8 @@ def test_a_lock_holds_then_confirm_or_release_settles_it(cassette, action, overr
     assert played.all_played
     assert (held.allowed, held.deducted, held.balance, held.required) == (True, True, 95.0, 5.0)
     assert (held.balance_feature_id, held.included_usage) == ("credits", 100.0)
-    assert (during, done, final) == (95.0, True, pytest.approx(after))
+    assert (during, done) == (95.0, True)
+    assert final == pytest.approx(after)
 
 
 async def test_the_async_twins_lock_and_confirm():
@@ -250,7 +251,7 @@ def test_a_lock_whose_answer_was_lost_is_retried_and_a_409_means_it_holds():
         held = backend.lock(_hold("cus_fault:l1", "cus_fault", "code_exec", 1))
         backend.close()
     assert (held.allowed, held.deducted) == (True, True)
-    locks = [seen.body["lock"]["lock_id"] for seen in server.requests[1:]]
+    locks = [(seen.body or {})["lock"]["lock_id"] for seen in server.requests[1:]]
     assert locks == ["cus_fault:l1", "cus_fault:l1"]  # the same id: never two holds
 
 
