@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 from agent_meter.engine import CheckRequest, FinalizeRequest, Hold, TrackRequest
 from agent_meter.pricing import Pricing
-from agent_meter.results import CheckResult, TrackResult
+from agent_meter.results import Catalogue, CheckResult, TrackResult
 
 __all__ = [
     "AsyncBackend",
@@ -27,6 +27,7 @@ __all__ = [
     "LocalBackend",
     "LockingBackend",
     "RemoteBackend",
+    "RemoteCatalogue",
     "ReservingBackend",
 ]
 
@@ -124,6 +125,15 @@ class RemoteBackend(Protocol):
     @property
     def outbox_id(self) -> str:
         """Names the account the backend bills (a server and key), for the outbox file."""
+        ...
+
+
+@runtime_checkable
+class RemoteCatalogue(Protocol):
+    """A backend that can list the features it bills (one request, at start-up)."""
+
+    def catalogue(self) -> Catalogue:
+        """Every feature the billing service knows, credit systems included."""
         ...
 
 
