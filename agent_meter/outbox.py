@@ -25,10 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent_meter.engine import Hold, TrackRequest
+from agent_meter.engine import FinalizeRequest, Hold, TrackRequest
 from agent_meter.errors import AgentMeterError, BackendError, BackendUnavailable
 
-__all__ = ["Outbox", "OutboxEntry"]
+__all__ = ["Outbox", "OutboxEntry", "Queued"]
+
+Queued = TrackRequest | FinalizeRequest
+"""What waits in the outbox: a track (usage, refund, adjustment) or a lock's finalize."""
 
 logger = logging.getLogger("agent_meter")
 
@@ -56,7 +59,9 @@ CREATE TABLE IF NOT EXISTS tracks (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending',   -- pending | set_aside
-    error TEXT
+    error TEXT,
+    action TEXT,                              -- NULL: a track; confirm | release: a lock
+    held REAL                                 -- a lock's held units
 );
 CREATE INDEX IF NOT EXISTS tracks_due ON tracks (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS tracks_by_customer ON tracks (customer_id, state);
@@ -69,7 +74,8 @@ CREATE TABLE IF NOT EXISTS holds (
     refund_key TEXT NOT NULL,
     owner TEXT NOT NULL,
     created_at REAL NOT NULL,
-    state TEXT NOT NULL                       -- asking (answer unknown) | held
+    state TEXT NOT NULL,                      -- asking (answer unknown) | held
+    lock INTEGER NOT NULL DEFAULT 0           -- 1: a lock, settled by finalize
 );
 CREATE TABLE IF NOT EXISTS settled (          -- ledger holds of calls that succeeded but
     key TEXT PRIMARY KEY,                     -- could not be closed: never to be refunded
@@ -88,7 +94,7 @@ class OutboxEntry:
         error: Why the last attempt failed (or why it was set aside).
     """
 
-    request: TrackRequest
+    request: Queued
     attempts: int
     error: str | None
 
@@ -122,6 +128,14 @@ class Outbox:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.executescript(_SCHEMA)
+            for table, column, kind in (
+                ("tracks", "action", "TEXT"),
+                ("tracks", "held", "REAL"),
+                ("holds", "lock", "INTEGER NOT NULL DEFAULT 0"),
+            ):
+                columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:  # an outbox written by an older version
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         except sqlite3.Error as exc:
             msg = f"cannot open the outbox {target}: {exc}"
             raise BackendError(msg) from exc
@@ -183,9 +197,7 @@ class Outbox:
 
     # -- tracks ----------------------------------------------------------------------------
 
-    def put(
-        self, requests: Iterable[TrackRequest], *, now: float, close_hold: str | None = None
-    ) -> bool:
+    def put(self, requests: Iterable[Queued], *, now: float, close_hold: str | None = None) -> bool:
         """Queue tracks durably (a key already queued is kept once), closing a hold with them.
 
         Args:
@@ -198,19 +210,7 @@ class Outbox:
         Returns:
             False when ``close_hold`` was already closed (nothing was queued).
         """
-        rows = [
-            (
-                r.idempotency_key,
-                r.customer_id,
-                r.feature_id,
-                r.value,
-                r.entity_id,
-                json.dumps(dict(r.properties), default=str) if r.properties else None,
-                now,
-                now,
-            )
-            for r in requests
-        ]
+        rows = [_row(r, now) for r in requests]
         with self._transaction() as conn:
             if (
                 close_hold is not None
@@ -219,7 +219,7 @@ class Outbox:
                 return False
             conn.executemany(
                 "INSERT INTO tracks (key, customer_id, feature_id, value, entity_id, properties,"
-                " created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " created_at, next_attempt_at, action, held) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (key) DO NOTHING",
                 rows,
             )
@@ -237,7 +237,7 @@ class Outbox:
         if customer_id is None:
             rows = self._query(
                 "SELECT key, customer_id, feature_id, value, entity_id, properties, attempts,"
-                " error FROM tracks WHERE state = 'pending' AND next_attempt_at <= ?1"
+                " error, action, held FROM tracks WHERE state = 'pending' AND next_attempt_at <= ?1"
                 " AND customer_id NOT IN (SELECT customer_id FROM tracks"
                 " WHERE state = 'pending' AND next_attempt_at > ?1)"
                 " ORDER BY created_at, rowid LIMIT ?2",
@@ -246,7 +246,7 @@ class Outbox:
         else:
             rows = self._query(
                 "SELECT key, customer_id, feature_id, value, entity_id, properties, attempts,"
-                " error FROM tracks WHERE state = 'pending' AND customer_id = ?"
+                " error, action, held FROM tracks WHERE state = 'pending' AND customer_id = ?"
                 " ORDER BY created_at, rowid LIMIT ?",
                 (customer_id, limit),
             )
@@ -321,8 +321,8 @@ class Outbox:
     def set_aside_entries(self) -> list[OutboxEntry]:
         """Tracks the backend rejected for good, with their reasons."""
         rows = self._query(
-            "SELECT key, customer_id, feature_id, value, entity_id, properties, attempts, error"
-            " FROM tracks WHERE state = 'set_aside' ORDER BY created_at"
+            "SELECT key, customer_id, feature_id, value, entity_id, properties, attempts, error,"
+            " action, held FROM tracks WHERE state = 'set_aside' ORDER BY created_at"
         )
         return [_entry(row, lenient=True) for row in rows]
 
@@ -332,7 +332,7 @@ class Outbox:
         """Record a hold before its check is sent: its answer is unknown until marked."""
         self._run(
             "INSERT INTO holds (key, customer_id, feature_id, units, entity_id, refund_key,"
-            " owner, created_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'asking')"
+            " owner, created_at, state, lock) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'asking', ?)"
             " ON CONFLICT (key) DO NOTHING",
             (
                 hold.key,
@@ -343,6 +343,7 @@ class Outbox:
                 hold.refund_key,
                 hold.owner,
                 hold.created_at,
+                int(hold.lock),
             ),
         )
 
@@ -358,9 +359,9 @@ class Outbox:
         """Every hold in the journal with its state (``asking`` or ``held``)."""
         rows = self._query(
             "SELECT key, customer_id, feature_id, units, entity_id, refund_key, owner, created_at,"
-            " state FROM holds ORDER BY created_at"
+            " lock, state FROM holds ORDER BY created_at"
         )
-        return [(Hold(*row[:8]), str(row[8])) for row in rows]
+        return [(_hold(row), str(row[9])) for row in rows]
 
     # -- successes whose ledger hold could not be closed ------------------------------------
 
@@ -385,9 +386,57 @@ class Outbox:
             self._conn.close()
 
 
+def _hold(row: tuple[Any, ...]) -> Hold:
+    key, customer_id, feature_id, units, entity_id, refund_key, owner, created_at = row[:8]
+    return Hold(
+        key, customer_id, feature_id, units, entity_id, refund_key, owner, created_at, bool(row[8])
+    )
+
+
+def _row(request: Queued, now: float) -> tuple[object, ...]:
+    if isinstance(request, FinalizeRequest):
+        return (
+            request.lock_id,
+            request.customer_id,
+            request.feature_id,
+            request.value,
+            request.entity_id,
+            None,
+            now,
+            now,
+            request.action,
+            request.held,
+        )
+    properties = request.properties
+    return (
+        request.idempotency_key,
+        request.customer_id,
+        request.feature_id,
+        request.value,
+        request.entity_id,
+        json.dumps(dict(properties), default=str) if properties else None,
+        now,
+        now,
+        None,
+        None,
+    )
+
+
 def _entry(row: tuple[Any, ...], *, lenient: bool = False) -> OutboxEntry:
     """A row as an entry; ``lenient`` (for reports) reads what it can of a damaged one."""
-    key, customer_id, feature_id, value, entity_id, properties, attempts, error = row
+    key, customer_id, feature_id, value, entity_id, properties, attempts, error = row[:8]
+    action, held = row[8:10] if len(row) >= 10 else (None, None)
+    if action is not None:
+        finalize = FinalizeRequest(
+            str(key),
+            str(customer_id),
+            str(feature_id),
+            float(held),
+            "confirm" if action == "confirm" else "release",
+            float(value) if action == "confirm" and float(value) != float(held) else None,
+            None if entity_id is None else str(entity_id),
+        )
+        return OutboxEntry(finalize, int(attempts), None if error is None else str(error))
     try:
         details = json.loads(str(properties)) if properties else None
         number = float(value)
