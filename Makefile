@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint notebooks bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,10 +19,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Lint, format-check and type-check the package and everything a user reads or runs.
+LINTED := agent_meter examples tests benchmarks
+
 lint: $(STAMP)
-	$(BIN)/ruff check agent_meter tests examples benchmarks
-	$(BIN)/ruff format --check agent_meter
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
+
+# JupyterLab on the notebooks (installed on first use; the tests run them without it).
+notebooks: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,notebooks]'
+	$(BIN)/jupyter lab notebooks
 
 bench: $(STAMP)
 	@for bench in benchmarks/bench_*.py; do echo "== $$bench"; $(BIN)/python $$bench || exit 1; done

@@ -250,8 +250,10 @@ class Settlement:
     """What settles a call: the refund of its reservation, or the tracks of its usage.
 
     Attributes:
-        refund: Gives the reservation back (the call failed).
-        tracks: Usage to record: the whole of it, or the difference to the estimate.
+        refund: Sent with the closing of the hold: the whole reservation back (the call
+            failed), or the part of it the call did not use (a negative adjustment).
+        tracks: Usage to record: the whole of it, or what the call used beyond the
+            estimate.
     """
 
     refund: TrackRequest | None = None
@@ -281,6 +283,10 @@ def settlement(
     delta = final - admitted.reserved
     if delta == 0:
         return Settlement()
+    if delta < 0 and admitted.hold is not None:
+        # What was reserved and not used goes back with the closing of the hold, in one
+        # commit on the embedded ledgers: a crash cannot leave it half done.
+        return Settlement(refund=_track(call, delta, "adjust"))
     return Settlement(tracks=(_track(call, delta, "adjust" if admitted.reserved else "track"),))
 
 

@@ -9,11 +9,12 @@ happen and chained with ``raise ... from``::
     ├── InvalidUsage            bad input: NaN, a negative check, an empty customer id, ...
     ├── CustomerNotFound        a report or admin call named a customer nobody has seen
     ├── ConfigError             pricing, feature catalogue or wiring is wrong
+    │   └── MissingExtra        an integration was used without its extra installed
     └── BackendError            the billing backend failed or refused the request
         └── BackendUnavailable  it could not be reached (timeouts, 5xx, 429, refused)
 
 ``InvalidUsage`` is also a :class:`ValueError`, so code that validates with ``except
-ValueError`` keeps working.
+ValueError`` keeps working; ``MissingExtra`` is also an :class:`ImportError`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "ConfigError",
     "CustomerNotFound",
     "InvalidUsage",
+    "MissingExtra",
     "UsageLimitExceeded",
 ]
 
@@ -117,6 +119,34 @@ class CustomerNotFound(AgentMeterError, LookupError):
 
 class ConfigError(AgentMeterError):
     """The pricing, the feature catalogue or the wiring of agent_meter is wrong."""
+
+
+class MissingExtra(ConfigError, ImportError):
+    """An optional integration was imported without the extra that installs it.
+
+    Also an :class:`ImportError`, so ``except ImportError`` around an optional import
+    keeps working.
+
+    Attributes:
+        extra: The extra to install (``pip install 'agent-meter[<extra>]'``).
+        integration: The agent_meter module that needs it.
+    """
+
+    def __init__(self, extra: str, *, integration: str, module: str) -> None:
+        self.extra = extra
+        self.integration = integration
+        super().__init__(
+            f"{integration} needs the {extra!r} extra (module {module!r} is not installed): "
+            f"pip install 'agent-meter[{extra}]'",
+            name=module,
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_missing_extra, (self.extra, self.integration, self.name or ""))
+
+
+def _rebuild_missing_extra(extra: str, integration: str, module: str) -> MissingExtra:
+    return MissingExtra(extra, integration=integration, module=module)
 
 
 class BackendError(AgentMeterError):

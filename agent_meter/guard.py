@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from agent_meter import engine
 from agent_meter.engine import Admission, MeteredCall
-from agent_meter.results import CheckResult
+from agent_meter.results import CheckResult, TrackResult
 from agent_meter.validation import check_units
 
 if TYPE_CHECKING:
@@ -29,14 +29,18 @@ class GuardedCall:
         call: The metered call (customer, feature, units, call id).
         admission: The go-ahead, once the guard is entered.
         billed: Units that stayed billed, once the guard has exited.
+        uncharged: Of the units billed beyond the reservation, those the balance could
+            not pay (the backend capped the track at 0), once the guard has exited; None
+            when the backend does not say.
     """
 
-    __slots__ = ("_actual", "_failure", "admission", "billed", "call")
+    __slots__ = ("_actual", "_failure", "admission", "billed", "call", "uncharged")
 
     def __init__(self, call: MeteredCall) -> None:
         self.call = call
         self.admission: Admission | None = None
         self.billed: float | None = None
+        self.uncharged: float | None = 0.0
         self._actual: float | None = None
         self._failure: str | None = None
 
@@ -70,6 +74,14 @@ class GuardedCall:
         self.billed = final if succeeded and not self.call.gate_only else 0.0
         return requests
 
+    def _settled(self, results: list[TrackResult]) -> None:
+        unpaid: float | None = 0.0
+        for result in results:
+            unpaid = (
+                None if unpaid is None or result.uncharged is None else unpaid + result.uncharged
+            )
+        self.uncharged = unpaid
+
 
 class Guard:
     """Context manager returned by :meth:`Meter.guard`."""
@@ -91,7 +103,7 @@ class Guard:
         tb: TracebackType | None,
     ) -> None:
         handle = self.handle
-        self._meter._settle(handle.admission, handle._settlement(exc_type))  # type: ignore[arg-type]
+        handle._settled(self._meter._settle(handle.admission, handle._settlement(exc_type)))  # type: ignore[arg-type]
 
 
 class AsyncGuard:
@@ -114,4 +126,4 @@ class AsyncGuard:
         tb: TracebackType | None,
     ) -> None:
         handle = self.handle
-        await self._meter._asettle(handle.admission, handle._settlement(exc_type))  # type: ignore[arg-type]
+        handle._settled(await self._meter._asettle(handle.admission, handle._settlement(exc_type)))  # type: ignore[arg-type]

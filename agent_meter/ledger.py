@@ -40,6 +40,7 @@ __all__ = [
     "readable",
     "roll_forward",
     "to_nano",
+    "uncharged",
 ]
 
 SCALE = 10**9
@@ -342,6 +343,23 @@ def plan_track(charge: Charge, stored: Balance | None, now: float) -> tuple[Bala
     if after is None or rolled is None:
         return (rolled if rolled is not stored else None), 0
     return after, after.balance - rolled.balance
+
+
+def uncharged(charge: Charge, stored: Balance | None, applied: int) -> float:
+    """Units of a track the balance could not pay: it was capped at 0, or there was none.
+
+    Args:
+        charge: The track's charge.
+        stored: The balance it drew from, before the track (None when the customer has
+            none for it).
+        applied: What the track changed on the balance (nano; negative for a deduction).
+    """
+    if charge.amount <= 0 or (stored is not None and stored.kind != AMOUNT):
+        return 0.0
+    unpaid = charge.amount + applied  # applied is minus what was deducted
+    if unpaid <= 0:
+        return 0.0
+    return charge.value * unpaid / charge.amount
 
 
 def admin_balance(

@@ -537,7 +537,8 @@ class Meter:
                 return results + self._enqueue(requests[index:])
         return results
 
-    def _settle(self, admission: Admission, settlement: engine.Settlement) -> None:
+    def _settle(self, admission: Admission, settlement: engine.Settlement) -> list[TrackResult]:
+        """Close the hold (with its refund) and record the tracks; returns their answers."""
         hold = admission.hold
         if hold is not None:
             if (holder := self._holder) is not None:
@@ -550,9 +551,13 @@ class Meter:
             else:
                 self.outbox.close_hold(hold.key)
         if settlement.tracks:
-            self._deliver(settlement.tracks)
+            return self._deliver(settlement.tracks)
+        return []
 
-    async def _asettle(self, admission: Admission, settlement: engine.Settlement) -> None:
+    async def _asettle(
+        self, admission: Admission, settlement: engine.Settlement
+    ) -> list[TrackResult]:
+        """Close the hold (with its refund) and record the tracks; returns their answers."""
         hold = admission.hold
         if hold is not None:
             if (holder := self._holder) is not None:
@@ -565,7 +570,8 @@ class Meter:
             else:
                 self.outbox.close_hold(hold.key)
         if settlement.tracks:
-            await self._adeliver(settlement.tracks)
+            return await self._adeliver(settlement.tracks)
+        return []
 
     def _release_failed(self, hold: Hold, refund: TrackRequest | None, exc: BackendError) -> None:
         if refund is not None:

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from enum import Enum
 from functools import cached_property
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -175,6 +176,16 @@ class Pricing(BaseModel):
     # -- loading -----------------------------------------------------------------------
 
     @classmethod
+    def example(cls) -> Pricing:
+        """The example pricing shipped with agent_meter, to start from anywhere.
+
+        Four features (``web_search`` 1 credit, ``code_exec`` 2, ``llm_tokens`` 0.001,
+        ``premium`` access), one ``credits`` pool and a plan granting 100 credits to every
+        new customer. ``agent-meter init`` writes the same file, commented, to edit.
+        """
+        return cls.from_toml(example_toml(), source="agent_meter/data/pricing.toml")
+
+    @classmethod
     def from_file(cls, path: str | Path) -> Pricing:
         """Load pricing from a TOML file (format in the README and DESIGN.md §7).
 
@@ -233,6 +244,11 @@ class Pricing(BaseModel):
             cost = f"{pool[1].normalize():f} {pool[0]} per unit" if pool else "-"
             rows.append((feature_id, kind.value, cost))
         return rows
+
+
+def example_toml() -> str:
+    """The text of the example pricing file shipped in the package (with its comments)."""
+    return (resources.files("agent_meter") / "data" / "pricing.toml").read_text(encoding="utf-8")
 
 
 def _describe(exc: ValidationError, source: str) -> str:

@@ -59,6 +59,9 @@ class TrackResult:
             (Autumn's 409 ``duplicate_idempotency_key``). Still a success.
         queued: Not delivered yet: the track waits in the meter's outbox and will be
             delivered with the same key.
+        uncharged: Units of ``value`` the balance could not pay (a track past the balance
+            is capped at 0, as Autumn does); 0.0 when all was charged, None when the
+            backend does not say (a remote backend, a queued track).
     """
 
     customer_id: str
@@ -67,6 +70,7 @@ class TrackResult:
     idempotency_key: str
     duplicate: bool = False
     queued: bool = False
+    uncharged: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -267,12 +267,16 @@ class MemoryBackend:
         )
         if idempotency_key in self._keys:
             return TrackResult(
-                customer_id, feature_id, charge.value, idempotency_key, duplicate=True
+                customer_id,
+                feature_id,
+                charge.value,
+                idempotency_key,
+                duplicate=True,
+                uncharged=0.0,
             )
         now = self._clock()
-        after, applied = ledger.plan_track(
-            charge, self._stored(customer_id, charge.balance_id, now), now
-        )
+        stored = self._stored(customer_id, charge.balance_id, now)
+        after, applied = ledger.plan_track(charge, stored, now)
         if after is not None:
             self._balances[customer_id, charge.balance_id] = after
         self._keys.add(idempotency_key)
@@ -290,7 +294,13 @@ class MemoryBackend:
                 idempotency_key,
             )
         )
-        return TrackResult(customer_id, feature_id, charge.value, idempotency_key)
+        return TrackResult(
+            customer_id,
+            feature_id,
+            charge.value,
+            idempotency_key,
+            uncharged=ledger.uncharged(charge, stored, applied),
+        )
 
     def record_denial(
         self, customer_id: str, feature_id: str, units: float, entity_id: str | None = None

@@ -351,7 +351,7 @@ def test_importing_without_fastmcp_names_the_extra() -> None:
         "sys.modules['fastmcp'] = None  # as if it were not installed\n"
         "try:\n"
         "    import agent_meter.mcp\n"
-        "except ImportError as error:\n"
+        "except ImportError as error:  # MissingExtra is both an ImportError and a ConfigError\n"
         "    print(type(error).__name__, error)\n"
     )
     done = subprocess.run(
@@ -364,6 +364,7 @@ def test_importing_without_fastmcp_names_the_extra() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("MissingExtra agent_meter.mcp needs the 'mcp' extra")
     assert "pip install 'agent-meter[mcp]'" in done.stdout
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,17 +11,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_the_quick_start_runs_and_prints_what_it_promises(tmp_path: Path) -> None:
+def test_the_quick_start_runs_from_an_empty_directory_outside_the_repository(
+    tmp_path: Path,
+) -> None:
     readme = (ROOT / "README.md").read_text()
     quick_start = readme.split("## Quick start", 1)[1]
     code = re.search(r"```python\n(.*?)```", quick_start, re.DOTALL)
     assert code is not None
-    (tmp_path / "examples").mkdir()
-    shutil.copy(ROOT / "examples" / "pricing.toml", tmp_path / "examples" / "pricing.toml")
-    (tmp_path / "quick_start.py").write_text(code.group(1))
+    work = tmp_path / "empty"
+    work.mkdir()
+    assert not work.resolve().is_relative_to(ROOT)
+    script = tmp_path / "quick_start.py"  # beside the directory, which stays empty
+    script.write_text(code.group(1))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "AGENT_METER_PRICING")}
     done = subprocess.run(
-        [sys.executable, "quick_start.py"],
-        cwd=tmp_path,
+        [sys.executable, str(script)],
+        cwd=work,
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
@@ -32,3 +38,4 @@ def test_the_quick_start_runs_and_prints_what_it_promises(tmp_path: Path) -> Non
         "96.17",
         "code_exec is unavailable: 96.17 credits left, 200 needed",
     ]
+    assert sorted(path.name for path in work.iterdir())[0] == "usage.db"  # made there

@@ -26,10 +26,7 @@ ids = st.one_of(st.text(max_size=300), st.none(), st.integers())
 
 def _valid_id(value: object) -> bool:
     return (
-        isinstance(value, str)
-        and bool(value.strip())
-        and len(value) <= 256
-        and value.isprintable()
+        isinstance(value, str) and bool(value.strip()) and len(value) <= 256 and value.isprintable()
     )
 
 

@@ -54,6 +54,10 @@ from types import SimpleNamespace
 from typing import Any, Literal, NoReturn, cast
 from urllib.parse import quote
 
+from agent_meter.extras import require
+
+require("autumn", "autumn", "aiohttp", "requests", integration="agent_meter.backends.autumn")
+
 import aiohttp
 import autumn
 import requests

@@ -398,10 +398,19 @@ class SQLiteBackend:
         )
         now = self._clock()
         with self._errors(f"track {feature_id!r} for {customer_id!r}"), self._write() as conn:
-            duplicate = self._track_in(
+            unpaid = self._track_in(
                 conn, customer_id, charge, entity_id, idempotency_key, properties, now
             )
-        return TrackResult(customer_id, feature_id, charge.value, idempotency_key, duplicate)
+        if unpaid is None:
+            return TrackResult(
+                customer_id,
+                feature_id,
+                charge.value,
+                idempotency_key,
+                duplicate=True,
+                uncharged=0.0,
+            )
+        return TrackResult(customer_id, feature_id, charge.value, idempotency_key, uncharged=unpaid)
 
     def _track_in(  # noqa: PLR0917 - private; mirrors track()
         self,
@@ -412,13 +421,18 @@ class SQLiteBackend:
         idempotency_key: str,
         properties: Mapping[str, Any] | None,
         now: float,
-    ) -> bool:
-        """A track inside a write transaction; returns True when the key was seen before."""
+    ) -> float | None:
+        """A track inside a write transaction.
+
+        Returns:
+            None when the key was seen before (nothing done), else the units the balance
+            could not pay (see :func:`agent_meter.ledger.uncharged`).
+        """
         seen = conn.execute(
             "SELECT 1 FROM events WHERE idempotency_key = ?", (idempotency_key,)
         ).fetchone()
         if seen is not None:
-            return True
+            return None
         stored = self._balance(conn, customer_id, charge.balance_id, now)
         after, applied = ledger.plan_track(charge, stored, now)
         if after is not None:
@@ -442,7 +456,7 @@ class SQLiteBackend:
                 None,
             ),
         )
-        return False
+        return ledger.uncharged(charge, stored, applied)
 
     def record_denial(
         self, customer_id: str, feature_id: str, units: float, entity_id: str | None = None

@@ -9,6 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from agent_meter.extras import require
+
+require("langchain", "langchain_core", integration="agent_meter.langchain")
+
 __all__ = [
     "MeteredSimpleTool",
     "MeteredTool",

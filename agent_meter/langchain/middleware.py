@@ -25,6 +25,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, ExitStack
 from typing import Any
 
+from agent_meter.extras import require
+
+# langchain-core alone (checked by the package) does not bring the agents package.
+require("langchain", "langchain", "langgraph", integration="agent_meter.langchain.middleware")
+
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
 from langchain.agents.middleware.types import ExtendedModelResponse
 from langchain_core.messages import AIMessage, ToolMessage

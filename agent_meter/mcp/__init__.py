@@ -11,14 +11,9 @@ On the client side nothing MCP-specific is needed: tools loaded with
 
 from __future__ import annotations
 
-try:
-    import fastmcp  # noqa: F401 - only checks that the extra is installed
-except ImportError as missing:  # pragma: no cover - exercised by a subprocess test
-    msg = (
-        "agent_meter.mcp needs the 'mcp' extra (module 'fastmcp' is not installed): "
-        "pip install 'agent-meter[mcp]'"
-    )
-    raise ImportError(msg, name="fastmcp") from missing
+from agent_meter.extras import require
+
+require("mcp", "fastmcp", integration="agent_meter.mcp")
 
 from agent_meter.mcp.customers import CustomerResolver, Resolved, from_access_token
 from agent_meter.mcp.middleware import MeteringMiddleware, Units, UnitsFromResult

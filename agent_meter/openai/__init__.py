@@ -11,6 +11,10 @@
 
 from __future__ import annotations
 
+from agent_meter.extras import require
+
+require("openai", "openai", integration="agent_meter.openai")
+
 from agent_meter.openai.client import wrap_client
 from agent_meter.openai.tools import arun_tool_calls, run_tool_calls
 from agent_meter.openai.usage import usage_from_chunk, usage_from_completion, usage_from_response
