@@ -78,26 +78,35 @@ class MeteredCall:
 
 @dataclass(frozen=True, slots=True)
 class CheckRequest:
-    """A check to send to a backend."""
+    """A check to send to a backend: may ``customer_id`` use ``required_balance`` units?
+
+    Attributes:
+        customer_id: Who pays.
+        feature_id: The feature asked about.
+        required_balance: Units the call needs.
+        send_event: Deduct atomically when allowed (a reservation).
+        entity_id: Sub-scope of the customer, if any.
+    """
 
     customer_id: str
     feature_id: str
-    required_balance: float
-    send_event: bool
+    required_balance: float = 1
+    send_event: bool = False
     entity_id: str | None = None
-
-    def kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``Backend.check`` after the customer and feature."""
-        return {
-            "required_balance": self.required_balance,
-            "send_event": self.send_event,
-            "entity_id": self.entity_id,
-        }
 
 
 @dataclass(frozen=True, slots=True)
 class TrackRequest:
-    """A track to send to a backend: usage, a refund (negative) or an adjustment."""
+    """A track to send to a backend: usage, a refund (negative) or an adjustment.
+
+    Attributes:
+        customer_id: Who pays.
+        feature_id: The feature used.
+        value: Units used; negative refunds.
+        idempotency_key: Names this usage: recorded once however often it is sent.
+        entity_id: Sub-scope of the customer, if any.
+        properties: Free-form details stored with the event.
+    """
 
     customer_id: str
     feature_id: str
@@ -105,14 +114,6 @@ class TrackRequest:
     idempotency_key: str
     entity_id: str | None = None
     properties: Mapping[str, Any] | None = None
-
-    def kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``Backend.track`` after customer, feature and value."""
-        return {
-            "idempotency_key": self.idempotency_key,
-            "entity_id": self.entity_id,
-            "properties": self.properties,
-        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,23 +1,21 @@
 """Guards: the context managers that wrap a call in check → work → track.
 
-:meth:`Meter.guard <agent_meter.Meter.guard>` returns a :class:`Guard` (``with``) and
-:meth:`Meter.aguard <agent_meter.Meter.aguard>` an :class:`AsyncGuard` (``async with``);
-both yield a :class:`GuardedCall`, through which the block reports the real count
-(:meth:`GuardedCall.bill`) or a failure that raised nothing (:meth:`GuardedCall.fail`).
+:meth:`Meter.guard <agent_meter.Meter.guard>` and :meth:`Meter.aguard
+<agent_meter.Meter.aguard>` return a :class:`Guard`, which is both a ``with`` and an
+``async with`` context manager. It yields a :class:`GuardedCall`, through which the block
+reports the real count (:meth:`GuardedCall.bill`) or a failure that raised nothing
+(:meth:`GuardedCall.fail`).
 """
 
 from __future__ import annotations
 
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 from agent_meter import engine
 from agent_meter.engine import Admission, MeteredCall
+from agent_meter.flow import Flow, Flows, arun, run
 from agent_meter.results import CheckResult, TrackResult
 from agent_meter.validation import check_units
-
-if TYPE_CHECKING:
-    from agent_meter.meter import Meter
 
 __all__ = ["AsyncGuard", "Guard", "GuardedCall"]
 
@@ -84,16 +82,22 @@ class GuardedCall:
 
 
 class Guard:
-    """Context manager returned by :meth:`Meter.guard`."""
+    """The context manager of a guarded call: ``with`` and ``async with`` alike.
 
-    __slots__ = ("_meter", "handle")
+    Returned by :meth:`Meter.guard <agent_meter.Meter.guard>` (and
+    :meth:`~agent_meter.Meter.aguard`). Entering admits the call (or raises the refusal);
+    leaving settles it: billed if the block succeeded, refunded if it raised or reported a
+    failure. Under ``async with`` no blocking I/O runs on the event loop.
+    """
 
-    def __init__(self, meter: Meter, call: MeteredCall) -> None:
-        self._meter = meter
+    __slots__ = ("_flows", "handle")
+
+    def __init__(self, flows: Flows, call: MeteredCall) -> None:
+        self._flows = flows
         self.handle = GuardedCall(call)
 
     def __enter__(self) -> GuardedCall:
-        self.handle.admission = self._meter._admit(self.handle.call)
+        self.handle.admission = run(self._flows.admit(self.handle.call))
         return self.handle
 
     def __exit__(
@@ -102,21 +106,10 @@ class Guard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        handle = self.handle
-        handle._settled(self._meter._settle(handle.admission, handle._settlement(exc_type)))  # type: ignore[arg-type]
-
-
-class AsyncGuard:
-    """Async context manager returned by :meth:`Meter.aguard`."""
-
-    __slots__ = ("_meter", "handle")
-
-    def __init__(self, meter: Meter, call: MeteredCall) -> None:
-        self._meter = meter
-        self.handle = GuardedCall(call)
+        self.handle._settled(run(self._settle(exc_type)))
 
     async def __aenter__(self) -> GuardedCall:
-        self.handle.admission = await self._meter._aadmit(self.handle.call)
+        self.handle.admission = await arun(self._flows.admit(self.handle.call))
         return self.handle
 
     async def __aexit__(
@@ -125,5 +118,14 @@ class AsyncGuard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.handle._settled(await arun(self._settle(exc_type)))
+
+    def _settle(self, exc_type: type[BaseException] | None) -> Flow[list[TrackResult]]:
         handle = self.handle
-        handle._settled(await self._meter._asettle(handle.admission, handle._settlement(exc_type)))  # type: ignore[arg-type]
+        settlement = handle._settlement(exc_type)
+        assert handle.admission is not None  # noqa: S101 - set on entry
+        return self._flows.settle(handle.admission, settlement)
+
+
+AsyncGuard = Guard
+"""The same class: a :class:`Guard` is also an ``async with`` context manager."""

@@ -12,30 +12,28 @@ import atexit
 import logging
 import os
 import threading
-import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent_meter import engine
-from agent_meter.backends.base import DenialRecorder, FullBackend, ReservingBackend
+from agent_meter.backends.base import (
+    CatalogueBackend,
+    FullBackend,
+    LedgerFile,
+    LocalBackend,
+    RemoteBackend,
+)
 from agent_meter.context import CustomerRef
 from agent_meter.delivery import Deliverer
-from agent_meter.engine import Admission, FailPolicy, Hold, MeteredCall, Strategy, TrackRequest
-from agent_meter.errors import (
-    AgentMeterError,
-    BackendError,
-    BackendUnavailable,
-    ConfigError,
-    InvalidUsage,
-    UsageLimitExceeded,
-)
+from agent_meter.engine import Admission, FailPolicy, MeteredCall, Strategy, TrackRequest
+from agent_meter.errors import AgentMeterError, ConfigError, InvalidUsage
+from agent_meter.flow import Flows, Recovery, arun, run
 from agent_meter.guard import AsyncGuard, Guard, GuardedCall
 from agent_meter.keys import new_call_id
 from agent_meter.outbox import Outbox
-from agent_meter.owner import current_owner, owner_is_alive
+from agent_meter.owner import owner_is_alive
 from agent_meter.pricing import FeatureType, Pricing
 from agent_meter.results import CheckResult, TrackResult
 from agent_meter.scope import CustomerScope
@@ -62,22 +60,8 @@ def _deliver_at_exit() -> None:
         meter._exit()
 
 
-@dataclass(frozen=True, slots=True)
-class Recovery:
-    """What :meth:`Meter.recover` did.
-
-    Attributes:
-        refunded: Reservations of dead processes given back.
-        uncertain: Reservations whose check was sent by a process that died before the
-            answer (remote backends only); closed without a refund.
-        delivered: Queued tracks delivered.
-        pending: Tracks still waiting in the outbox.
-    """
-
-    refunded: int
-    uncertain: int
-    delivered: int
-    pending: int
+def _is_local(backend: object) -> bool:
+    return isinstance(backend, LocalBackend) and bool(backend.is_local)
 
 
 def default_outbox_path(backend: object) -> Path | None:
@@ -89,27 +73,18 @@ def default_outbox_path(backend: object) -> Path | None:
     ``<id>`` names the backend (an Autumn server and key), so that usage queued for one
     account is never delivered to another.
     """
-    ledger = getattr(backend, "path", None)
-    if isinstance(ledger, Path):
+    if isinstance(backend, LedgerFile):
+        ledger = backend.path
         return ledger.with_name(f"{ledger.stem}.outbox{ledger.suffix or '.db'}")
-    if getattr(backend, "is_local", False):
+    if _is_local(backend):
         return None
     configured = os.environ.get("AGENT_METER_OUTBOX")
     if configured:
         return Path(configured)
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    name = getattr(backend, "outbox_id", None) or type(backend).__name__.lower()
+    name = backend.outbox_id if isinstance(backend, RemoteBackend) else ""
+    name = name or type(backend).__name__.lower()
     return Path(state) / "agent_meter" / f"outbox-{name}.db"
-
-
-def _queued(request: TrackRequest) -> TrackResult:
-    return TrackResult(
-        request.customer_id,
-        request.feature_id,
-        request.value,
-        request.idempotency_key,
-        queued=True,
-    )
 
 
 class Meter:
@@ -162,36 +137,44 @@ class Meter:
             )
             raise ConfigError(msg)
         self.backend = backend
-        self._holder: ReservingBackend | None = (
-            backend if isinstance(backend, ReservingBackend) else None
-        )
-        self._denials: DenialRecorder | None = (
-            backend if isinstance(backend, DenialRecorder) else None
-        )
         self.strategy: Strategy = strategy
         self.on_backend_error: FailPolicy = on_backend_error
-        self.pricing = pricing if pricing is not None else getattr(backend, "pricing", None)
-        self.unverified_limit = unverified_limit
+        if pricing is None and isinstance(backend, CatalogueBackend):
+            pricing = backend.pricing
+        self.pricing = pricing
         self.outbox = Outbox(outbox if outbox is not None else default_outbox_path(backend))
         self.deliverer = Deliverer(self.outbox, self._send)
-        self._inline = bool(getattr(backend, "is_local", False))
-        self._lock = threading.Lock()
-        self._unverified: dict[str, int] = {}
-        self._queued_customers: set[str] = set()
+        self._flows = Flows(
+            backend,
+            self.outbox,
+            self.deliverer,
+            inline=_is_local(backend),
+            unverified_limit=unverified_limit,
+        )
         self._closed = False
         _open_meters.add(self)
         if recover_on_start:
             self._recover_in_background()
 
+    def _send(self, request: TrackRequest) -> TrackResult:
+        # looked up on each delivery: the backend's method may be replaced (tests do)
+        return self.backend.track(request)
+
+    @property
+    def unverified_limit(self) -> int:
+        """Calls per customer that may run unverified while the backend is unreachable."""
+        return self._flows.unverified_limit
+
+    @unverified_limit.setter
+    def unverified_limit(self, limit: int) -> None:
+        self._flows.unverified_limit = limit
+
     def _recover_in_background(self) -> None:
         """Start recovery in a thread, only when there is something to recover."""
         if self.outbox.pending():
             self.deliverer.wake()
-        holds = (
-            self._holder.holds()
-            if self._holder is not None
-            else [hold for hold, _ in self.outbox.holds()]
-        )
+        holder = self._flows.holder
+        holds = holder.holds() if holder is not None else [hold for hold, _ in self.outbox.holds()]
         if any(not owner_is_alive(hold.owner) for hold in holds):
             threading.Thread(
                 target=self._recover_quietly, name="agent_meter-recover", daemon=True
@@ -309,21 +292,14 @@ class Meter:
         ones are delivered first.
         """
         call = self.metered_call(customer_id, feature_id, units, entity_id=entity_id)
-        self._deliver_queued_first(call.customer_id)
-        return self.backend.check(
-            call.customer_id, call.feature_id, required_balance=call.units, entity_id=entity_id
-        )
+        return run(self._flows.check(call))
 
     async def acheck(
         self, customer_id: str, feature_id: str, units: float = 1, *, entity_id: str | None = None
     ) -> CheckResult:
         """Async :meth:`check`."""
         call = self.metered_call(customer_id, feature_id, units, entity_id=entity_id)
-        if call.customer_id in self._queued_customers:
-            await asyncio.to_thread(self._deliver_queued_first, call.customer_id)
-        return await self.backend.acheck(
-            call.customer_id, call.feature_id, required_balance=call.units, entity_id=entity_id
-        )
+        return await arun(self._flows.check(call))
 
     def track(
         self,
@@ -354,10 +330,7 @@ class Meter:
         request = self._track_request(
             customer_id, feature_id, value, idempotency_key, entity_id, properties
         )
-        try:
-            return self._send(request)
-        except BackendUnavailable:
-            return self._enqueue((request,))[0]
+        return run(self._flows.track(request))
 
     async def atrack(
         self,
@@ -373,219 +346,17 @@ class Meter:
         request = self._track_request(
             customer_id, feature_id, value, idempotency_key, entity_id, properties
         )
-        try:
-            return await self._asend(request)
-        except BackendUnavailable:
-            return self._enqueue((request,))[0]
-
-    # -- the drivers: carry the engine's requests to the backend -------------------------
-
-    def _admit(self, call: MeteredCall) -> Admission:
-        request = engine.admission(call)
-        hold = None
-        try:
-            self._deliver_queued_first(call.customer_id)
-            if request.send_event:
-                hold = engine.hold_for(call, current_owner(), time.time())
-                result = self._reserve(hold, request)
-            else:
-                result = self.backend.check(
-                    request.customer_id, request.feature_id, **request.kwargs()
-                )
-        except BackendError as exc:
-            return self._admit_unverified(call, exc)
-        self._unverified.pop(call.customer_id, None)
-        try:
-            return engine.admit(call, result, hold)
-        except UsageLimitExceeded:
-            self._record_denial(call)
-            raise
-
-    async def _aadmit(self, call: MeteredCall) -> Admission:
-        request = engine.admission(call)
-        hold = None
-        try:
-            if call.customer_id in self._queued_customers:
-                await asyncio.to_thread(self._deliver_queued_first, call.customer_id)
-            if request.send_event:
-                hold = engine.hold_for(call, current_owner(), time.time())
-                result = await self._areserve(hold, request)
-            else:
-                result = await self.backend.acheck(
-                    request.customer_id, request.feature_id, **request.kwargs()
-                )
-        except BackendError as exc:
-            return self._admit_unverified(call, exc)
-        self._unverified.pop(call.customer_id, None)
-        try:
-            return engine.admit(call, result, hold)
-        except UsageLimitExceeded:
-            if self._denials is not None:
-                await asyncio.to_thread(self._record_denial, call)
-            raise
-
-    def _record_denial(self, call: MeteredCall) -> None:
-        """Keep the refusal in the ledger for reports; never let that hide the refusal."""
-        if self._denials is None:
-            return
-        try:
-            self._denials.record_denial(
-                call.customer_id, call.feature_id, call.units, call.entity_id
-            )
-        except AgentMeterError as exc:
-            logger.warning("agent_meter: could not record a denial of %s: %s", call.feature_id, exc)
-
-    def _reserve(self, hold: Hold, request: engine.CheckRequest) -> CheckResult:
-        if (holder := self._holder) is not None:
-            return holder.reserve(hold)
-        self.outbox.open_hold(hold)
-        try:
-            result = self.backend.check(request.customer_id, request.feature_id, **request.kwargs())
-        except BaseException:
-            self.outbox.close_hold(hold.key)
-            raise
-        self._journal_answer(hold, result)
-        return result
-
-    async def _areserve(self, hold: Hold, request: engine.CheckRequest) -> CheckResult:
-        if (holder := self._holder) is not None:
-            return await holder.areserve(hold)
-        self.outbox.open_hold(hold)
-        try:
-            result = await self.backend.acheck(
-                request.customer_id, request.feature_id, **request.kwargs()
-            )
-        except BaseException:
-            self.outbox.close_hold(hold.key)
-            raise
-        self._journal_answer(hold, result)
-        return result
-
-    def _journal_answer(self, hold: Hold, result: CheckResult) -> None:
-        if result.deducted:
-            self.outbox.mark_held(hold.key)
-        else:
-            self.outbox.close_hold(hold.key)
-
-    def _admit_unverified(self, call: MeteredCall, error: BackendError) -> Admission:
-        with self._lock:
-            count = self._unverified.get(call.customer_id, 0)
-            admission = engine.admit_unverified(
-                call, error, unverified=count, limit=self.unverified_limit
-            )
-            self._unverified[call.customer_id] = count + 1
-        logger.warning(
-            "agent_meter: %s for %s runs unverified (%d of %d): %s",
-            call.feature_id,
-            call.customer_id,
-            count + 1,
-            self.unverified_limit,
-            error,
-        )
-        return admission
-
-    def _deliver_queued_first(self, customer_id: str) -> None:
-        """Deliver this customer's queued tracks before a check, so it sees all of them."""
-        if customer_id not in self._queued_customers:
-            return
-        if not self.deliverer.drain(customer_id):
-            msg = f"usage of {customer_id!r} queued earlier could not be delivered before the check"
-            raise BackendUnavailable(msg)
-        self._queued_customers.discard(customer_id)
-
-    def _send(self, request: TrackRequest) -> TrackResult:
-        return self.backend.track(
-            request.customer_id, request.feature_id, request.value, **request.kwargs()
-        )
-
-    async def _asend(self, request: TrackRequest) -> TrackResult:
-        return await self.backend.atrack(
-            request.customer_id, request.feature_id, request.value, **request.kwargs()
-        )
-
-    def _enqueue(
-        self, requests: Sequence[TrackRequest], *, close_hold: str | None = None
-    ) -> list[TrackResult]:
-        """Keep tracks in the durable outbox and wake the deliverer."""
-        self.outbox.put(requests, now=time.time(), close_hold=close_hold)
-        for request in requests:
-            self._queued_customers.add(request.customer_id)
-        self.deliverer.wake()
-        return [_queued(request) for request in requests]
-
-    def _deliver(self, requests: Sequence[TrackRequest]) -> list[TrackResult]:
-        """Deliver now to a local backend, else through the outbox; never lose one."""
-        if not self._inline:
-            return self._enqueue(requests)
-        results = []
-        for index, request in enumerate(requests):
-            try:
-                results.append(self._send(request))
-            except BackendError:
-                return results + self._enqueue(requests[index:])
-        return results
-
-    async def _adeliver(self, requests: Sequence[TrackRequest]) -> list[TrackResult]:
-        """Async :meth:`_deliver`."""
-        if not self._inline:
-            return self._enqueue(requests)
-        results = []
-        for index, request in enumerate(requests):
-            try:
-                results.append(await self._asend(request))
-            except BackendError:
-                return results + self._enqueue(requests[index:])
-        return results
+        return await arun(self._flows.track(request))
 
     def _settle(self, admission: Admission, settlement: engine.Settlement) -> list[TrackResult]:
         """Close the hold (with its refund) and record the tracks; returns their answers."""
-        hold = admission.hold
-        if hold is not None:
-            if (holder := self._holder) is not None:
-                try:
-                    holder.release(hold.key, settlement.refund)
-                except BackendError as exc:
-                    self._release_failed(hold, settlement.refund, exc)
-            elif settlement.refund is not None:
-                self._enqueue((settlement.refund,), close_hold=hold.key)
-            else:
-                self.outbox.close_hold(hold.key)
-        if settlement.tracks:
-            return self._deliver(settlement.tracks)
-        return []
+        return run(self._flows.settle(admission, settlement))
 
     async def _asettle(
         self, admission: Admission, settlement: engine.Settlement
     ) -> list[TrackResult]:
-        """Close the hold (with its refund) and record the tracks; returns their answers."""
-        hold = admission.hold
-        if hold is not None:
-            if (holder := self._holder) is not None:
-                try:
-                    await holder.arelease(hold.key, settlement.refund)
-                except BackendError as exc:
-                    self._release_failed(hold, settlement.refund, exc)
-            elif settlement.refund is not None:
-                self._enqueue((settlement.refund,), close_hold=hold.key)
-            else:
-                self.outbox.close_hold(hold.key)
-        if settlement.tracks:
-            return await self._adeliver(settlement.tracks)
-        return []
-
-    def _release_failed(self, hold: Hold, refund: TrackRequest | None, exc: BackendError) -> None:
-        if refund is not None:
-            # The refund waits in the outbox; the ledger's hold is closed by recover() once
-            # this process has ended, and its refund carries the same key: it counts once.
-            self._enqueue((refund,))
-            return
-        logger.error(
-            "agent_meter: could not close the hold of %s (%s); it stays until this process "
-            "ends: %s",
-            hold.feature_id,
-            hold.customer_id,
-            exc,
-        )
+        """Async :meth:`_settle`."""
+        return await arun(self._flows.settle(admission, settlement))
 
     def flush(self, timeout: float | None = None) -> int:
         """Wait until the queued usage is delivered, or ``timeout`` seconds have passed.
@@ -611,41 +382,11 @@ class Meter:
         its refund key). Reservations of live processes are never touched, so this is safe
         to call while other processes use the same files.
         """
-        refunded = uncertain = 0
-        if (holder := self._holder) is not None:
-            for hold in holder.holds():
-                if not owner_is_alive(hold.owner) and holder.release(hold.key, hold.refund()):
-                    refunded += 1
-        else:
-            for hold, state in self.outbox.holds():
-                if owner_is_alive(hold.owner):
-                    continue
-                if state == "held":
-                    # put() queues the refund only if this recovery closed the hold: of
-                    # several racing recoveries, exactly one refunds
-                    if self.outbox.put([hold.refund()], now=time.time(), close_hold=hold.key):
-                        self._queued_customers.add(hold.customer_id)
-                        refunded += 1
-                elif self.outbox.close_hold(hold.key):
-                    uncertain += 1
-                    logger.warning(
-                        "agent_meter: a reservation of %s for %s was sent by a process that "
-                        "died before the answer; it may stay billed",
-                        hold.feature_id,
-                        hold.customer_id,
-                    )
-        before = self.deliverer.delivered
-        self.deliverer.run_once(ignore_backoff=True)
-        return Recovery(
-            refunded=refunded,
-            uncertain=uncertain,
-            delivered=self.deliverer.delivered - before,
-            pending=self.outbox.pending(),
-        )
+        return run(self._flows.recover())
 
     async def arecover(self) -> Recovery:
-        """Async :meth:`recover` (runs in a worker thread)."""
-        return await asyncio.to_thread(self.recover)
+        """Async :meth:`recover` (the ledger and outbox work runs in worker threads)."""
+        return await arun(self._flows.recover())
 
     # -- guards ----------------------------------------------------------------------------
 
@@ -682,7 +423,7 @@ class Meter:
             ...     pages = fetch(urls)
         """
         return Guard(
-            self,
+            self._flows,
             self.metered_call(
                 customer_id,
                 feature_id,
@@ -704,10 +445,10 @@ class Meter:
         entity_id: str | None = None,
         strategy: Strategy | None = None,
         on_backend_error: FailPolicy | None = None,
-    ) -> AsyncGuard:
-        """Async :meth:`guard`, for ``async with``."""
-        return AsyncGuard(
-            self,
+    ) -> Guard:
+        """:meth:`guard`, named for ``async with`` (the same :class:`Guard` is returned)."""
+        return Guard(
+            self._flows,
             self.metered_call(
                 customer_id,
                 feature_id,
@@ -736,7 +477,7 @@ class Meter:
         call = self.metered_call(
             customer_id, feature_id, units, entity_id=entity_id, strategy="check_then_track"
         )
-        return self._admit(call)
+        return run(self._flows.admit(call))
 
     async def agate(
         self,
@@ -750,7 +491,7 @@ class Meter:
         call = self.metered_call(
             customer_id, feature_id, units, entity_id=entity_id, strategy="check_then_track"
         )
-        return await self._aadmit(call)
+        return await arun(self._flows.admit(call))
 
     def _token_requests(
         self,
@@ -782,7 +523,7 @@ class Meter:
         requests = self._token_requests(
             customer_id, usage, call_id, features or TokenFeatures(), entity_id
         )
-        return self._deliver(requests)
+        return run(self._flows.deliver(requests))
 
     async def atrack_tokens(
         self,
@@ -797,7 +538,7 @@ class Meter:
         requests = self._token_requests(
             customer_id, usage, call_id, features or TokenFeatures(), entity_id
         )
-        return await self._adeliver(requests)
+        return await arun(self._flows.deliver(requests))
 
     # -- integrations (thin adapters, imported on use) -----------------------------------
 

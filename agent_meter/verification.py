@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
-from agent_meter.backends.base import CatalogueBackend
+from agent_meter.backends.base import CatalogueBackend, RemoteBackend
 from agent_meter.errors import ConfigError
 from agent_meter.pricing import FeatureType, Pricing
 
@@ -181,7 +181,8 @@ def verify(meter: Meter, features: Iterable[str] | None = None) -> None:
     backend = meter.backend
     if isinstance(backend, RemoteCatalogue):
         catalogue = backend.catalogue()
-        where = getattr(backend, "service_name", type(backend).__name__)
+        where = backend.service_name if isinstance(backend, RemoteBackend) else ""
+        where = where or type(backend).__name__
     elif isinstance(backend, CatalogueBackend):
         catalogue = catalogue_from_pricing(backend.pricing)
         where = f"{type(backend).__name__}'s pricing"

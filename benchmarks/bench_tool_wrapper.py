@@ -33,6 +33,7 @@ from langchain_core.tools import BaseTool, tool
 
 from agent_meter import Meter, Pricing, SQLiteBackend
 from agent_meter.context import customer_from_config
+from agent_meter.engine import CheckRequest
 from agent_meter.langchain.tools import MeteredTool
 from agent_meter.pricing import Plan
 from agent_meter.testing import MemoryBackend
@@ -123,7 +124,7 @@ def breakdown(meter: Meter, label: str, calls: int, batches: int) -> None:
         "customer_from_config(config)": lambda: customer_from_config(CONFIG),
         "meter.metered_call(...) (validation)": lambda: meter.metered_call(CUSTOMER, "web_search"),
         "backend.check(send_event=True)": lambda: backend.check(
-            CUSTOMER, "web_search", required_balance=1, send_event=True
+            CheckRequest(CUSTOMER, "web_search", required_balance=1, send_event=True)
         ),
         "meter.guard(...) enter+exit, no work": guard_only,
     }

@@ -46,6 +46,7 @@ from agent_meter import (
     UsageLimitExceeded,
 )
 from agent_meter.backends.autumn import AutumnBackend
+from agent_meter.engine import CheckRequest, TrackRequest
 from agent_meter.keys import idempotency_key
 
 # -- construction and secrecy ---------------------------------------------------------
@@ -62,7 +63,7 @@ def test_key_is_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("AUTUMN_SECRET_KEY", SECRET)
     with FaultServer([Reply(200, check_ok())]) as server:
         backend = AutumnBackend(base_url=server.url)
-        assert backend.check("cus_fault", "web_search").allowed
+        assert backend.check(CheckRequest("cus_fault", "web_search")).allowed
         backend.close()
     assert server.requests[0].headers["Authorization"] == f"Bearer {SECRET}"
     assert server.requests[0].headers["X-Api-Version"] == "1.2.0"
@@ -101,39 +102,50 @@ def test_clients_are_created_on_first_use_and_closed():
     with replay(body=True).use_cassette("check_allowed.yaml"):
         backend = AutumnBackend(REPLAY_KEY)
         assert backend._sync is None
-        backend.check("cus_check_allowed", "web_search")
+        backend.check(CheckRequest("cus_check_allowed", "web_search"))
         session = backend._sync.http.session
         assert session is not None
         backend.close()
     assert backend._sync is None
     with pytest.raises(BackendError, match="closed"):
-        backend.check("cus_check_allowed", "web_search")
+        backend.check(CheckRequest("cus_check_allowed", "web_search"))
 
 
 async def test_async_client_is_created_on_first_use_and_closed():
     with replay().use_cassette("async_check_track.yaml") as cassette:
         backend = AutumnBackend(REPLAY_KEY)
         assert backend._async is None
-        await backend.acheck("cus_async_check_track", "web_search")
+        await backend.acheck(CheckRequest("cus_async_check_track", "web_search"))
         session = backend._async.http.session
-        await backend.atrack("cus_async_check_track", "web_search", 1, idempotency_key="k1")
-        await backend.acheck("cus_async_check_track", "web_search")
+        await backend.atrack(
+            TrackRequest("cus_async_check_track", "web_search", 1, idempotency_key="k1")
+        )
+        await backend.acheck(CheckRequest("cus_async_check_track", "web_search"))
         await backend.aclose()
     assert cassette.all_played
     assert session.closed
     with pytest.raises(BackendError, match="closed"):
-        await backend.acheck("cus_async_check_track", "web_search")
+        await backend.acheck(CheckRequest("cus_async_check_track", "web_search"))
 
 
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda b: b.check("", "web_search"), "customer_id"),
-        (lambda b: b.check("cus_1", "web_search", required_balance=math.nan), "finite"),
-        (lambda b: b.check("cus_1", "web_search", required_balance=-1), "negative"),
-        (lambda b: b.track("cus_1", "web_search", 1, idempotency_key=""), "idempotency_key"),
-        (lambda b: b.track("cus_1", "web_search", math.inf, idempotency_key="k"), "finite"),
-        (lambda b: b.track("cus_1", "", 1, idempotency_key="k"), "feature_id"),
+        (lambda b: b.check(CheckRequest("", "web_search")), "customer_id"),
+        (
+            lambda b: b.check(CheckRequest("cus_1", "web_search", required_balance=math.nan)),
+            "finite",
+        ),
+        (lambda b: b.check(CheckRequest("cus_1", "web_search", required_balance=-1)), "negative"),
+        (
+            lambda b: b.track(TrackRequest("cus_1", "web_search", 1, idempotency_key="")),
+            "idempotency_key",
+        ),
+        (
+            lambda b: b.track(TrackRequest("cus_1", "web_search", math.inf, idempotency_key="k")),
+            "finite",
+        ),
+        (lambda b: b.track(TrackRequest("cus_1", "", 1, idempotency_key="k")), "feature_id"),
     ],
 )
 def test_bad_input_is_refused_before_any_request(call, match):
@@ -150,10 +162,18 @@ def test_bad_input_is_refused_before_any_request(call, match):
 def test_check_answers_about_the_pool_with_every_field():
     with replay(body=True).use_cassette("credit_conversion.yaml") as cassette:
         backend = AutumnBackend(REPLAY_KEY)
-        five_k = backend.check("cus_credit_conversion", "llm_tokens", required_balance=5000)
-        too_many = backend.check("cus_credit_conversion", "llm_tokens", required_balance=200000)
-        backend.track("cus_credit_conversion", "llm_tokens", 1234, idempotency_key="tokens_run_1")
-        after = backend.check("cus_credit_conversion", "web_search")
+        five_k = backend.check(
+            CheckRequest("cus_credit_conversion", "llm_tokens", required_balance=5000)
+        )
+        too_many = backend.check(
+            CheckRequest("cus_credit_conversion", "llm_tokens", required_balance=200000)
+        )
+        backend.track(
+            TrackRequest(
+                "cus_credit_conversion", "llm_tokens", 1234, idempotency_key="tokens_run_1"
+            )
+        )
+        after = backend.check(CheckRequest("cus_credit_conversion", "web_search"))
         backend.close()
     assert cassette.all_played
     assert cassette.play_count == 4  # one request per call
@@ -170,12 +190,16 @@ def test_check_answers_about_the_pool_with_every_field():
 def test_send_event_deducts_atomically_and_a_negative_track_refunds():
     with replay(body=True).use_cassette("reserve_then_refund.yaml") as cassette:
         backend = AutumnBackend(REPLAY_KEY)
-        reserved = backend.check("cus_reserve_then_refund", "code_exec", send_event=True)
-        seen = backend.check("cus_reserve_then_refund", "web_search")
-        refund = backend.track(
-            "cus_reserve_then_refund", "code_exec", -1, idempotency_key="refund_call_7"
+        reserved = backend.check(
+            CheckRequest("cus_reserve_then_refund", "code_exec", send_event=True)
         )
-        final = backend.check("cus_reserve_then_refund", "web_search")
+        seen = backend.check(CheckRequest("cus_reserve_then_refund", "web_search"))
+        refund = backend.track(
+            TrackRequest(
+                "cus_reserve_then_refund", "code_exec", -1, idempotency_key="refund_call_7"
+            )
+        )
+        final = backend.check(CheckRequest("cus_reserve_then_refund", "web_search"))
         backend.close()
     assert cassette.all_played
     assert (reserved.allowed, reserved.deducted, reserved.required) == (True, True, 2.0)
@@ -189,7 +213,7 @@ def test_a_denied_send_event_check_deducts_nothing():
     with replay(body=True).use_cassette("reserve_until_denied.yaml") as cassette:
         backend = AutumnBackend(REPLAY_KEY)
         answers = [
-            backend.check("cus_reserve_until_denied", "code_exec", send_event=True)
+            backend.check(CheckRequest("cus_reserve_until_denied", "code_exec", send_event=True))
             for _ in range(51)
         ]
         backend.close()
@@ -204,9 +228,9 @@ def test_a_repeated_key_is_success_and_billed_once():
     with replay(body=True).use_cassette("track_duplicate_idempotency.yaml") as cassette:
         backend = AutumnBackend(REPLAY_KEY)
         cus = "cus_track_duplicate_idempotency"
-        first = backend.track(cus, "web_search", 1, idempotency_key="dup_call_1")
-        second = backend.track(cus, "web_search", 1, idempotency_key="dup_call_1")
-        check = backend.check(cus, "web_search")
+        first = backend.track(TrackRequest(cus, "web_search", 1, idempotency_key="dup_call_1"))
+        second = backend.track(TrackRequest(cus, "web_search", 1, idempotency_key="dup_call_1"))
+        check = backend.check(CheckRequest(cus, "web_search"))
         backend.close()
     assert cassette.all_played
     assert (first.duplicate, second.duplicate) == (False, True)
@@ -218,9 +242,13 @@ async def test_a_repeated_key_is_success_and_billed_once_async():
     with replay().use_cassette("async_duplicate_idempotency.yaml") as cassette:
         backend = AutumnBackend(REPLAY_KEY)
         cus = "cus_async_duplicate_idempotency"
-        first = await backend.atrack(cus, "code_exec", 1, idempotency_key="async_dup_1")
-        second = await backend.atrack(cus, "code_exec", 1, idempotency_key="async_dup_1")
-        check = await backend.acheck(cus, "code_exec")
+        first = await backend.atrack(
+            TrackRequest(cus, "code_exec", 1, idempotency_key="async_dup_1")
+        )
+        second = await backend.atrack(
+            TrackRequest(cus, "code_exec", 1, idempotency_key="async_dup_1")
+        )
+        check = await backend.acheck(CheckRequest(cus, "code_exec"))
         await backend.aclose()
     assert cassette.all_played
     assert (first.duplicate, second.duplicate) == (False, True)
@@ -230,10 +258,14 @@ async def test_a_repeated_key_is_success_and_billed_once_async():
 def test_keys_are_organisation_wide_so_the_meter_scopes_them_per_customer():
     with replay(body=True).use_cassette("idempotency_key_scope.yaml") as cassette:
         backend = AutumnBackend(REPLAY_KEY)
-        a = backend.track("cus_idem_scope_a", "web_search", 1, idempotency_key="shared_key_1")
-        b = backend.track("cus_idem_scope_b", "web_search", 1, idempotency_key="shared_key_1")
-        balance_a = backend.check("cus_idem_scope_a", "web_search").balance
-        balance_b = backend.check("cus_idem_scope_b", "web_search").balance
+        a = backend.track(
+            TrackRequest("cus_idem_scope_a", "web_search", 1, idempotency_key="shared_key_1")
+        )
+        b = backend.track(
+            TrackRequest("cus_idem_scope_b", "web_search", 1, idempotency_key="shared_key_1")
+        )
+        balance_a = backend.check(CheckRequest("cus_idem_scope_a", "web_search")).balance
+        balance_b = backend.check(CheckRequest("cus_idem_scope_b", "web_search")).balance
         backend.close()
     assert cassette.all_played
     assert (a.duplicate, b.duplicate) == (False, True)
@@ -248,9 +280,11 @@ def test_keys_are_organisation_wide_so_the_meter_scopes_them_per_customer():
 def test_a_track_past_the_balance_is_accepted_and_capped():
     with replay(body=True).use_cassette("track_over_balance.yaml") as cassette:
         backend = AutumnBackend(REPLAY_KEY)
-        backend.check("cus_track_over_balance", "web_search")
-        over = backend.track("cus_track_over_balance", "web_search", 150, idempotency_key="over_1")
-        after = backend.check("cus_track_over_balance", "web_search")
+        backend.check(CheckRequest("cus_track_over_balance", "web_search"))
+        over = backend.track(
+            TrackRequest("cus_track_over_balance", "web_search", 150, idempotency_key="over_1")
+        )
+        after = backend.check(CheckRequest("cus_track_over_balance", "web_search"))
         backend.close()
     assert cassette.all_played
     assert over.value == 150.0
@@ -261,16 +295,16 @@ def test_zero_and_fractional_values_are_sent_as_they_are():
     cus = "cus_negative_and_fractional_values"
     with replay(body=True).use_cassette("negative_and_fractional_values.yaml") as cassette:
         backend = AutumnBackend(REPLAY_KEY)
-        balances = [backend.check(cus, "web_search").balance]
+        balances = [backend.check(CheckRequest(cus, "web_search")).balance]
         for feature, value, key in [
             ("llm_tokens", 0, "nf_zero"),
             ("web_search", 2, "nf_two"),
             ("llm_tokens", 2.5, "nf_frac"),
             ("web_search", -1, "nf_neg"),
         ]:
-            backend.track(cus, feature, value, idempotency_key=key)
-            balances.append(backend.check(cus, "web_search").balance)
-        half = backend.check(cus, "web_search", required_balance=0.5)
+            backend.track(TrackRequest(cus, feature, value, idempotency_key=key))
+            balances.append(backend.check(CheckRequest(cus, "web_search")).balance)
+        half = backend.check(CheckRequest(cus, "web_search", required_balance=0.5))
         backend.close()
     assert cassette.all_played
     assert balances == pytest.approx([100, 100, 98, 97.9975, 98.9975])
@@ -280,7 +314,7 @@ def test_zero_and_fractional_values_are_sent_as_they_are():
 def test_unknown_customers_are_created_on_first_use():
     with replay(body=True).use_cassette("unknown_customer_autocreate.yaml") as cassette:
         backend = AutumnBackend(REPLAY_KEY)
-        check = backend.check("cus_unknown_customer_autocreate", "web_search")
+        check = backend.check(CheckRequest("cus_unknown_customer_autocreate", "web_search"))
         balances = backend.balances("cus_unknown_customer_autocreate")
         backend.close()
     assert cassette.all_played
@@ -291,7 +325,7 @@ def test_unknown_customers_are_created_on_first_use():
 def test_a_boolean_feature_is_gated_without_a_balance():
     with replay().use_cassette("boolean_feature_gate.yaml") as cassette:
         backend = AutumnBackend(REPLAY_KEY)
-        before = backend.check("cus_boolean_feature_gate", "premium_tools")
+        before = backend.check(CheckRequest("cus_boolean_feature_gate", "premium_tools"))
         # The grant is an admin call autumn-py lacks (v2 balances.create); the recording
         # made it with plain requests, and so does the replay.
         grant = requests.post(
@@ -299,7 +333,7 @@ def test_a_boolean_feature_is_gated_without_a_balance():
             json={"customer_id": "cus_boolean_feature_gate", "feature_id": "premium_tools"},
             timeout=5,
         )
-        after = backend.check("cus_boolean_feature_gate", "premium_tools")
+        after = backend.check(CheckRequest("cus_boolean_feature_gate", "premium_tools"))
         backend.close()
     assert cassette.all_played
     assert grant.json() == {"success": True}
@@ -320,9 +354,11 @@ def test_unknown_feature_is_a_config_error_naming_it():
     with replay().use_cassette("feature_not_found.yaml") as cassette:
         backend = AutumnBackend(REPLAY_KEY)
         with pytest.raises(ConfigError, match="no_such_feature") as on_check:
-            backend.check("cus_feature_not_found", "no_such_feature")
+            backend.check(CheckRequest("cus_feature_not_found", "no_such_feature"))
         with pytest.raises(ConfigError, match="no_such_feature") as on_track:
-            backend.track("cus_feature_not_found", "no_such_feature", 1, idempotency_key="k")
+            backend.track(
+                TrackRequest("cus_feature_not_found", "no_such_feature", 1, idempotency_key="k")
+            )
         backend.close()
     assert cassette.all_played
     assert cassette.play_count == 2  # 4xx is not retried
@@ -336,7 +372,7 @@ def test_a_wrong_key_is_a_backend_error_that_never_shows_the_key(caplog):
     with replay().use_cassette("invalid_secret_key.yaml") as cassette:
         backend = AutumnBackend(SECRET, max_retries=3)
         with pytest.raises(BackendError) as info:
-            backend.check("cus_invalid_secret_key", "web_search")
+            backend.check(CheckRequest("cus_invalid_secret_key", "web_search"))
         backend.close()
     assert cassette.play_count == 1  # a wrong key is not retried
     error = info.value

@@ -32,6 +32,7 @@ from agent_meter import (
     Meter,
 )
 from agent_meter.backends.autumn import AutumnBackend
+from agent_meter.engine import CheckRequest, TrackRequest
 
 HTML_502 = "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
 RATE_LIMITED = Reply(429, error_body("rate_limit_exceeded", "Too many requests"))
@@ -43,11 +44,11 @@ def backend_for(url: str, **kwargs) -> AutumnBackend:
 
 
 def track(backend: AutumnBackend, key: str = "am1:cus_fault::web_search:call_1:track"):
-    return backend.track("cus_fault", "web_search", 1, idempotency_key=key)
+    return backend.track(TrackRequest("cus_fault", "web_search", 1, idempotency_key=key))
 
 
 async def atrack(backend: AutumnBackend, key: str = "am1:cus_fault::web_search:call_1:track"):
-    return await backend.atrack("cus_fault", "web_search", 1, idempotency_key=key)
+    return await backend.atrack(TrackRequest("cus_fault", "web_search", 1, idempotency_key=key))
 
 
 def keys(server: FaultServer) -> list[str]:
@@ -126,7 +127,7 @@ def test_502_with_an_html_page_is_retried_then_unavailable():
     with FaultServer([Reply(502, HTML_502, "text/html")]) as server:
         backend = backend_for(server.url, max_retries=2)
         with pytest.raises(BackendUnavailable, match="HTTP 502") as info:
-            backend.check("cus_fault", "web_search")
+            backend.check(CheckRequest("cus_fault", "web_search"))
         backend.close()
     assert len(server.requests) == 3
     assert "after 3 attempts" in str(info.value)
@@ -136,7 +137,7 @@ async def test_502_with_an_html_page_is_retried_then_unavailable_async():
     with FaultServer([Reply(502, HTML_502, "text/html")]) as server:
         backend = backend_for(server.url, max_retries=2)
         with pytest.raises(BackendUnavailable, match="HTTP 502"):
-            await backend.acheck("cus_fault", "web_search")
+            await backend.acheck(CheckRequest("cus_fault", "web_search"))
         await backend.aclose()
     assert len(server.requests) == 3
 
@@ -157,7 +158,7 @@ def test_429_is_retried_even_for_a_deducting_check_then_unavailable():
     with FaultServer([RATE_LIMITED]) as server:
         backend = backend_for(server.url)
         with pytest.raises(BackendUnavailable, match="HTTP 429 rate_limit_exceeded"):
-            backend.check("cus_fault", "code_exec", send_event=True)
+            backend.check(CheckRequest("cus_fault", "code_exec", send_event=True))
         backend.close()
     assert len(server.requests) == 4
     assert all(seen.body["send_event"] is True for seen in server.requests)
@@ -166,7 +167,7 @@ def test_429_is_retried_even_for_a_deducting_check_then_unavailable():
 async def test_429_is_retried_even_for_a_deducting_check_async():
     with FaultServer([RATE_LIMITED, Reply(200, check_ok(98, required=2))]) as server:
         backend = backend_for(server.url)
-        result = await backend.acheck("cus_fault", "code_exec", send_event=True)
+        result = await backend.acheck(CheckRequest("cus_fault", "code_exec", send_event=True))
         await backend.aclose()
     assert (result.allowed, result.deducted, result.balance) == (True, True, 98.0)
     assert len(server.requests) == 2
@@ -177,7 +178,7 @@ def test_429_with_an_html_body_is_still_a_rate_limit():
     with FaultServer([Reply(429, "<html>slow down</html>", "text/html")]) as server:
         backend = backend_for(server.url, max_retries=1)
         with pytest.raises(BackendUnavailable, match="HTTP 429"):
-            backend.check("cus_fault", "web_search")
+            backend.check(CheckRequest("cus_fault", "web_search"))
         backend.close()
     assert len(server.requests) == 2
 
@@ -186,7 +187,7 @@ async def test_429_with_an_html_body_is_still_a_rate_limit_async():
     with FaultServer([Reply(429, "<html>slow down</html>", "text/html")]) as server:
         backend = backend_for(server.url, max_retries=1)
         with pytest.raises(BackendUnavailable, match="HTTP 429"):
-            await backend.acheck("cus_fault", "web_search")
+            await backend.acheck(CheckRequest("cus_fault", "web_search"))
         await backend.aclose()
     assert len(server.requests) == 2
 
@@ -197,7 +198,7 @@ async def test_429_with_a_broken_json_body_is_still_a_rate_limit_async():
     with FaultServer([Reply(429, "{oops", "application/json")]) as server:
         backend = backend_for(server.url, max_retries=1)
         with pytest.raises(BackendUnavailable, match="HTTP 429"):
-            await backend.acheck("cus_fault", "web_search")
+            await backend.acheck(CheckRequest("cus_fault", "web_search"))
         await backend.aclose()
     assert len(server.requests) == 2
 
@@ -206,7 +207,7 @@ def test_429_with_a_broken_json_body_is_still_a_rate_limit():
     with FaultServer([Reply(429, "{oops", "application/json")]) as server:
         backend = backend_for(server.url, max_retries=1)
         with pytest.raises(BackendUnavailable, match="HTTP 429"):
-            backend.check("cus_fault", "web_search")
+            backend.check(CheckRequest("cus_fault", "web_search"))
         backend.close()
     assert len(server.requests) == 2
 
@@ -219,7 +220,7 @@ def test_a_deducting_check_is_not_retried_after_a_5xx_that_may_have_run(status):
     with FaultServer([Reply(status), Reply(200, check_ok(98, required=2))]) as server:
         backend = backend_for(server.url)
         with pytest.raises(BackendUnavailable, match="not retried") as info:
-            backend.check("cus_fault", "code_exec", send_event=True)
+            backend.check(CheckRequest("cus_fault", "code_exec", send_event=True))
         backend.close()
     assert len(server.requests) == 1
     assert f"HTTP {status}" in str(info.value)
@@ -229,7 +230,7 @@ async def test_a_deducting_check_is_not_retried_after_a_500_async():
     with FaultServer([Reply(500), Reply(200, check_ok(98, required=2))]) as server:
         backend = backend_for(server.url)
         with pytest.raises(BackendUnavailable, match="not retried"):
-            await backend.acheck("cus_fault", "code_exec", send_event=True)
+            await backend.acheck(CheckRequest("cus_fault", "code_exec", send_event=True))
         await backend.aclose()
     assert len(server.requests) == 1
 
@@ -237,7 +238,7 @@ async def test_a_deducting_check_is_not_retried_after_a_500_async():
 def test_a_deducting_check_is_retried_after_503():
     with FaultServer([Reply(503), Reply(200, check_ok(98, required=2))]) as server:
         backend = backend_for(server.url)
-        result = backend.check("cus_fault", "code_exec", send_event=True)
+        result = backend.check(CheckRequest("cus_fault", "code_exec", send_event=True))
         backend.close()
     assert (result.allowed, result.deducted, result.required) == (True, True, 2.0)
     assert len(server.requests) == 2
@@ -246,7 +247,7 @@ def test_a_deducting_check_is_retried_after_503():
 def test_a_plain_check_is_retried_after_500():
     with FaultServer([Reply(500), Reply(200, check_ok(100))]) as server:
         backend = backend_for(server.url)
-        result = backend.check("cus_fault", "web_search")
+        result = backend.check(CheckRequest("cus_fault", "web_search"))
         backend.close()
     assert (result.allowed, result.deducted, result.balance) == (True, False, 100.0)
     assert len(server.requests) == 2
@@ -259,7 +260,7 @@ def test_garbage_json_on_200_is_a_backend_error_not_retried():
     with FaultServer([Reply(200, "{not json", "application/json")]) as server:
         backend = backend_for(server.url)
         with pytest.raises(BackendError, match="unreadable answer") as info:
-            backend.check("cus_fault", "web_search")
+            backend.check(CheckRequest("cus_fault", "web_search"))
         backend.close()
     assert not isinstance(info.value, BackendUnavailable)
     assert len(server.requests) == 1
@@ -270,7 +271,7 @@ async def test_garbage_json_on_200_is_a_backend_error_not_retried_async():
     with FaultServer([Reply(200, "{not json", "application/json")]) as server:
         backend = backend_for(server.url)
         with pytest.raises(BackendError, match="unreadable answer") as info:
-            await backend.acheck("cus_fault", "web_search")
+            await backend.acheck(CheckRequest("cus_fault", "web_search"))
         await backend.aclose()
     assert not isinstance(info.value, BackendUnavailable)
     assert len(server.requests) == 1
@@ -280,7 +281,7 @@ async def test_a_non_json_200_is_a_backend_error_async():
     with FaultServer([Reply(200, "OK", "text/plain")]) as server:
         backend = backend_for(server.url)
         with pytest.raises(BackendError, match="unreadable answer") as info:
-            await backend.acheck("cus_fault", "web_search")
+            await backend.acheck(CheckRequest("cus_fault", "web_search"))
         await backend.aclose()
     assert not isinstance(info.value, BackendUnavailable)
     # aiohttp's ContentTypeError repr carries the request headers, the key among them.
@@ -291,7 +292,7 @@ def test_an_answer_without_allowed_is_a_backend_error():
     with FaultServer([Reply(200, {"code": "feature_found"})]) as server:
         backend = backend_for(server.url)
         with pytest.raises(BackendError, match="no 'allowed'"):
-            backend.check("cus_fault", "web_search")
+            backend.check(CheckRequest("cus_fault", "web_search"))
         backend.close()
 
 
@@ -303,7 +304,7 @@ def test_a_hang_past_the_timeout_is_retried_then_unavailable():
         backend = backend_for(server.url, timeout=0.2, max_retries=1)
         started = time.monotonic()
         with pytest.raises(BackendUnavailable, match="timed out after 2 attempts"):
-            backend.check("cus_fault", "web_search")
+            backend.check(CheckRequest("cus_fault", "web_search"))
         elapsed = time.monotonic() - started
         backend.close()
     assert len(server.requests) == 2
@@ -315,7 +316,7 @@ async def test_a_hang_past_the_timeout_is_retried_then_unavailable_async():
         backend = backend_for(server.url, timeout=0.2, max_retries=1)
         started = time.monotonic()
         with pytest.raises(BackendUnavailable, match="timed out after 2 attempts"):
-            await backend.acheck("cus_fault", "web_search")
+            await backend.acheck(CheckRequest("cus_fault", "web_search"))
         elapsed = time.monotonic() - started
         await backend.aclose()
     assert len(server.requests) == 2
@@ -326,7 +327,7 @@ def test_a_deducting_check_that_timed_out_is_not_retried():
     with FaultServer([Reply(200, check_ok(98, required=2), hang=5)]) as server:
         backend = backend_for(server.url, timeout=0.2)
         with pytest.raises(BackendUnavailable, match="not retried"):
-            backend.check("cus_fault", "code_exec", send_event=True)
+            backend.check(CheckRequest("cus_fault", "code_exec", send_event=True))
         backend.close()
     assert len(server.requests) == 1
 
@@ -335,7 +336,7 @@ async def test_a_deducting_check_that_timed_out_is_not_retried_async():
     with FaultServer([Reply(200, check_ok(98, required=2), hang=5)]) as server:
         backend = backend_for(server.url, timeout=0.2)
         with pytest.raises(BackendUnavailable, match="not retried"):
-            await backend.acheck("cus_fault", "code_exec", send_event=True)
+            await backend.acheck(CheckRequest("cus_fault", "code_exec", send_event=True))
         await backend.aclose()
     assert len(server.requests) == 1
 
@@ -355,7 +356,7 @@ def test_a_refused_connection_is_retried_then_unavailable(caplog):
     backend = backend_for(refused_url())
     with pytest.raises(BackendUnavailable, match="could not connect after 4 attempts") as info:
         # Refused means never sent: even a deducting check may be retried.
-        backend.check("cus_fault", "code_exec", send_event=True)
+        backend.check(CheckRequest("cus_fault", "code_exec", send_event=True))
     backend.close()
     retries = [r for r in caplog.records if "retry" in r.getMessage()]
     assert len(retries) == 3
@@ -366,7 +367,7 @@ async def test_a_refused_connection_is_retried_then_unavailable_async(caplog):
     caplog.set_level(logging.INFO, logger="agent_meter.autumn")
     backend = backend_for(refused_url())
     with pytest.raises(BackendUnavailable, match="could not connect after 4 attempts"):
-        await backend.acheck("cus_fault", "code_exec", send_event=True)
+        await backend.acheck(CheckRequest("cus_fault", "code_exec", send_event=True))
     await backend.aclose()
     assert len([r for r in caplog.records if "retry" in r.getMessage()]) == 3
 
@@ -376,7 +377,7 @@ def test_back_off_grows_between_attempts():
         backend = backend_for(server.url, backoff=0.04, max_retries=3)
         started = time.monotonic()
         with pytest.raises(BackendUnavailable):
-            backend.check("cus_fault", "web_search")
+            backend.check(CheckRequest("cus_fault", "web_search"))
         elapsed = time.monotonic() - started
         backend.close()
     # Waits of at least half of 0.04, 0.08 and 0.16 seconds.
@@ -387,7 +388,7 @@ def test_back_off_grows_between_attempts():
 def test_a_bad_base_url_is_a_config_error():
     backend = AutumnBackend(SECRET, base_url="not a url")
     with pytest.raises(ConfigError, match="base_url"):
-        backend.check("cus_fault", "web_search")
+        backend.check(CheckRequest("cus_fault", "web_search"))
     backend.close()
 
 
@@ -399,7 +400,7 @@ def test_an_unknown_customer_is_customer_not_found_naming_it():
     with FaultServer([Reply(404, body)]) as server:
         backend = backend_for(server.url)
         with pytest.raises(CustomerNotFound, match="cus_ghost") as info:
-            backend.check("cus_ghost", "web_search")
+            backend.check(CheckRequest("cus_ghost", "web_search"))
         backend.close()
     assert info.value.customer_id == "cus_ghost"
     assert isinstance(info.value, AgentMeterError)
@@ -433,7 +434,7 @@ def test_a_server_message_echoing_the_key_is_redacted_everywhere(caplog):
     with FaultServer([Reply(403, echo)]) as server:
         backend = backend_for(server.url)
         with pytest.raises(BackendError, match="403 forbidden") as info:
-            backend.check("cus_fault", "web_search")
+            backend.check(CheckRequest("cus_fault", "web_search"))
         backend.close()
     texts = exception_texts(info.value) + caplog.text
     assert SECRET not in texts

@@ -30,6 +30,7 @@ from agent_meter import (
     UsageLimitExceeded,
 )
 from agent_meter.backends.autumn import AutumnBackend
+from agent_meter.engine import CheckRequest, TrackRequest
 
 Step = tuple[Any, ...]
 
@@ -184,10 +185,10 @@ def idempotency_key_scope(run: Run) -> None:
     # show how the backend treats the same key for two customers.
     backend = run.meter.backend
     for cus in ("cus_idem_scope_a", "cus_idem_scope_b"):
-        track = backend.track(cus, "web_search", 1, idempotency_key="shared_key_1")
+        track = backend.track(TrackRequest(cus, "web_search", 1, idempotency_key="shared_key_1"))
         run.steps.append((cus, track.duplicate))
     for cus in ("cus_idem_scope_a", "cus_idem_scope_b"):
-        run.saw(cus, backend.check(cus, "web_search"))
+        run.saw(cus, backend.check(CheckRequest(cus, "web_search")))
 
 
 SCENARIOS: dict[str, Callable[[Run], None]] = {
@@ -277,9 +278,11 @@ def test_fields_beyond_allowed_and_balance_agree(tmp_path):
         ("sqlite", SQLiteBackend(tmp_path / "fields.db", pricing=PRICING)),
     ):
         with replay().use_cassette("track_over_balance.yaml"):
-            results = [backend.check("cus_track_over_balance", "web_search")]
-            backend.track("cus_track_over_balance", "web_search", 150, idempotency_key="over_1")
-            results.append(backend.check("cus_track_over_balance", "web_search"))
+            results = [backend.check(CheckRequest("cus_track_over_balance", "web_search"))]
+            backend.track(
+                TrackRequest("cus_track_over_balance", "web_search", 150, idempotency_key="over_1")
+            )
+            results.append(backend.check(CheckRequest("cus_track_over_balance", "web_search")))
         backend.close()
         seen[label] = [(r.usage, r.included_usage, r.unlimited) for r in results]
     assert seen["autumn"] == [(0.0, 100.0, False), (100.0, 100.0, False)]

@@ -14,6 +14,7 @@ from click.testing import CliRunner, Result
 from agent_meter import SQLiteBackend
 from agent_meter.cli import cli, main
 from agent_meter.demo import CUSTOMER
+from agent_meter.engine import TrackRequest
 from agent_meter.errors import CustomerNotFound
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,7 +185,7 @@ def test_report_filters(demo_db: Path) -> None:
 def test_report_over_many_customers(tmp_path: Path, pricing) -> None:
     backend = SQLiteBackend(tmp_path / "many.db", pricing=pricing)
     for n in range(60):
-        backend.track(f"cus_{n:02d}", "web_search", 1, idempotency_key=f"k{n}")
+        backend.track(TrackRequest(f"cus_{n:02d}", "web_search", 1, idempotency_key=f"k{n}"))
     backend.close()
     data = json.loads(invoke("--db", str(tmp_path / "many.db"), "report", "--json").stdout)
     assert len(data["customers"]) == 60

@@ -15,6 +15,7 @@ import pytest
 
 from agent_meter import Meter, Plan, Pricing, SQLiteBackend, TokenUsage, UsageLimitExceeded
 from agent_meter.context import CustomerRef
+from agent_meter.engine import TrackRequest
 from agent_meter.estimate import TokenEstimate
 from agent_meter.reservation import areserve_tokens, reserve_tokens
 from agent_meter.testing import MemoryBackend
@@ -290,10 +291,10 @@ def test_a_track_says_what_the_balance_could_not_pay(
     backend: MemoryBackend | SQLiteBackend,
 ) -> None:
     backend.set_balance(CUS.customer_id, "credits", 0.25)
-    first = backend.track(CUS.customer_id, "llm_tokens", 100, idempotency_key="k1")
+    first = backend.track(TrackRequest(CUS.customer_id, "llm_tokens", 100, idempotency_key="k1"))
     assert first.uncharged == 0.0
-    capped = backend.track(CUS.customer_id, "llm_tokens", 400, idempotency_key="k2")
+    capped = backend.track(TrackRequest(CUS.customer_id, "llm_tokens", 400, idempotency_key="k2"))
     assert capped.uncharged == pytest.approx(250)  # 0.15 credits paid 150 of 400 tokens
     assert credits(backend) == 0
-    again = backend.track(CUS.customer_id, "llm_tokens", 400, idempotency_key="k2")
+    again = backend.track(TrackRequest(CUS.customer_id, "llm_tokens", 400, idempotency_key="k2"))
     assert (again.duplicate, again.uncharged) == (True, 0.0)

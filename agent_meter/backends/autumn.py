@@ -68,6 +68,7 @@ from autumn.http import _RetryRequestError
 from pydantic import BaseModel, ConfigDict
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
+from agent_meter.engine import CheckRequest, TrackRequest
 from agent_meter.errors import (
     BackendError,
     BackendUnavailable,
@@ -375,15 +376,7 @@ class AutumnBackend:
 
     # -- the protocol ------------------------------------------------------------------
 
-    def check(
-        self,
-        customer_id: str,
-        feature_id: str,
-        *,
-        required_balance: float = 1,
-        send_event: bool = False,
-        entity_id: str | None = None,
-    ) -> CheckResult:
+    def check(self, request: CheckRequest) -> CheckResult:
         """Ask Autumn whether the customer may use ``required_balance`` units (one request).
 
         With ``send_event=True`` Autumn deducts atomically when it allows; that check is
@@ -397,32 +390,16 @@ class AutumnBackend:
             BackendUnavailable: Autumn could not be reached, or stayed overloaded.
             BackendError: Autumn refused the request (a wrong key, bad input).
         """
-        call = _check_call(customer_id, feature_id, required_balance, send_event, entity_id)
-        return _check_result(call, self._request(call), required_balance, entity_id)
+        call = _check_call(*_check_fields(request))
+        return _check_result(call, self._request(call), request.required_balance, request.entity_id)
 
-    async def acheck(
-        self,
-        customer_id: str,
-        feature_id: str,
-        *,
-        required_balance: float = 1,
-        send_event: bool = False,
-        entity_id: str | None = None,
-    ) -> CheckResult:
+    async def acheck(self, request: CheckRequest) -> CheckResult:
         """Async :meth:`check`, over aiohttp."""
-        call = _check_call(customer_id, feature_id, required_balance, send_event, entity_id)
-        return _check_result(call, await self._arequest(call), required_balance, entity_id)
+        call = _check_call(*_check_fields(request))
+        answer = await self._arequest(call)
+        return _check_result(call, answer, request.required_balance, request.entity_id)
 
-    def track(
-        self,
-        customer_id: str,
-        feature_id: str,
-        value: float,
-        *,
-        idempotency_key: str,
-        entity_id: str | None = None,
-        properties: Mapping[str, Any] | None = None,
-    ) -> TrackResult:
+    def track(self, request: TrackRequest) -> TrackResult:
         """Record usage in Autumn (one request), once per idempotency key.
 
         A 409 ``duplicate_idempotency_key`` means Autumn already has this usage: the
@@ -436,12 +413,12 @@ class AutumnBackend:
             BackendError: Autumn refused the request.
         """
         call, result = _track_call(
-            customer_id,
-            feature_id,
-            value,
-            idempotency_key=idempotency_key,
-            entity_id=entity_id,
-            properties=properties,
+            request.customer_id,
+            request.feature_id,
+            request.value,
+            idempotency_key=request.idempotency_key,
+            entity_id=request.entity_id,
+            properties=request.properties,
         )
         try:
             self._request(call)
@@ -449,24 +426,15 @@ class AutumnBackend:
             return _as_duplicate(result)
         return result
 
-    async def atrack(
-        self,
-        customer_id: str,
-        feature_id: str,
-        value: float,
-        *,
-        idempotency_key: str,
-        entity_id: str | None = None,
-        properties: Mapping[str, Any] | None = None,
-    ) -> TrackResult:
+    async def atrack(self, request: TrackRequest) -> TrackResult:
         """Async :meth:`track`, over aiohttp."""
         call, result = _track_call(
-            customer_id,
-            feature_id,
-            value,
-            idempotency_key=idempotency_key,
-            entity_id=entity_id,
-            properties=properties,
+            request.customer_id,
+            request.feature_id,
+            request.value,
+            idempotency_key=request.idempotency_key,
+            entity_id=request.entity_id,
+            properties=request.properties,
         )
         try:
             await self._arequest(call)
@@ -536,6 +504,16 @@ class _Duplicate(Exception):
 def _wire(number: float) -> int | float:
     """Send whole numbers as JSON integers, like autumn-py's int-typed signature does."""
     return int(number) if number.is_integer() else number
+
+
+def _check_fields(request: CheckRequest) -> tuple[str, str, float, bool, str | None]:
+    return (
+        request.customer_id,
+        request.feature_id,
+        request.required_balance,
+        request.send_event,
+        request.entity_id,
+    )
 
 
 def _check_call(

@@ -1,11 +1,17 @@
-"""The backend protocols: what the meter asks of a billing service."""
+"""The backend protocols: what the meter asks of a billing service.
+
+A backend receives request values (:class:`~agent_meter.engine.CheckRequest`,
+:class:`~agent_meter.engine.TrackRequest`, :class:`~agent_meter.engine.Hold`) and answers
+with result values. What only some backends can do is declared here as a capability
+Protocol, and the meter asks ``isinstance(backend, Capability)`` once, when it starts.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
-from agent_meter.engine import Hold, TrackRequest
+from agent_meter.engine import CheckRequest, Hold, TrackRequest
 from agent_meter.pricing import Pricing
 from agent_meter.results import CheckResult, TrackResult
 
@@ -15,6 +21,9 @@ __all__ = [
     "CatalogueBackend",
     "DenialRecorder",
     "FullBackend",
+    "LedgerFile",
+    "LocalBackend",
+    "RemoteBackend",
     "ReservingBackend",
 ]
 
@@ -30,29 +39,12 @@ class Backend(Protocol):
     ``duplicate``; unknown customers are created on first use.
     """
 
-    def check(
-        self,
-        customer_id: str,
-        feature_id: str,
-        *,
-        required_balance: float = 1,
-        send_event: bool = False,
-        entity_id: str | None = None,
-    ) -> CheckResult:
-        """May ``customer_id`` use ``required_balance`` units of ``feature_id``?"""
+    def check(self, request: CheckRequest) -> CheckResult:
+        """May ``request.customer_id`` use ``request.required_balance`` units?"""
         ...
 
-    def track(
-        self,
-        customer_id: str,
-        feature_id: str,
-        value: float,
-        *,
-        idempotency_key: str,
-        entity_id: str | None = None,
-        properties: Mapping[str, Any] | None = None,
-    ) -> TrackResult:
-        """Record that ``customer_id`` used ``value`` units of ``feature_id``."""
+    def track(self, request: TrackRequest) -> TrackResult:
+        """Record that ``request.customer_id`` used ``request.value`` units."""
         ...
 
     def close(self) -> None:
@@ -64,28 +56,11 @@ class Backend(Protocol):
 class AsyncBackend(Protocol):
     """The async twin of :class:`Backend`, with the same semantics."""
 
-    async def acheck(
-        self,
-        customer_id: str,
-        feature_id: str,
-        *,
-        required_balance: float = 1,
-        send_event: bool = False,
-        entity_id: str | None = None,
-    ) -> CheckResult:
+    async def acheck(self, request: CheckRequest) -> CheckResult:
         """Async :meth:`Backend.check`."""
         ...
 
-    async def atrack(
-        self,
-        customer_id: str,
-        feature_id: str,
-        value: float,
-        *,
-        idempotency_key: str,
-        entity_id: str | None = None,
-        properties: Mapping[str, Any] | None = None,
-    ) -> TrackResult:
+    async def atrack(self, request: TrackRequest) -> TrackResult:
         """Async :meth:`Backend.track`."""
         ...
 
@@ -102,6 +77,9 @@ class FullBackend(Backend, AsyncBackend, Protocol):
     """
 
 
+# -- optional capabilities -----------------------------------------------------------------
+
+
 @runtime_checkable
 class CatalogueBackend(Protocol):
     """A backend that knows its feature catalogue up front (the embedded ones)."""
@@ -109,6 +87,40 @@ class CatalogueBackend(Protocol):
     @property
     def pricing(self) -> Pricing:
         """The features, credit systems and plans the backend bills by."""
+        ...
+
+
+@runtime_checkable
+class LocalBackend(Protocol):
+    """A backend whose ledger is in this process's reach (the embedded ones).
+
+    The meter settles its calls inline instead of through the outbox.
+    """
+
+    is_local: bool
+    """True: the ledger answers without a network round trip."""
+
+
+@runtime_checkable
+class LedgerFile(Protocol):
+    """A backend that keeps its ledger in a file (the meter's outbox goes next to it)."""
+
+    @property
+    def path(self) -> Path:
+        """The ledger file."""
+        ...
+
+
+@runtime_checkable
+class RemoteBackend(Protocol):
+    """A billing service over the network (Autumn)."""
+
+    service_name: str
+    """How messages name the service (``"Autumn"``)."""
+
+    @property
+    def outbox_id(self) -> str:
+        """Names the account the backend bills (a server and key), for the outbox file."""
         ...
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_meter import ledger
-from agent_meter.engine import Hold, TrackRequest
+from agent_meter.engine import CheckRequest, Hold, TrackRequest
 from agent_meter.errors import (
     BackendError,
     BackendUnavailable,
@@ -106,7 +106,7 @@ class SQLiteBackend:
 
     Example:
         >>> backend = SQLiteBackend("usage.db", pricing=Pricing.from_file("pricing.toml"))
-        >>> backend.check("cus_1", "web_search").balance
+        >>> backend.check(CheckRequest("cus_1", "web_search")).balance
         100.0
     """
 
@@ -259,23 +259,20 @@ class SQLiteBackend:
 
     # -- the protocol ----------------------------------------------------------------------
 
-    def check(
-        self,
-        customer_id: str,
-        feature_id: str,
-        *,
-        required_balance: float = 1,
-        send_event: bool = False,
-        entity_id: str | None = None,
-    ) -> CheckResult:
+    def check(self, request: CheckRequest) -> CheckResult:
         """Answer a check; with ``send_event=True``, deduct atomically when allowed.
 
         Raises:
             InvalidUsage: An id or ``required_balance`` is malformed.
             ConfigError: ``feature_id`` is not in the pricing.
         """
+        feature_id, send_event = request.feature_id, request.send_event
         customer_id, entity_id, charge = ledger.price_request(
-            self._pricing, customer_id, feature_id, required_balance, entity_id=entity_id
+            self._pricing,
+            request.customer_id,
+            feature_id,
+            request.required_balance,
+            entity_id=request.entity_id,
         )
         now = self._clock()
         with self._errors(f"check {feature_id!r} for {customer_id!r}"):
@@ -370,16 +367,7 @@ class SQLiteBackend:
         )
         return result
 
-    def track(
-        self,
-        customer_id: str,
-        feature_id: str,
-        value: float,
-        *,
-        idempotency_key: str,
-        entity_id: str | None = None,
-        properties: Mapping[str, Any] | None = None,
-    ) -> TrackResult:
+    def track(self, request: TrackRequest) -> TrackResult:
         """Record usage: capped at 0, refunded when negative, once per idempotency key.
 
         Raises:
@@ -387,12 +375,14 @@ class SQLiteBackend:
                 boolean.
             ConfigError: ``feature_id`` is not in the pricing.
         """
+        feature_id, idempotency_key = request.feature_id, request.idempotency_key
+        properties = request.properties
         customer_id, entity_id, charge = ledger.price_request(
             self._pricing,
-            customer_id,
+            request.customer_id,
             feature_id,
-            value,
-            entity_id=entity_id,
+            request.value,
+            entity_id=request.entity_id,
             track=True,
             idempotency_key=idempotency_key,
         )
@@ -569,45 +559,13 @@ class SQLiteBackend:
                 conn.close()
         self._local = threading.local()
 
-    async def acheck(
-        self,
-        customer_id: str,
-        feature_id: str,
-        *,
-        required_balance: float = 1,
-        send_event: bool = False,
-        entity_id: str | None = None,
-    ) -> CheckResult:
+    async def acheck(self, request: CheckRequest) -> CheckResult:
         """Async :meth:`check`, run in a worker thread so the event loop never blocks."""
-        return await asyncio.to_thread(
-            self.check,
-            customer_id,
-            feature_id,
-            required_balance=required_balance,
-            send_event=send_event,
-            entity_id=entity_id,
-        )
+        return await asyncio.to_thread(self.check, request)
 
-    async def atrack(
-        self,
-        customer_id: str,
-        feature_id: str,
-        value: float,
-        *,
-        idempotency_key: str,
-        entity_id: str | None = None,
-        properties: Mapping[str, Any] | None = None,
-    ) -> TrackResult:
+    async def atrack(self, request: TrackRequest) -> TrackResult:
         """Async :meth:`track`, run in a worker thread so the event loop never blocks."""
-        return await asyncio.to_thread(
-            self.track,
-            customer_id,
-            feature_id,
-            value,
-            idempotency_key=idempotency_key,
-            entity_id=entity_id,
-            properties=properties,
-        )
+        return await asyncio.to_thread(self.track, request)
 
     async def aclose(self) -> None:
         """Async :meth:`close`."""

@@ -1,0 +1,400 @@
+"""The I/O of a guarded call, a track and a recovery, written once for sync and async callers.
+
+Each flow is a generator (the shape of httpx's auth flow): it decides, in plain Python,
+what to do next, and yields an :class:`Effect` (check the backend, reserve, close a hold,
+queue a track) instead of doing it. A driver performs the effect and sends its result back
+in, or throws its exception in, until the flow returns. :func:`run` performs effects in
+the caller's thread; :func:`arun` awaits a backend's native async method when it has one
+and runs every other effect (the SQLite ledger, the outbox, the hold journal: blocking
+local I/O) in a worker thread, so an event loop never waits on a file lock.
+
+The decisions themselves are the pure functions of :mod:`agent_meter.engine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from agent_meter import engine
+from agent_meter.backends.base import DenialRecorder, FullBackend, ReservingBackend
+from agent_meter.delivery import Deliverer
+from agent_meter.engine import Admission, CheckRequest, Hold, MeteredCall, TrackRequest
+from agent_meter.errors import (
+    AgentMeterError,
+    BackendError,
+    BackendUnavailable,
+    UsageLimitExceeded,
+)
+from agent_meter.outbox import Outbox
+from agent_meter.owner import current_owner, owner_is_alive
+from agent_meter.results import CheckResult, TrackResult
+
+__all__ = ["Effect", "Flow", "Flows", "Recovery", "arun", "run"]
+
+logger = logging.getLogger("agent_meter")
+
+T = TypeVar("T")
+
+
+class Effect:
+    """One piece of I/O a flow asks its driver to perform.
+
+    Attributes:
+        call: Performs it, blocking the caller's thread.
+        acall: Its native async twin (a backend's ``acheck``), or None for blocking local
+            work that the async driver runs in a worker thread.
+        args: The arguments of either.
+    """
+
+    __slots__ = ("acall", "args", "call")
+
+    def __init__(
+        self,
+        call: Callable[..., Any],
+        acall: Callable[..., Awaitable[Any]] | None,
+        args: tuple[Any, ...],
+    ) -> None:
+        self.call = call
+        self.acall = acall
+        self.args = args
+
+    def __repr__(self) -> str:
+        return f"Effect({getattr(self.call, '__qualname__', self.call)!r})"
+
+
+def local(call: Callable[..., Any], *args: Any) -> Effect:
+    """Blocking local work (a file, a lock): a worker thread under the async driver."""
+    return Effect(call, None, args)
+
+
+def remote(call: Callable[..., Any], acall: Callable[..., Awaitable[Any]], *args: Any) -> Effect:
+    """A backend call with a native async twin."""
+    return Effect(call, acall, args)
+
+
+Flow = Generator[Effect, Any, T]
+"""A flow: yields effects, receives their results, returns its answer."""
+
+
+def run(flow: Flow[T]) -> T:
+    """Drive ``flow`` to its end in this thread."""
+    try:
+        effect = next(flow)
+        while True:
+            try:
+                result = effect.call(*effect.args)
+            except BaseException as exc:  # noqa: BLE001 - thrown into the flow, which decides
+                effect = flow.throw(exc)
+            else:
+                effect = flow.send(result)
+    except StopIteration as stop:
+        answer: T = stop.value
+        return answer
+
+
+async def arun(flow: Flow[T]) -> T:
+    """Drive ``flow`` to its end without ever blocking the event loop."""
+    try:
+        effect = next(flow)
+        while True:
+            try:
+                if effect.acall is not None:
+                    result = await effect.acall(*effect.args)
+                else:
+                    result = await asyncio.to_thread(effect.call, *effect.args)
+            except BaseException as exc:  # noqa: BLE001 - thrown into the flow, which decides
+                effect = flow.throw(exc)
+            else:
+                effect = flow.send(result)
+    except StopIteration as stop:
+        answer: T = stop.value
+        return answer
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What :meth:`Meter.recover <agent_meter.Meter.recover>` did.
+
+    Attributes:
+        refunded: Reservations of dead processes given back.
+        uncertain: Reservations whose check was sent by a process that died before the
+            answer (remote backends only); closed without a refund.
+        delivered: Queued tracks delivered.
+        pending: Tracks still waiting in the outbox.
+    """
+
+    refunded: int
+    uncertain: int
+    delivered: int
+    pending: int
+
+
+def queued(request: TrackRequest) -> TrackResult:
+    """The answer for a track kept in the outbox."""
+    return TrackResult(
+        request.customer_id,
+        request.feature_id,
+        request.value,
+        request.idempotency_key,
+        queued=True,
+    )
+
+
+class Flows:
+    """The flows of one meter, over its backend, outbox and deliverer.
+
+    Args:
+        backend: The billing backend.
+        outbox: Where undelivered tracks (and, for remote backends, holds) wait.
+        deliverer: Delivers the outbox in the background.
+        inline: The backend is local: deliver tracks to it now instead of queueing them.
+        unverified_limit: Calls per customer that may run unverified while the backend
+            is unreachable (see :func:`agent_meter.engine.admit_unverified`).
+    """
+
+    def __init__(
+        self,
+        backend: FullBackend,
+        outbox: Outbox,
+        deliverer: Deliverer,
+        *,
+        inline: bool,
+        unverified_limit: int,
+    ) -> None:
+        self.backend = backend
+        self.holder = backend if isinstance(backend, ReservingBackend) else None
+        self.denials = backend if isinstance(backend, DenialRecorder) else None
+        self.outbox = outbox
+        self.deliverer = deliverer
+        self.inline = inline
+        self.unverified_limit = unverified_limit
+        self._lock = threading.Lock()
+        self._unverified: dict[str, int] = {}
+        self._queued_customers: set[str] = set()
+
+    # -- effects -------------------------------------------------------------------------
+
+    def _check(self, request: CheckRequest) -> Effect:
+        return remote(self.backend.check, self.backend.acheck, request)
+
+    def _send(self, request: TrackRequest) -> Effect:
+        return remote(self.backend.track, self.backend.atrack, request)
+
+    def queue(
+        self, requests: Sequence[TrackRequest], close_hold: str | None = None
+    ) -> list[TrackResult]:
+        """Keep tracks in the durable outbox and wake the deliverer (blocking)."""
+        self.outbox.put(requests, now=time.time(), close_hold=close_hold)
+        for request in requests:
+            self._queued_customers.add(request.customer_id)
+        self.deliverer.wake()
+        return [queued(request) for request in requests]
+
+    def drain_first(self, customer_id: str) -> None:
+        """Deliver this customer's queued tracks before a check, so it sees all of them.
+
+        Raises:
+            BackendUnavailable: Some are still undelivered.
+        """
+        if customer_id not in self._queued_customers:
+            return
+        if not self.deliverer.drain(customer_id):
+            msg = f"usage of {customer_id!r} queued earlier could not be delivered before the check"
+            raise BackendUnavailable(msg)
+        self._queued_customers.discard(customer_id)
+
+    def _record_denial(self, call: MeteredCall) -> None:
+        """Keep the refusal in the ledger for reports; never let that hide the refusal."""
+        if self.denials is None:
+            return
+        try:
+            self.denials.record_denial(
+                call.customer_id, call.feature_id, call.units, call.entity_id
+            )
+        except AgentMeterError as exc:
+            logger.warning("agent_meter: could not record a denial of %s: %s", call.feature_id, exc)
+
+    # -- the flows -----------------------------------------------------------------------
+
+    def check(self, call: MeteredCall) -> Flow[CheckResult]:
+        """Ask whether ``call`` may run, deducting nothing; queued usage is delivered first."""
+        if call.customer_id in self._queued_customers:
+            yield local(self.drain_first, call.customer_id)
+        request = CheckRequest(
+            call.customer_id, call.feature_id, call.units, entity_id=call.entity_id
+        )
+        result: CheckResult = yield self._check(request)
+        return result
+
+    def admit(self, call: MeteredCall) -> Flow[Admission]:
+        """Admit ``call`` (reserving under ``reserve``) or refuse it.
+
+        Raises:
+            UsageLimitExceeded: The customer may not use the feature.
+            BackendError: The check failed and the fail policy refuses the call.
+        """
+        request = engine.admission(call)
+        hold = None
+        try:
+            if call.customer_id in self._queued_customers:
+                yield local(self.drain_first, call.customer_id)
+            if request.send_event:
+                hold = engine.hold_for(call, current_owner(), time.time())
+                result = yield from self._reserve(hold, request)
+            else:
+                result = yield self._check(request)
+        except BackendError as exc:
+            return self._admit_unverified(call, exc)
+        self._unverified.pop(call.customer_id, None)
+        try:
+            return engine.admit(call, result, hold)
+        except UsageLimitExceeded:
+            if self.denials is not None:
+                yield local(self._record_denial, call)
+            raise
+
+    def _reserve(self, hold: Hold, request: CheckRequest) -> Flow[CheckResult]:
+        if (holder := self.holder) is not None:
+            reserved: CheckResult = yield remote(holder.reserve, holder.areserve, hold)
+            return reserved
+        # A remote backend: journal the hold before the check, so that a crash between
+        # the deduction and the answer is found by recover().
+        yield local(self.outbox.open_hold, hold)
+        try:
+            result: CheckResult = yield self._check(request)
+        except BaseException as exc:
+            if not isinstance(exc, GeneratorExit):
+                yield local(self.outbox.close_hold, hold.key)
+            raise
+        if result.deducted:
+            yield local(self.outbox.mark_held, hold.key)
+        else:
+            yield local(self.outbox.close_hold, hold.key)
+        return result
+
+    def _admit_unverified(self, call: MeteredCall, error: BackendError) -> Admission:
+        with self._lock:
+            count = self._unverified.get(call.customer_id, 0)
+            admission = engine.admit_unverified(
+                call, error, unverified=count, limit=self.unverified_limit
+            )
+            self._unverified[call.customer_id] = count + 1
+        logger.warning(
+            "agent_meter: %s for %s runs unverified (%d of %d): %s",
+            call.feature_id,
+            call.customer_id,
+            count + 1,
+            self.unverified_limit,
+            error,
+        )
+        return admission
+
+    def settle(
+        self, admission: Admission, settlement: engine.Settlement
+    ) -> Flow[list[TrackResult]]:
+        """Close the call's hold (with its refund) and record its tracks; their answers."""
+        hold = admission.hold
+        if hold is not None:
+            if (holder := self.holder) is not None:
+                try:
+                    yield remote(holder.release, holder.arelease, hold.key, settlement.refund)
+                except BackendError as exc:
+                    yield from self._release_failed(hold, settlement.refund, exc)
+            elif settlement.refund is not None:
+                yield local(self.queue, (settlement.refund,), hold.key)
+            else:
+                yield local(self.outbox.close_hold, hold.key)
+        if settlement.tracks:
+            return (yield from self.deliver(settlement.tracks))
+        return []
+
+    def _release_failed(
+        self, hold: Hold, refund: TrackRequest | None, exc: BackendError
+    ) -> Flow[None]:
+        if refund is not None:
+            # The refund waits in the outbox; the ledger's hold is closed by recover() once
+            # this process has ended, and its refund carries the same key: it counts once.
+            yield local(self.queue, (refund,))
+            return
+        logger.error(
+            "agent_meter: could not close the hold of %s (%s); it stays until this process "
+            "ends: %s",
+            hold.feature_id,
+            hold.customer_id,
+            exc,
+        )
+
+    def track(self, request: TrackRequest) -> Flow[TrackResult]:
+        """Send one track; keep it in the outbox when the backend is unavailable."""
+        try:
+            result: TrackResult = yield self._send(request)
+        except BackendUnavailable:
+            kept: list[TrackResult] = yield local(self.queue, (request,))
+            return kept[0]
+        return result
+
+    def deliver(self, requests: Sequence[TrackRequest]) -> Flow[list[TrackResult]]:
+        """Deliver now to a local backend, else through the outbox; never lose one."""
+        if not self.inline:
+            kept: list[TrackResult] = yield local(self.queue, requests)
+            return kept
+        results: list[TrackResult] = []
+        for index, request in enumerate(requests):
+            try:
+                results.append((yield self._send(request)))
+            except BackendError:
+                rest: list[TrackResult] = yield local(self.queue, requests[index:])
+                return results + rest
+        return results
+
+    def recover(self) -> Flow[Recovery]:
+        """Refund the reservations of processes that died, and deliver the outbox."""
+        refunded = uncertain = 0
+        if (holder := self.holder) is not None:
+            holds: list[Hold] = yield local(_dead, holder.holds)
+            for hold in holds:
+                if (yield remote(holder.release, holder.arelease, hold.key, hold.refund())):
+                    refunded += 1
+        else:
+            journal: list[tuple[Hold, str]] = yield local(_dead_journal, self.outbox)
+            for hold, state in journal:
+                if state == "held":
+                    if (yield local(self._refund_dead, hold)):
+                        refunded += 1
+                elif (yield local(self.outbox.close_hold, hold.key)):
+                    uncertain += 1
+                    logger.warning(
+                        "agent_meter: a reservation of %s for %s was sent by a process that "
+                        "died before the answer; it may stay billed",
+                        hold.feature_id,
+                        hold.customer_id,
+                    )
+        delivered, pending = yield local(self._deliver_outbox)
+        return Recovery(refunded, uncertain, delivered, pending)
+
+    def _refund_dead(self, hold: Hold) -> bool:
+        # put() queues the refund only if this recovery closed the hold: of several racing
+        # recoveries, exactly one refunds
+        if self.outbox.put([hold.refund()], now=time.time(), close_hold=hold.key):
+            self._queued_customers.add(hold.customer_id)
+            return True
+        return False
+
+    def _deliver_outbox(self) -> tuple[int, int]:
+        before = self.deliverer.delivered
+        self.deliverer.run_once(ignore_backoff=True)
+        return self.deliverer.delivered - before, self.outbox.pending()
+
+
+def _dead(holds: Callable[[], list[Hold]]) -> list[Hold]:
+    return [hold for hold in holds() if not owner_is_alive(hold.owner)]
+
+
+def _dead_journal(outbox: Outbox) -> list[tuple[Hold, str]]:
+    return [(hold, state) for hold, state in outbox.holds() if not owner_is_alive(hold.owner)]
