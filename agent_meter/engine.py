@@ -9,6 +9,7 @@ integration (tool wrappers, callbacks, middleware, OpenAI) goes through the same
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -148,14 +149,21 @@ class Hold:
 
 
 def hold_for(call: MeteredCall, owner: str, now: float) -> Hold:
-    """The hold a reservation of ``call`` opens."""
+    """The hold a reservation of ``call`` opens.
+
+    The hold key names the call, so that a replay of a call that was reserved is
+    recognised. The refund key names this attempt: a call that failed is refunded and may
+    be retried under the same call id, and if the retry fails too its refund must count
+    again, not be taken for a duplicate of the first.
+    """
+    attempt = f"{call.call_id}.r{uuid.uuid4().hex[:12]}"
     return Hold(
         call.key("hold"),
         call.customer_id,
         call.feature_id,
         call.units,
         call.entity_id,
-        call.key("refund"),
+        idempotency_key(call.customer_id, call.feature_id, attempt, "refund", call.entity_id),
         owner,
         now,
     )
@@ -277,9 +285,12 @@ def settlement(
     if call.gate_only or admitted.replay:
         return Settlement()
     if not succeeded:
-        if admitted.reserved:
-            return Settlement(refund=_track(call, -admitted.reserved, "refund"))
-        return Settlement()
+        refund = None
+        if admitted.hold is not None:  # under the attempt's refund key (see hold_for)
+            refund = admitted.hold.refund()
+        elif admitted.reserved:
+            refund = _track(call, -admitted.reserved, "refund")
+        return Settlement(refund=refund)
     final = call.units if actual_units is None else actual_units
     delta = final - admitted.reserved
     if delta == 0:

@@ -38,6 +38,8 @@ __all__ = [
     "plan_track",
     "price_request",
     "readable",
+    "replay_answer",
+    "retired_hold_key",
     "roll_forward",
     "to_nano",
     "uncharged",
@@ -329,6 +331,37 @@ def plan_check(
     if after is None and rolled is not stored:
         after = rolled
     return result, after
+
+
+def replay_answer(
+    customer_id: str,
+    charge: Charge,
+    stored: Balance | None,
+    now: float,
+    *,
+    entity_id: str | None = None,
+) -> CheckResult:
+    """The answer to a reservation of a call that holds its reservation already.
+
+    The call was reserved (and, if it ended, succeeded) before: it runs again without a
+    second charge, whatever the balance is now, even 0. Both embedded backends answer a
+    replay with this, so they agree.
+    """
+    result, _ = plan_check(customer_id, charge, stored, now, send_event=False, entity_id=entity_id)
+    return replace(result, allowed=True, deducted=False, replayed=True)
+
+
+def retired_hold_key(refund_key: str) -> str:
+    """The key a hold keeps in the ledger once it is refunded (its call failed).
+
+    A call's hold key is what makes a replay free; a call that failed was refunded and
+    never paid, so its key is retired (renamed after the attempt, whose refund key is
+    unique: ``...:<call>.r<attempt>:hold``) and a retry under the same call id is
+    reserved, and billed, as a new attempt. Only the refund under the hold's own refund
+    key retires it: giving back the unused part of a reservation (a success that used
+    less than its estimate) leaves the call reserved.
+    """
+    return f"{refund_key.removesuffix(':refund')}:hold"
 
 
 def plan_track(charge: Charge, stored: Balance | None, now: float) -> tuple[Balance | None, int]:

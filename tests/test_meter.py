@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from agent_meter import (
@@ -47,7 +49,10 @@ def test_failed_call_is_refunded_and_its_exception_reraised_unchanged(
     refund = memory_backend.calls[-1]
     assert refund.method == "track"
     assert refund.kwargs["value"] == -1
-    assert refund.kwargs["idempotency_key"] == "am1:cus_1::code_exec:c1:refund"
+    # the refund names the call and this attempt (a retry that fails is refunded again)
+    assert re.fullmatch(
+        r"am1:cus_1::code_exec:c1\.r[0-9a-f]{12}:refund", refund.kwargs["idempotency_key"]
+    )
 
 
 def test_denied_call_never_runs_the_work(meter: Meter, memory_backend: MemoryBackend) -> None:

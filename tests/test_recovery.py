@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -138,9 +139,12 @@ def kill_repeatedly(kind: str, target: str, outbox: Path, log: Path, kills: int,
 
 
 def call_of(key: str) -> tuple[str, str]:
-    """(call_id, purpose) of an idempotency key ``am1:<customer>:<entity>:<feature>:<call>:<p>``."""
+    """(call_id, purpose) of an idempotency key ``am1:<customer>:<entity>:<feature>:<call>:<p>``.
+
+    A refund's call part also names the attempt (``<call>.r<12 hex>``): it is left out.
+    """
     parts = key.split(":")
-    return parts[-2], parts[-1]
+    return re.sub(r"\.r[0-9a-f]{12}$", "", parts[-2]), parts[-1]
 
 
 @pytest.fixture

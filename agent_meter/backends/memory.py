@@ -330,10 +330,14 @@ class MemoryBackend:
                 entity_id=hold.entity_id,
             )
             if hold.key in self._reserved:  # a replayed call: reserved once, never twice
-                result = self._check(
-                    hold.customer_id, hold.feature_id, hold.units, hold.entity_id, False
+                charge = ledger.charge_for(
+                    self._pricing, hold.customer_id, hold.feature_id, hold.units
                 )
-                return replace(result, allowed=True, replayed=True)
+                now = self._clock()
+                stored = self._stored(hold.customer_id, charge.balance_id, now)
+                return ledger.replay_answer(
+                    hold.customer_id, charge, stored, now, entity_id=hold.entity_id
+                )
             result = self._check(
                 hold.customer_id, hold.feature_id, hold.units, hold.entity_id, True, validated=True
             )
@@ -355,9 +359,13 @@ class MemoryBackend:
                     entity_id=refund.entity_id,
                     properties=None,
                 )
-            if self._holds.pop(key, None) is None:
+            hold = self._holds.pop(key, None)
+            if hold is None:
                 return False
             if refund is not None:
+                if refund.idempotency_key == hold.refund_key:
+                    # the call failed: its key is retired (see ledger.retired_hold_key)
+                    self._reserved.discard(key)
                 self._track(
                     refund.customer_id,
                     refund.feature_id,

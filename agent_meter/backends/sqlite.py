@@ -90,6 +90,15 @@ _INSERT_EVENT = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _RELEASE = "UPDATE events SET owner = NULL WHERE idempotency_key = ? AND owner IS NOT NULL"
+# A refunded hold gives its call's key up (see ledger.retired_hold_key), in the same commit.
+# Only the refund of the whole reservation (the hold's own refund key) retires it; the
+# refund of an unused part of it (a success that used less) keeps the call reserved.
+_RETIRE = (
+    "UPDATE events SET owner = NULL,"
+    " idempotency_key = CASE WHEN refund_key = ?3 THEN ?1 ELSE idempotency_key END"
+    " WHERE idempotency_key = ?2 AND owner IS NOT NULL"
+)
+_HELD = "SELECT 1 FROM events WHERE idempotency_key = ?"
 
 
 class SQLiteBackend:
@@ -490,16 +499,20 @@ class SQLiteBackend:
         with self._errors(f"reserve {hold.feature_id!r} for {customer_id!r}"):
             try:
                 with self._write() as conn:
-                    return self._check_in(conn, customer_id, charge, entity_id, now, True, hold)
+                    result = self._check_in(conn, customer_id, charge, entity_id, now, True, hold)
+                    if result.allowed or not conn.execute(_HELD, (hold.key,)).fetchone():
+                        return result
+                    # refused for want of balance, but reserved before: a replay (below)
             except sqlite3.IntegrityError:
                 pass  # the hold key exists: this call was reserved before
-            conn = self._conn()
-            row = conn.execute(_SELECT_BALANCE, (customer_id, charge.balance_id)).fetchone()
-            stored = None if row is None else Balance(charge.balance_id, *row)
-            result, _ = ledger.plan_check(
-                customer_id, charge, stored, now, send_event=False, entity_id=entity_id
-            )
-            return replace(result, allowed=True, replayed=True)
+            return self._replay(customer_id, charge, entity_id, now)
+
+    def _replay(
+        self, customer_id: str, charge: ledger.Charge, entity_id: str | None, now: float
+    ) -> CheckResult:
+        row = self._conn().execute(_SELECT_BALANCE, (customer_id, charge.balance_id)).fetchone()
+        stored = None if row is None else Balance(charge.balance_id, *row)
+        return ledger.replay_answer(customer_id, charge, stored, now, entity_id=entity_id)
 
     def release(self, key: str, refund: TrackRequest | None = None) -> bool:
         """Close a hold; with ``refund``, give the reservation back in the same commit.
@@ -521,7 +534,8 @@ class SQLiteBackend:
             )
             now = self._clock()
             with self._write() as conn:
-                if conn.execute(_RELEASE, (key,)).rowcount == 0:
+                retired = ledger.retired_hold_key(refund.idempotency_key)
+                if conn.execute(_RETIRE, (retired, key, refund.idempotency_key)).rowcount == 0:
                     return False
                 self._track_in(
                     conn, customer_id, charge, entity_id, refund.idempotency_key, None, now

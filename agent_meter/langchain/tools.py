@@ -29,8 +29,9 @@ import functools
 import inspect
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, Literal, NoReturn, TypeVar, cast
 
 from langchain_core.callbacks import Callbacks
@@ -41,15 +42,24 @@ from langchain_core.tools import BaseTool, Tool
 from langchain_core.tools.base import ArgsSchema
 from langchain_core.utils.pydantic import TypeBaseModel
 from pydantic import PrivateAttr
+from pydantic import ValidationError as ValidationErrorV2
+from pydantic.v1 import ValidationError as ValidationErrorV1
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from agent_meter.context import CustomerRef, customer_from_config
+from agent_meter.context import CustomerRef
 from agent_meter.engine import FAIL_POLICIES, STRATEGIES, FailPolicy, Strategy
-from agent_meter.errors import (
-    AgentMeterError,
-    BackendError,
-    BackendUnavailable,
-    ConfigError,
-    UsageLimitExceeded,
+from agent_meter.errors import AgentMeterError, BackendError, ConfigError, UsageLimitExceeded
+from agent_meter.integration import (
+    Units,
+    call_key,
+    check_features,
+    check_units_option,
+    count_units,
+    default_customer,
+    is_error_result,
+    langgraph_scope,
+    refusal_text,
+    resolve_customer,
 )
 from agent_meter.meter import GuardedCall, Meter
 
@@ -60,9 +70,6 @@ logger = logging.getLogger("agent_meter")
 OnDenied = Literal["message", "raise"]
 """What a refused tool call does: answer with an error ``ToolMessage`` the model can read
 (when it was invoked with a tool call), or raise."""
-
-Units = float | Callable[[dict[str, Any]], float]
-"""Units a call uses: a number, or a function of the call's arguments (``len(urls)``)."""
 
 ON_DENIED: tuple[str, ...] = ("message", "raise")
 
@@ -115,40 +122,46 @@ class _RecordingHandler:
         return repr(self.flag)
 
 
-def _recording_runner(tool: BaseTool) -> BaseTool:
-    """A shallow copy of ``tool`` whose error handlers also report to the wrapper."""
-    update: dict[str, Any] = {}
-    if tool.handle_tool_error:
-        update["handle_tool_error"] = _RecordingHandler(tool.handle_tool_error, "tool")
-    if tool.handle_validation_error:
-        update["handle_validation_error"] = _RecordingHandler(
-            tool.handle_validation_error, "validation"
-        )
+def _recording_runner(
+    tool: BaseTool,
+    handle_tool_error: bool | str | Callable[..., Any] | None,
+    handle_validation_error: bool | str | Callable[..., Any] | None,
+) -> BaseTool:
+    """A shallow copy of ``tool`` that runs with the wrapper's error handlers.
+
+    The handlers are the wrapper's current settings (they may be changed after wrapping),
+    wrapped so that they also report the error to the wrapper.
+    """
+    update: dict[str, Any] = {
+        "handle_tool_error": _RecordingHandler(handle_tool_error, "tool")
+        if handle_tool_error
+        else handle_tool_error,
+        "handle_validation_error": _RecordingHandler(handle_validation_error, "validation")
+        if handle_validation_error
+        else handle_validation_error,
+    }
     # Without handlers an error propagates as an exception, which the guard already sees.
-    return tool.model_copy(update=update) if update else tool
+    return cast("BaseTool", tool.model_copy(update=update))
 
 
-def _is_error_output(output: object) -> bool:
-    """Whether a tool's output reports a failure (a ToolMessage with status="error")."""
-    if isinstance(output, ToolMessage):
-        return output.status == "error"
-    if isinstance(output, list) and output:
-        return any(isinstance(item, ToolMessage) and item.status == "error" for item in output)
-    return False
-
-
-def _refusal_text(error: AgentMeterError, feature_id: str) -> str:
-    """What the model reads when a call is refused: plain, no customer ids, no causes."""
-    if isinstance(error, UsageLimitExceeded):
-        return error.reason
-    if isinstance(error, BackendUnavailable):
-        return (
-            f"{feature_id} is unavailable: the billing service is unreachable, so the "
-            "tool was not run and nothing was charged; try again later"
-        )
-    return (
-        f"{feature_id} is unavailable: the billing service refused the check, so the tool "
-        "was not run and nothing was charged"
+def _units_error(tool: str, arguments: object, error: Exception) -> ValidationErrorV2:
+    """A units function that failed on the arguments, as a validation error of the tool."""
+    return ValidationErrorV2.from_exception_data(
+        tool,
+        [
+            InitErrorDetails(
+                type=PydanticCustomError(
+                    "units",
+                    "the arguments do not say how many units this call uses: {cause}",
+                    {"cause": f"{type(error).__name__}: {error}"},
+                ),
+                # LangGraph's ToolNode shows the model only errors located at an argument
+                loc=(
+                    next(iter(arguments), "arguments") if isinstance(arguments, dict) else "input",
+                ),
+                input=arguments,
+            )
+        ],
     )
 
 
@@ -166,6 +179,17 @@ def _bill_actual(
             name,
             call.call.units,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What one call of a metered tool does, decided before it runs."""
+
+    customer: CustomerRef
+    units: float
+    key: str
+    unguarded: bool = False
+    invalid: ValidationErrorV2 | None = None
 
 
 class MeteredTool(BaseTool):
@@ -206,12 +230,37 @@ class MeteredTool(BaseTool):
     coroutine: Callable[..., Awaitable[Any]] | None = None
     """The wrapped tool's coroutine, if any (see :attr:`func`)."""
 
+    customer: CustomerRef | None = None
+    """Who pays when the run names nobody (see :func:`agent_meter.integration.
+    resolve_customer` for the order)."""
+
     _runner: BaseTool = PrivateAttr()
+    _handlers: tuple[object, object] = PrivateAttr()
+    _model_fields: frozenset[str] = PrivateAttr()
 
     def model_post_init(self, context: object, /) -> None:
         """Prepare the copy of the wrapped tool that reports handled errors."""
         super().model_post_init(context)
-        self._runner = _recording_runner(self.tool)
+        self._build_runner()
+        schema = self.tool.tool_call_schema
+        if isinstance(schema, dict):
+            names: Iterable[str] = (schema.get("properties") or {}).keys()
+        else:  # a pydantic model, v2 (model_fields) or v1 (__fields__)
+            names = getattr(schema, "model_fields", None) or getattr(schema, "__fields__", {})
+        self._model_fields = frozenset(names)
+
+    def _build_runner(self) -> None:
+        self._handlers = (self.handle_tool_error, self.handle_validation_error)
+        self._runner = _recording_runner(self.tool, *self._handlers)
+
+    def _current_runner(self) -> BaseTool:
+        """The runner, rebuilt when the error handlers were set after wrapping."""
+        handlers = self._handlers
+        if handlers[0] is not self.handle_tool_error or (
+            handlers[1] is not self.handle_validation_error
+        ):
+            self._build_runner()
+        return self._runner
 
     # -- what the model and the frameworks see: the wrapped tool's view ------------------
 
@@ -241,30 +290,53 @@ class MeteredTool(BaseTool):
         msg = "MeteredTool runs through invoke(), ainvoke(), run() or arun()"
         raise NotImplementedError(msg)
 
-    def _prepare(
-        self,
-        tool_input: str | dict[str, Any],
-        config: RunnableConfig | None,
-    ) -> tuple[CustomerRef, float]:
-        # invoke() hands run() an ensured config; a direct run() may carry none, and then
-        # the enclosing LangChain run's config (a context variable) is the trusted source.
-        ref = customer_from_config(config if config is not None else ensure_config())
-        units = self.units
-        if callable(units):
-            units = units(self._model_args(tool_input))
-        return ref, units
-
     def _model_args(self, tool_input: str | dict[str, Any]) -> dict[str, Any]:
         """The arguments the model wrote (injected ones such as a runtime left out)."""
-        names = self.tool.args
         if isinstance(tool_input, str):
-            first = next(iter(names), "input")
+            first = next(iter(self.tool.args), "input")
             return {first: tool_input}
-        return {key: value for key, value in tool_input.items() if key in names}
+        return {key: value for key, value in tool_input.items() if key in self._model_fields}
+
+    def _plan(
+        self,
+        runner: BaseTool,
+        tool_input: str | dict[str, Any],
+        config: RunnableConfig | None,
+        tool_call_id: str | None,
+    ) -> _Plan:
+        """Who pays, how many units, under which key; or why the call is not guarded."""
+        # invoke() hands run() an ensured config; a direct run() may carry none, and then
+        # the enclosing LangChain run's config (a context variable) is the trusted source.
+        config = config if config is not None else ensure_config()
+        ref = resolve_customer(config, default=self.customer)
+        units = self.units
+        if callable(units):
+            try:
+                validated = runner._parse_input(tool_input, tool_call_id)
+            except (ValidationErrorV2, ValidationErrorV1):
+                # Invalid arguments: the tool refuses them before its function runs, the
+                # same way unguarded, with the error (or handled text) the model expects.
+                return _Plan(ref, 0.0, "", unguarded=True)
+            try:
+                units = count_units(units, self._model_args(validated))
+            except Exception as error:  # noqa: BLE001 - any failure: the arguments' fault
+                return _Plan(ref, 0.0, "", invalid=_units_error(self.name, validated, error))
+        key = call_key(tool_call_id, self._model_args(tool_input), scope=langgraph_scope(config))
+        return _Plan(ref, units, key)
+
+    def _invalid(self, error: ValidationErrorV2, tool_call_id: str | None) -> Any:
+        """Answer a call whose units could not be counted, as the tool answers bad input."""
+        flag = self.handle_validation_error
+        if not flag:
+            raise error
+        content = cast("str", _RecordingHandler(flag, "validation")(error))
+        if tool_call_id is None:
+            return content
+        return ToolMessage(content, tool_call_id=tool_call_id, name=self.name, status="error")
 
     def _judge(self, call: GuardedCall, output: object, outcome: _Outcome) -> None:
         """Tell the guard how the call went; runs inside it, before it settles."""
-        if outcome.handled_error or _is_error_output(output):
+        if outcome.handled_error or is_error_result(output):
             call.fail("the tool reported an error")
             return
         if self.units_from_result is not None:
@@ -274,7 +346,7 @@ class MeteredTool(BaseTool):
         if tool_call_id is None or self.on_denied == "raise":
             raise error
         return ToolMessage(
-            _refusal_text(error, self.feature_id),
+            refusal_text(error, self.feature_id),
             tool_call_id=tool_call_id,
             name=self.name,
             status="error",
@@ -297,13 +369,35 @@ class MeteredTool(BaseTool):
         **kwargs: Any,
     ) -> Any:
         """Run the wrapped tool inside the guard (see the class docstring)."""
-        ref, units = self._prepare(tool_input, config)
+        runner = self._current_runner()
+        plan = self._plan(runner, tool_input, config, tool_call_id)
+        if plan.invalid is not None:
+            return self._invalid(plan.invalid, tool_call_id)
+
+        def go() -> Any:
+            return runner.run(
+                tool_input,
+                verbose,
+                start_color,
+                color,
+                callbacks,
+                tags=tags,
+                metadata=metadata,
+                run_name=run_name,
+                run_id=run_id,
+                config=config,
+                tool_call_id=tool_call_id,
+                **kwargs,
+            )
+
+        if plan.unguarded:
+            return go()
         guard = self.meter.guard(
-            ref.customer_id,
+            plan.customer.customer_id,
             self.feature_id,
-            units,
-            call_id=tool_call_id,
-            entity_id=ref.entity_id,
+            plan.units,
+            call_id=plan.key,
+            entity_id=plan.customer.entity_id,
             strategy=self.strategy,
             on_backend_error=self.on_backend_error,
         )
@@ -313,20 +407,7 @@ class MeteredTool(BaseTool):
         try:
             with guard as call:
                 entered = True
-                output = self._runner.run(
-                    tool_input,
-                    verbose,
-                    start_color,
-                    color,
-                    callbacks,
-                    tags=tags,
-                    metadata=metadata,
-                    run_name=run_name,
-                    run_id=run_id,
-                    config=config,
-                    tool_call_id=tool_call_id,
-                    **kwargs,
-                )
+                output = go()
                 self._judge(call, output, outcome)
         except (UsageLimitExceeded, BackendError) as error:
             if entered:  # raised by the tool itself (a nested metered call): not ours
@@ -353,13 +434,35 @@ class MeteredTool(BaseTool):
         **kwargs: Any,
     ) -> Any:
         """Async :meth:`run`."""
-        ref, units = self._prepare(tool_input, config)
+        runner = self._current_runner()
+        plan = self._plan(runner, tool_input, config, tool_call_id)
+        if plan.invalid is not None:
+            return self._invalid(plan.invalid, tool_call_id)
+
+        async def go() -> Any:
+            return await runner.arun(
+                tool_input,
+                verbose,
+                start_color,
+                color,
+                callbacks,
+                tags=tags,
+                metadata=metadata,
+                run_name=run_name,
+                run_id=run_id,
+                config=config,
+                tool_call_id=tool_call_id,
+                **kwargs,
+            )
+
+        if plan.unguarded:
+            return await go()
         guard = self.meter.aguard(
-            ref.customer_id,
+            plan.customer.customer_id,
             self.feature_id,
-            units,
-            call_id=tool_call_id,
-            entity_id=ref.entity_id,
+            plan.units,
+            call_id=plan.key,
+            entity_id=plan.customer.entity_id,
             strategy=self.strategy,
             on_backend_error=self.on_backend_error,
         )
@@ -369,20 +472,7 @@ class MeteredTool(BaseTool):
         try:
             async with guard as call:
                 entered = True
-                output = await self._runner.arun(
-                    tool_input,
-                    verbose,
-                    start_color,
-                    color,
-                    callbacks,
-                    tags=tags,
-                    metadata=metadata,
-                    run_name=run_name,
-                    run_id=run_id,
-                    config=config,
-                    tool_call_id=tool_call_id,
-                    **kwargs,
-                )
+                output = await go()
                 self._judge(call, output, outcome)
         except (UsageLimitExceeded, BackendError) as error:
             if entered:
@@ -412,15 +502,8 @@ def _check_options(
     units_from_result: object,
 ) -> None:
     """Refuse a wrong wiring when wrapping, not when the agent first calls the tool."""
-    if not isinstance(feature_id, str) or not feature_id:
-        msg = f"feature_id must be a non-empty string, not {feature_id!r}"
-        raise ConfigError(msg)
-    meter.feature_type(feature_id)  # raises ConfigError for an unknown feature
-    if not callable(units) and (
-        isinstance(units, bool) or not isinstance(units, (int, float)) or units < 0
-    ):
-        msg = f"units for {feature_id!r} must be a non-negative number or a function"
-        raise ConfigError(msg)
+    check_features(meter, None, feature_id)
+    check_units_option(units, feature_id)
     if on_denied not in ON_DENIED:
         msg = f"on_denied must be one of {ON_DENIED}, not {on_denied!r}"
         raise ConfigError(msg)
@@ -445,6 +528,8 @@ def wrap_tool(
     on_denied: OnDenied = "message",
     strategy: Strategy | None = None,
     on_backend_error: FailPolicy | None = None,
+    customer_id: str | None = None,
+    entity_id: str | None = None,
 ) -> MeteredTool:
     """Wrap a LangChain tool so that every call is checked and only successes are billed.
 
@@ -463,6 +548,9 @@ def wrap_tool(
             billing service could not answer).
         strategy: Overrides the meter's strategy for this tool.
         on_backend_error: Overrides the meter's fail policy for this tool.
+        customer_id: Who pays when the run names nobody (the last resort of
+            :func:`agent_meter.integration.resolve_customer`).
+        entity_id: The entity of ``customer_id``.
 
     Returns:
         A :class:`MeteredTool` the model sees exactly as it saw ``tool``.
@@ -502,6 +590,7 @@ def wrap_tool(
         on_denied=on_denied,
         strategy=strategy,
         on_backend_error=on_backend_error,
+        customer=default_customer(customer_id, entity_id),
         func=getattr(tool, "func", None),
         coroutine=getattr(tool, "coroutine", None),
         name=tool.name,
@@ -554,17 +643,17 @@ def wrap_tools(
 
 NO_CUSTOMER_FOR_FUNCTION = (
     "no customer for {feature}: call it inside `with meter.customer('cus_...'):` or "
-    "inside a LangChain run whose config has {{'configurable': {{'customer_id': ...}}}}"
+    "inside a LangChain run whose config has {{'configurable': {{'customer_id': ...}}}}, "
+    "or pass customer_id=... to metered()"
 )
 
 
-def _function_customer(feature_id: str) -> CustomerRef:
-    try:
-        return customer_from_config(var_child_runnable_config.get())
-    except AgentMeterError as error:
-        if type(error) is not AgentMeterError:  # a malformed id: keep its own message
-            raise
-        raise AgentMeterError(NO_CUSTOMER_FOR_FUNCTION.format(feature=feature_id)) from None
+def _function_customer(feature_id: str, default: CustomerRef | None) -> CustomerRef:
+    return resolve_customer(
+        var_child_runnable_config.get(),
+        default=default,
+        help_text=NO_CUSTOMER_FOR_FUNCTION.format(feature=feature_id),
+    )
 
 
 def metered(
@@ -575,6 +664,8 @@ def metered(
     units_from_result: Callable[[Any], float] | None = None,
     strategy: Strategy | None = None,
     on_backend_error: FailPolicy | None = None,
+    customer_id: str | None = None,
+    entity_id: str | None = None,
 ) -> Callable[[F], F]:
     """Decorate a plain function, sync or async, so that each call is guarded.
 
@@ -590,6 +681,8 @@ def metered(
         units_from_result: A function of the return value giving the real count.
         strategy: Overrides the meter's strategy.
         on_backend_error: Overrides the meter's fail policy.
+        customer_id: Who pays when the context names nobody.
+        entity_id: The entity of ``customer_id``.
 
     Returns:
         A decorator. The decorated function raises :class:`UsageLimitExceeded` (or
@@ -611,17 +704,20 @@ def metered(
         on_backend_error=on_backend_error,
         units_from_result=units_from_result,
     )
+    default = default_customer(customer_id, entity_id)
 
     def decorate(function: F) -> F:
         signature = inspect.signature(function) if callable(units) else None
 
         def prepare(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[CustomerRef, float]:
-            ref = _function_customer(feature_id)
+            ref = _function_customer(feature_id, default)
             if signature is None:
                 return ref, cast("float", units)
+            # binding is the validation a plain function has: a wrong call raises TypeError
+            # here, as it would calling the function, before anything is checked or billed
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
-            return ref, cast("Callable[[dict[str, Any]], float]", units)(dict(bound.arguments))
+            return ref, count_units(units, bound.arguments)
 
         def settle(call: GuardedCall, result: object) -> None:
             if units_from_result is not None:
