@@ -318,8 +318,8 @@ async def test_check_then_track_bills_a_success_and_not_a_failure(
         ({"features": {"search": ""}}, "non-empty"),
         ({"features": ["search"]}, "features must map"),
         ({"features": {}, "default_feature": "nope"}, "unknown feature 'nope'"),
-        ({"features": {}, "units": -1}, "units for every tool"),
-        ({"features": {}, "units": {"fetch": "3"}}, "units for tool 'fetch'"),
+        ({"features": {}, "units": -1}, "units for 'every tool'"),
+        ({"features": {}, "units": {"fetch": "3"}}, "units for 'fetch'"),
         ({"features": {}, "units_from_result": 3}, "units_from_result"),
         ({"features": {}, "strategy": "later"}, "strategy must be one of"),
         ({"features": {}, "on_backend_error": "maybe"}, "on_backend_error must be one of"),
@@ -366,6 +366,42 @@ def test_importing_without_fastmcp_names_the_extra() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("MissingExtra agent_meter.mcp needs the 'mcp' extra")
     assert "pip install 'agent-meter[mcp]'" in done.stdout
+
+
+def test_the_middleware_needs_no_langchain() -> None:
+    # The mcp extra installs fastmcp only: a refusal must not reach for LangChain.
+    code = (
+        "import asyncio, sys\n"
+        "sys.modules['langchain_core'] = None  # as if it were not installed\n"
+        "from fastmcp import Client, FastMCP\n"
+        "from agent_meter import Meter, Pricing\n"
+        "from agent_meter.backends.memory import MemoryBackend\n"
+        "from agent_meter.mcp import MeteringMiddleware\n"
+        "backend = MemoryBackend(pricing=Pricing.example())\n"
+        "backend.set_balance('cus_1', 'credits', 0)\n"
+        "mcp = FastMCP('t')\n"
+        "mcp.tool(lambda q: q, name='search')\n"
+        "mcp.add_middleware(MeteringMiddleware(Meter(backend), features={'search': 'web_search'},\n"
+        "                                      customer=lambda context: 'cus_1'))\n"
+        "async def main():\n"
+        "    async with Client(mcp) as client:\n"
+        "        result = await client.call_tool('search', {'q': 'x'}, raise_on_error=False)\n"
+        "    print(result.is_error, result.content[0].text)\n"
+        "asyncio.run(main())\n"
+        "loaded = [name for name, module in sys.modules.items() if module is not None]\n"
+        "assert not [name for name in loaded if name.startswith('langchain')], loaded\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True web_search is unavailable: 0 credits left, 1 needed"
 
 
 def test_mcp_names_resolve() -> None:

@@ -27,8 +27,15 @@ from fastmcp.server.middleware import CallNext, Middleware, MiddlewareContext
 from fastmcp.tools import ToolResult
 
 from agent_meter.engine import FAIL_POLICIES, STRATEGIES, FailPolicy, Strategy
-from agent_meter.errors import AgentMeterError, BackendError, ConfigError, UsageLimitExceeded
+from agent_meter.errors import BackendError, ConfigError, UsageLimitExceeded
 from agent_meter.guard import GuardedCall
+from agent_meter.integration import (
+    Units,
+    check_features,
+    check_units_option,
+    count_units,
+    refusal_text,
+)
 from agent_meter.mcp.customers import CustomerResolver, from_access_token, resolve_customer
 from agent_meter.meter import Meter
 
@@ -36,13 +43,8 @@ __all__ = ["MeteringMiddleware", "Units", "UnitsFromResult"]
 
 logger = logging.getLogger("agent_meter")
 
-Units: TypeAlias = float | Callable[[dict[str, Any]], float]
-"""Units a call uses: a number, or a function of the call's arguments (``len(urls)``)."""
-
 UnitsFromResult: TypeAlias = Callable[[ToolResult], float]
 """The real count of a call, from the tool's result (billed instead of the estimate)."""
-
-PerTool: TypeAlias = Mapping[str, Any]
 
 
 def _error_result(text: str) -> ToolResult:
@@ -50,18 +52,18 @@ def _error_result(text: str) -> ToolResult:
     return ToolResult(content=text, is_error=True)
 
 
-def _refusal_text(error: AgentMeterError, feature_id: str) -> str:
-    # The LangChain adapter's wording, called rather than copied so that every adapter
-    # refuses alike; imported on use so this module does not load LangChain up front.
-    from agent_meter.langchain.tools import _refusal_text as text  # noqa: PLC0415
-
-    return text(error, feature_id)
-
-
 def _bill_actual(call: GuardedCall, count: UnitsFromResult, result: ToolResult, name: str) -> None:
-    from agent_meter.langchain.tools import _bill_actual as bill  # noqa: PLC0415
-
-    bill(call, count, result, name)
+    """Bill the real count of a call that succeeded."""
+    try:
+        call.bill(count(result))
+    except Exception:
+        # The work succeeded: losing its result over a counting bug would be worse than
+        # billing the estimate that was reserved for it (as the LangChain adapter does).
+        logger.exception(
+            "agent_meter: units_from_result of MCP tool %s failed; billing the estimate %s",
+            name,
+            call.call.units,
+        )
 
 
 def _no_customer_text(feature_id: str) -> str:
@@ -75,14 +77,6 @@ def _per_tool(option: object, name: str, default: object) -> Any:
     if isinstance(option, Mapping):
         return option.get(name, default)
     return default if option is None else option
-
-
-def _check_units(units: object, where: str) -> None:
-    if callable(units):
-        return
-    if isinstance(units, bool) or not isinstance(units, (int, float)) or not units >= 0:
-        msg = f"units for {where} must be a non-negative number or a function, not {units!r}"
-        raise ConfigError(msg)
 
 
 class MeteringMiddleware(Middleware):
@@ -131,21 +125,13 @@ class MeteringMiddleware(Middleware):
         if not isinstance(features, Mapping):
             msg = "features must map tool names to feature ids ({'search': 'web_search'})"
             raise ConfigError(msg)
-        for feature_id in [*features.values(), default_feature]:
-            if feature_id is None:
-                continue
-            if not isinstance(feature_id, str) or not feature_id:
-                msg = f"feature ids must be non-empty strings, not {feature_id!r}"
-                raise ConfigError(msg)
-            meter.feature_type(feature_id)  # raises ConfigError for an unknown feature
+        priced = {name: feature for name, feature in features.items() if feature is not None}
+        check_features(meter, priced, default_feature)
         if customer is not None and not callable(customer):
             msg = "customer must be a function of the MiddlewareContext"
             raise ConfigError(msg)
-        if isinstance(units, Mapping):
-            for name, value in units.items():
-                _check_units(value, f"tool {name!r}")
-        else:
-            _check_units(units, "every tool")
+        for name, value in (units if isinstance(units, Mapping) else {"every tool": units}).items():
+            check_units_option(value, name)
         counters = (
             units_from_result.values()
             if isinstance(units_from_result, Mapping)
@@ -201,7 +187,7 @@ class MeteringMiddleware(Middleware):
         arguments = dict(context.message.arguments or {})
         units = _per_tool(self.units, name, 1)
         try:
-            count = units(arguments) if callable(units) else units
+            count = count_units(units, arguments)
             guard = self.meter.aguard(
                 ref.customer_id,
                 feature_id,
@@ -229,5 +215,5 @@ class MeteringMiddleware(Middleware):
         except (UsageLimitExceeded, BackendError) as error:
             if entered:  # raised by the tool itself (a nested metered call): not ours
                 raise
-            return _error_result(_refusal_text(error, feature_id))
+            return _error_result(refusal_text(error, feature_id))
         return result
