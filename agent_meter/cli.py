@@ -2,6 +2,7 @@
 
 ::
 
+    agent-meter init [FILE]                      write a commented pricing.toml to start from
     agent-meter demo [--db PATH]                 a scripted, offline agent run
     agent-meter balance CUSTOMER   --db PATH     what a customer has left
     agent-meter events CUSTOMER    --db PATH     a customer's ledger lines
@@ -9,16 +10,18 @@
     agent-meter pricing check FILE               validate a pricing file, show what it defines
 
 ``--db`` and ``--pricing`` go before or after the command; they default to the
-``AGENT_METER_DB`` and ``AGENT_METER_PRICING`` environment variables. Read commands never
-create a ledger: a wrong path is an error. Every error is one line on stderr and a
-non-zero exit; ``--debug`` shows the traceback instead.
+``AGENT_METER_DB`` and ``AGENT_METER_PRICING`` environment variables. Read commands open
+the ledger read-only: they never create or change a file, and read a ledger in a
+read-only directory. Output piped to a file or a program is never wrapped or cut at a
+terminal width. Every error is one line on stderr and a non-zero exit; ``--debug`` shows
+the traceback instead.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
-import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -30,11 +33,13 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import click
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from agent_meter.errors import AgentMeterError, ConfigError, CustomerNotFound
+from agent_meter.tables import output_console
+from agent_meter.wording import amount
 
 __all__ = ["cli", "main"]
 
@@ -123,8 +128,37 @@ def cli(ctx: click.Context, debug: bool, db: Path | None, pricing: Path | None) 
 
 
 @cli.command()
-@click.option("--db", type=click.Path(path_type=Path), help="Keep the demo ledger in this file.")
-@click.option("--credits", default=7.0, show_default=True, help="Credits the customer starts with.")
+@click.argument("file", default="pricing.toml", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
+def init(file: Path, force: bool) -> None:
+    """Write a commented example pricing to FILE (default: pricing.toml) to edit."""
+    from agent_meter.pricing import example_toml  # noqa: PLC0415 - keeps --help fast
+
+    if file.exists() and not force:
+        msg = f"{file} exists; pass --force to overwrite it"
+        raise ConfigError(msg)
+    try:
+        file.write_text(example_toml(), encoding="utf-8")
+    except OSError as exc:
+        msg = f"{file}: cannot write the pricing file ({exc.strerror or exc})"
+        raise ConfigError(msg) from exc
+    click.echo(f"wrote {file}: edit it, then check it with: agent-meter pricing check {file}")
+
+
+@cli.command()
+@click.option(
+    "--db",
+    type=click.Path(path_type=Path),
+    help="Keep the demo ledger in this file (a new file, or a ledger of an earlier demo).",
+)
+@click.option(
+    "--credits",
+    default=7.0,
+    show_default=True,
+    type=click.FloatRange(min=0, max=1_000_000),
+    callback=lambda _ctx, _param, value: _finite(value),
+    help="Credits the customer starts with (0 to 1,000,000).",
+)
 @click.pass_context
 def demo(ctx: click.Context, db: Path | None, credits: float) -> None:
     """Run a scripted, offline agent on the embedded backend."""
@@ -136,9 +170,16 @@ def demo(ctx: click.Context, db: Path | None, credits: float) -> None:
         source = ctx.parent.get_parameter_source("db")
         if source is click.core.ParameterSource.COMMANDLINE:
             db = _settings(ctx).db
-    console = Console()
+    console = output_console()
     with console.status("running the scripted agent..."):
         run_demo(db, credits=credits, console=console)
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):  # FloatRange lets NaN through: it compares false
+        msg = f"{value} is not a number of credits (0 to 1,000,000)"
+        raise click.BadParameter(msg)
+    return value
 
 
 # -- opening a ledger ----------------------------------------------------------------------
@@ -158,47 +199,24 @@ def _ledger_path(ctx: click.Context, db_path: Path | None) -> Path:
     return path
 
 
-def _stored_pricing(path: Path) -> str:
-    """The pricing a ledger stores, read without writing anything to the file."""
-    try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        msg = f"{path}: cannot open the ledger ({exc})"
-        raise ConfigError(msg) from exc
-    try:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'pricing'").fetchone()
-    except sqlite3.DatabaseError as exc:
-        msg = f"{path}: not an agent_meter ledger ({exc})"
-        raise ConfigError(msg) from exc
-    finally:
-        conn.close()
-    if row is None:
-        msg = f"{path}: not an agent_meter ledger (no pricing stored in it)"
-        raise ConfigError(msg)
-    return str(row[0])
-
-
 @contextmanager
 def _open_ledger(
     ctx: click.Context, db_path: Path | None, pricing_path: Path | None
 ) -> Iterator[Any]:
-    """Open an existing ledger for reading, with the pricing stored in it."""
+    """Open an existing ledger read-only, with the pricing stored in it."""
     from agent_meter.backends.sqlite import SQLiteBackend  # noqa: PLC0415
     from agent_meter.pricing import Pricing  # noqa: PLC0415
 
     path = _ledger_path(ctx, db_path)
-    stored = _stored_pricing(path)
-    pricing_file = pricing_path or _settings(ctx).pricing
-    if pricing_file is not None:
-        given = Pricing.from_file(pricing_file)
-        if given != Pricing.model_validate_json(stored):
+    backend = SQLiteBackend(path, read_only=True)
+    try:
+        pricing_file = pricing_path or _settings(ctx).pricing
+        if pricing_file is not None and Pricing.from_file(pricing_file) != backend.pricing:
             click.echo(
                 f"note: {path} bills by the pricing stored in it, which differs from "
                 f"{pricing_file}; showing the stored one",
                 err=True,
             )
-    backend = SQLiteBackend(path)
-    try:
         yield backend
     finally:
         backend.close()
@@ -275,7 +293,7 @@ def balance(
     if as_json:
         _echo_json({"customer_id": customer, "balances": balances})
         return
-    table = Table(title=f"Balances of {customer}")
+    table = Table(title=Text(f"Balances of {customer}"))
     table.add_column("balance")
     table.add_column("kind")
     table.add_column("left", justify="right")
@@ -286,8 +304,8 @@ def balance(
             feature = pricing.feature_type(balance_id)
             kind = feature.value if feature is not None else "?"
         shown = ("yes" if left else "no") if isinstance(left, bool) else f"{left:g}"
-        table.add_row(balance_id, kind, shown)
-    Console().print(table)
+        table.add_row(Text(balance_id), Text(kind), shown)
+    output_console().print(table)
 
 
 # -- events -----------------------------------------------------------------------------
@@ -325,7 +343,7 @@ def events(
     if as_json:
         _echo_json([{**asdict(event), "role": event_role(event)} for event in found])
         return
-    table = Table(title=f"Events of {customer} ({len(found)})")
+    table = Table(title=Text(f"Events of {customer} ({len(found)})"))
     table.add_column("time", no_wrap=True)
     table.add_column("feature")
     table.add_column("what")
@@ -336,14 +354,14 @@ def events(
         role = event_role(event)
         table.add_row(
             _when(event.at),
-            event.feature_id,
+            Text(event.feature_id),
             role,
             f"{event.value:g}",
-            f"{-event.applied + 0.0:g} {event.balance_id}",
-            _call_of(event),
+            Text(amount(-event.applied + 0.0, event.balance_id)),
+            Text(_call_of(event)),
             style="red" if role == "denied" else ("yellow" if role == "refund" else None),
         )
-    Console().print(table)
+    output_console().print(table)
 
 
 # -- report -----------------------------------------------------------------------------
@@ -384,7 +402,7 @@ def report(
             TextColumn("reading usage"),
             BarColumn(),
             MofNCompleteColumn(),
-            console=Console(stderr=True),
+            console=output_console(stderr=True),
             transient=True,
             disable=not sys.stderr.isatty(),
         )
@@ -403,7 +421,7 @@ def report(
     if not result.rows:
         click.echo("no usage recorded" + (" in that period" if start is not None else ""))
         return
-    Console().print(result.table())
+    output_console().print(result.table())
 
 
 # -- pricing ----------------------------------------------------------------------------
@@ -416,8 +434,9 @@ def pricing() -> None:
 
 @pricing.command("check")
 @click.argument("file", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the validated pricing as JSON.")
 @click.pass_context
-def pricing_check(ctx: click.Context, file: Path | None) -> None:
+def pricing_check(ctx: click.Context, file: Path | None, as_json: bool) -> None:
     """Validate a pricing FILE (default: --pricing / AGENT_METER_PRICING); show what it defines."""
     from agent_meter.pricing import Pricing  # noqa: PLC0415
 
@@ -426,35 +445,40 @@ def pricing_check(ctx: click.Context, file: Path | None) -> None:
         msg = f"no pricing file given: pass FILE, --pricing FILE or set {PRICING_ENV}"
         raise ConfigError(msg)
     loaded = Pricing.from_file(path)
-    console = Console()
-    features = Table(title=f"Features in {path}")
+    counts = (
+        _plural(len(loaded.features), "feature"),
+        _plural(len(loaded.credit_systems), "credit system"),
+        _plural(len(loaded.plans), "plan"),
+    )
+    if as_json:
+        _echo_json({"file": str(path), "ok": True, "pricing": loaded.model_dump(mode="json")})
+        return
+    console = output_console()
+    features = Table(title=Text(f"Features in {path}"))
     for column in ("feature", "type", "cost"):
         features.add_column(column)
     for row in loaded.describe():
-        features.add_row(*row)
+        features.add_row(*(Text(cell) for cell in row))
     console.print(features)
     if loaded.plans:
         plans = Table(title="Plans")
         for column in ("plan", "auto-enabled", "resets", "grants"):
             plans.add_column(column)
         for plan_id, plan in loaded.plans.items():
-            grants = ", ".join(f"{key} = {_grant(amount)}" for key, amount in plan.grants.items())
-            plans.add_row(plan_id, "yes" if plan.auto_enable else "no", plan.interval, grants)
+            grants = ", ".join(f"{key} = {_grant(value)}" for key, value in plan.grants.items())
+            plans.add_row(
+                Text(plan_id), "yes" if plan.auto_enable else "no", plan.interval, Text(grants)
+            )
         console.print(plans)
-    counts = (
-        _plural(len(loaded.features), "feature"),
-        _plural(len(loaded.credit_systems), "credit system"),
-        _plural(len(loaded.plans), "plan"),
-    )
-    console.print(f"{path}: ok ({', '.join(counts)})")
+    click.echo(f"{path}: ok ({', '.join(counts)})")
 
 
-def _grant(amount: float | bool | str) -> str:
-    if isinstance(amount, bool):
-        return "true" if amount else "false"
-    if isinstance(amount, str):
-        return amount
-    return f"{amount:g}"
+def _grant(value: float | bool | str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    return f"{value:g}"
 
 
 def _plural(count: int, noun: str) -> str:

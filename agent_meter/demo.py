@@ -27,6 +27,7 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool, tool
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from agent_meter.backends.sqlite import SQLiteBackend
 from agent_meter.errors import UsageLimitExceeded
@@ -139,27 +140,52 @@ def _agent_loop(
             record(f"{call['name']}({args})", outcome)
 
 
+def _fresh_customers(known: list[str]) -> tuple[str, str]:
+    """The first pair of demo customer ids this ledger has never seen."""
+    taken = set(known)
+    number = 1
+    while True:
+        suffix = "" if number == 1 else f"_{number}"
+        pair = (CUSTOMER + suffix, BROKE_CUSTOMER + suffix)
+        if not taken & set(pair):
+            return pair
+        number += 1
+
+
 def run_demo(
     db_path: Path | None = None, *, credits: float = 7, console: Console | None = None
 ) -> list[DemoStep]:
     """Run the scripted agent and print what happened.
 
+    Each run has customers of its own: on a ledger that holds an earlier run, they are
+    ``cus_demo_2`` and ``cus_no_credits_2`` (then ``_3``...), so runs never mix.
+
     Args:
-        db_path: The ledger file; a temporary one when omitted.
+        db_path: The ledger file; a temporary one when omitted. An existing file must be
+            a ledger with the demo's pricing: any other file is refused, never written.
         credits: What the customer starts with.
         console: Where to print (a default rich console when omitted).
 
     Returns:
         The steps, for tests.
+
+    Raises:
+        ConfigError: ``db_path`` is not an agent_meter ledger, or bills by another pricing.
     """
     console = console or Console()
     with tempfile.TemporaryDirectory() as tmp:
         path = db_path or Path(tmp) / "demo.db"
-        pricing_path = Path(tmp) / "pricing.toml"
-        pricing_path.write_text(DEMO_PRICING)
-        backend = SQLiteBackend(path, pricing=Pricing.from_file(pricing_path))
-        backend.set_balance(CUSTOMER, "credits", credits)
-        backend.set_balance(BROKE_CUSTOMER, "credits", 0)
+        backend = SQLiteBackend(path, pricing=Pricing.from_toml(DEMO_PRICING, source="demo"))
+        customer, broke_customer = _fresh_customers(backend.customers())
+        if customer != CUSTOMER:
+            console.print(
+                f"{path} holds earlier demo runs; this run's customers are {customer} "
+                f"and {broke_customer}",
+                markup=False,
+                highlight=False,
+            )
+        backend.set_balance(customer, "credits", credits)
+        backend.set_balance(broke_customer, "credits", 0)
         meter = Meter(backend)
         tools = {
             t.name: t
@@ -172,19 +198,19 @@ def run_demo(
         steps: list[DemoStep] = []
 
         def record(action: str, outcome: str) -> None:
-            left = float(backend.balances(CUSTOMER)["credits"])
+            left = float(backend.balances(customer)["credits"])
             steps.append(DemoStep(action, outcome, left))
 
         console.print(
-            f"[bold]agent_meter demo[/] - customer {CUSTOMER} starts with {credits:g} credits "
+            f"[bold]agent_meter demo[/] - customer {customer} starts with {credits:g} credits "
             "(web_search 1, code_exec 2, 1,000 tokens 1)"
         )
-        who = {"customer_id": CUSTOMER}
+        who = {"customer_id": customer}
         config: RunnableConfig = {"configurable": who, "metadata": who, "callbacks": [handler]}
         run_id = f"call_{uuid.uuid4().hex[:8]}"
         _agent_loop(GenericFakeChatModel(messages=_script(run_id)), tools, config, record)
 
-        broke = {"customer_id": BROKE_CUSTOMER}
+        broke = {"customer_id": broke_customer}
         stopped = GenericFakeChatModel(messages=iter([_reply(100, "never sent")]))
         quiet = logging.getLogger("langchain_core.callbacks.manager")
         level, quiet.level = quiet.level, logging.ERROR  # it logs the refusal we print below
@@ -197,18 +223,22 @@ def run_demo(
         finally:
             quiet.setLevel(level)
 
-        run = Table(title=f"The agent run of {CUSTOMER}")
+        run = Table(title=f"The agent run of {customer}")
         for column in ("step", "call", "outcome", "credits left"):
             run.add_column(column)
         for number, step in enumerate(steps, 1):
             style = "red" if "unavailable" in step.outcome else None  # a denial
             run.add_row(
-                str(number), step.action, step.outcome, f"{step.credits_left:g}", style=style
+                str(number),
+                Text(step.action),
+                Text(step.outcome),
+                f"{step.credits_left:g}",
+                style=style,
             )
         console.print(run)
-        console.print(usage_report(backend, [CUSTOMER]).table(f"Usage of {CUSTOMER}"))
-        console.print(str(handler.summary))
-        console.print(f"{BROKE_CUSTOMER} (0 credits) starts a run: {outcome}")
-        console.print(f"credits left: [bold]{backend.balances(CUSTOMER)['credits']:g}[/]")
+        console.print(usage_report(backend, [customer]).table(f"Usage of {customer}"))
+        console.print(handler.summary.table())
+        console.print(f"{broke_customer} (0 credits) starts a run: {outcome}")
+        console.print(f"credits left: [bold]{backend.balances(customer)['credits']:g}[/]")
         meter.close()
     return steps

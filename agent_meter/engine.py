@@ -240,7 +240,7 @@ def admit_unverified(
     if call.on_backend_error == "allow" and is_outage and not ambiguous and unverified < limit:
         return Admission(reserved=0.0, verified=False)
     kind = BackendUnavailable if is_outage else BackendError
-    reason = "unreachable" if is_outage else "refused the check"
+    reason = "is unreachable" if is_outage else "refused the check"
     capped = ""
     if ambiguous:
         capped = "; its reservation may have been made, so it does not run unverified"
@@ -248,7 +248,7 @@ def admit_unverified(
         capped = f"; {unverified} calls already ran unverified, the limit is {limit}"
     used = "a reservation may stand" if ambiguous else "no credits were used"
     msg = (
-        f"{call.feature_id} is unavailable: the billing service is {reason} "
+        f"{call.feature_id} is unavailable: the billing service {reason} "
         f"(customer {call.customer_id!r}){capped}; {used}. Cause: {error}"
     )
     raise kind(msg) from error

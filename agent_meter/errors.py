@@ -19,6 +19,8 @@ ValueError`` keeps working; ``MissingExtra`` is also an :class:`ImportError`.
 
 from __future__ import annotations
 
+from agent_meter.wording import amount, number
+
 __all__ = [
     "AgentMeterError",
     "BackendError",
@@ -69,11 +71,8 @@ class UsageLimitExceeded(AgentMeterError):
         """A sentence the model (or a person) can read: what is unavailable and why."""
         if self.balance is None:
             return f"{self.feature_id} is unavailable: not included in the customer's plan"
-        unit = self.balance_feature_id
-        return (
-            f"{self.feature_id} is unavailable: {_fmt(self.balance)} {unit} left, "
-            f"{_fmt(self.required)} needed"
-        )
+        left = amount(self.balance, self.balance_feature_id)
+        return f"{self.feature_id} is unavailable: {left} left, {number(self.required)} needed"
 
     def __reduce__(self) -> tuple[object, ...]:
         return (
@@ -165,10 +164,3 @@ class BackendUnavailable(BackendError):
     def __init__(self, *args: object, maybe_applied: bool = False) -> None:
         super().__init__(*args)
         self.maybe_applied = maybe_applied
-
-
-def _fmt(value: float) -> str:
-    """Format a balance without float noise: 3, 0.5, 95.17."""
-    if value == int(value):
-        return str(int(value))
-    return f"{value:.6f}".rstrip("0").rstrip(".")

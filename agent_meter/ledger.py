@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
+import logging
 from dataclasses import dataclass, replace
 from decimal import ROUND_HALF_EVEN, Decimal
 
 from agent_meter.errors import ConfigError, InvalidUsage
 from agent_meter.pricing import UNLIMITED, FeatureType, Pricing
-from agent_meter.results import CheckResult
+from agent_meter.results import CheckResult, TrackResult
 from agent_meter.validation import (
     check_customer_id,
     check_entity_id,
     check_feature_id,
     check_units,
 )
+
+logger = logging.getLogger("agent_meter")
 
 __all__ = [
     "SCALE",
@@ -32,6 +35,7 @@ __all__ = [
     "charge_for",
     "decide_check",
     "deducted_result",
+    "duplicate_track",
     "from_nano",
     "initial_balances",
     "plan_check",
@@ -457,3 +461,26 @@ def price_request(
     if is_track and charge.boolean:
         apply_track(charge, None)  # raises InvalidUsage: boolean features are gated only
     return customer, entity, charge
+
+
+def duplicate_track(
+    customer_id: str, feature_id: str, sent: float, stood: float, idempotency_key: str
+) -> TrackResult:
+    """The answer to a track whose key was recorded before: the value that stands.
+
+    A key names one use: sent again with another value, the new value is not applied.
+    The result says which value stands, and a warning says the two differ.
+    """
+    if sent != stood:
+        logger.warning(
+            "agent_meter: idempotency key %r was recorded before with %s units of %r "
+            "(customer %r); the new value %s was not applied",
+            idempotency_key,
+            f"{stood:g}",
+            feature_id,
+            customer_id,
+            f"{sent:g}",
+        )
+    return TrackResult(
+        customer_id, feature_id, stood, idempotency_key, duplicate=True, uncharged=0.0
+    )

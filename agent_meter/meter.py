@@ -13,9 +13,9 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from agent_meter import engine
 from agent_meter.backends.base import (
@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 __all__ = ["AsyncGuard", "CustomerScope", "Guard", "GuardedCall", "Meter", "Recovery"]
 
 logger = logging.getLogger("agent_meter")
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 _open_meters: weakref.WeakSet[Meter] = weakref.WeakSet()
 
@@ -134,6 +136,12 @@ class Meter:
         if on_backend_error not in engine.FAIL_POLICIES:
             msg = (
                 f"on_backend_error must be one of {engine.FAIL_POLICIES}, not {on_backend_error!r}"
+            )
+            raise ConfigError(msg)
+        if not all(callable(getattr(backend, name, None)) for name in ("check", "track")):
+            msg = (
+                "Meter needs a backend with check() and track() (SQLiteBackend, "
+                f"AutumnBackend, testing.MemoryBackend), got {backend!r}"
             )
             raise ConfigError(msg)
         self.backend = backend
@@ -226,8 +234,10 @@ class Meter:
 
         Raises:
             InvalidUsage: A malformed id or units.
-            ConfigError: An unknown feature, strategy or policy.
+            ConfigError: An unknown feature, strategy or policy, or the meter is closed.
         """
+        if self._closed:
+            self._refuse_closed()
         customer_id = check_customer_id(customer_id)
         feature_id = check_feature_id(feature_id)
         entity_id = check_entity_id(entity_id)
@@ -251,6 +261,10 @@ class Meter:
             gate_only=self.feature_type(feature_id) is FeatureType.BOOLEAN,
         )
 
+    def _refuse_closed(self) -> NoReturn:
+        msg = f"this meter is closed ({self!r}): meter.close() was called; open a new Meter"
+        raise ConfigError(msg)
+
     def _track_request(  # noqa: PLR0917 - private, mirrors track()'s parameters in order
         self,
         customer_id: str,
@@ -260,6 +274,8 @@ class Meter:
         entity_id: str | None,
         properties: Mapping[str, Any] | None,
     ) -> TrackRequest:
+        if self._closed:
+            self._refuse_closed()
         customer_id = check_customer_id(customer_id)
         feature_id = check_feature_id(feature_id)
         entity_id = check_entity_id(entity_id)
@@ -561,11 +577,30 @@ class Meter:
 
         return wrap_tools(self, tools, features, **options)
 
-    def metered(self, feature_id: str, units: Any = 1, **options: Any) -> Any:
-        """Decorate a plain sync or async function so each call is guarded."""
+    def metered(
+        self,
+        feature_id: str,
+        units: float | Callable[[dict[str, Any]], float] = 1,
+        *,
+        units_from_result: Callable[[Any], float] | None = None,
+        strategy: Strategy | None = None,
+        on_backend_error: FailPolicy | None = None,
+    ) -> Callable[[_F], _F]:
+        """Decorate a plain sync or async function so each call is guarded.
+
+        The decorated function keeps its type. See
+        :func:`agent_meter.langchain.tools.metered` for the options.
+        """
         from agent_meter.langchain.tools import metered  # noqa: PLC0415
 
-        return metered(self, feature_id, units, **options)
+        return metered(
+            self,
+            feature_id,
+            units,
+            units_from_result=units_from_result,
+            strategy=strategy,
+            on_backend_error=on_backend_error,
+        )
 
     def callback_handler(
         self,

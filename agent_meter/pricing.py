@@ -13,6 +13,7 @@ or built in Python::
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Mapping
@@ -21,26 +22,33 @@ from enum import Enum
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Strict,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from agent_meter.errors import ConfigError
+from agent_meter.errors import ConfigError, InvalidUsage
+from agent_meter.validation import check_feature_id
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["FeatureType", "Plan", "Pricing", "Rate", "ResetInterval"]
+__all__ = ["FeatureKind", "FeatureType", "Plan", "Pricing", "Rate", "ResetInterval"]
 
 ResetInterval = Literal["day", "week", "month", "year", "never"]
+FeatureKind = Literal["metered", "boolean"]
+"""A feature type written as a string, as in a pricing file: ``"metered"`` or ``"boolean"``."""
+StrictCost = Annotated[float, Strict()]
+"""Credits per unit: a number, never a string or a bool (``true`` is not 1 credit)."""
 UNLIMITED = "unlimited"
 _SUBKEY = "@"  # marks a validator message that names a key below the field's location
 
@@ -85,8 +93,21 @@ class Plan(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     grants: dict[str, float | bool | Literal["unlimited"]] = {}
-    auto_enable: bool = False
+    auto_enable: StrictBool = False
     interval: ResetInterval = "month"
+
+    @field_validator("grants", mode="before")
+    @classmethod
+    def _grants_are_typed(cls, grants: object) -> object:
+        # Before pydantic coerces: "2" or "true" in a TOML file is a mistake, not 2 or True.
+        if isinstance(grants, Mapping):
+            for key, amount in grants.items():
+                if not isinstance(amount, (bool, int, float)) and amount != UNLIMITED:
+                    msg = (
+                        f"{_SUBKEY}{key}: {amount!r} is not an amount, true/false or {UNLIMITED!r}"
+                    )
+                    raise ValueError(msg)
+        return grants
 
     @field_validator("grants")
     @classmethod
@@ -114,8 +135,36 @@ class Pricing(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     features: dict[str, FeatureType]
-    credit_systems: dict[str, dict[str, float]] = {}
+    credit_systems: dict[str, dict[str, StrictCost]] = {}
     plans: dict[str, Plan] = {}
+
+    if TYPE_CHECKING:  # what callers may pass: feature types as strings, as the docs do
+
+        def __init__(
+            self,
+            *,
+            features: Mapping[str, FeatureType | FeatureKind],
+            credit_systems: Mapping[str, Mapping[str, float]] = ...,
+            plans: Mapping[str, Plan] = ...,
+        ) -> None: ...
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ids_are_usable(cls, data: object) -> object:
+        # An id no call could name (empty, blank, NUL, too long) is a mistake in the file.
+        if not isinstance(data, Mapping):
+            return data
+        for section in ("features", "credit_systems", "plans"):
+            entries = data.get(section)
+            if isinstance(entries, Mapping):
+                for key in entries:
+                    try:
+                        check_feature_id(key)
+                    except InvalidUsage as exc:
+                        problem = str(exc).removeprefix("feature_id ")
+                        msg = f"{section}: the id {key!r} is not usable: {problem}"
+                        raise ValueError(msg) from None
+        return data
 
     @cached_property
     def rate_table(self) -> dict[str, Rate]:
@@ -199,6 +248,9 @@ class Pricing(BaseModel):
         except OSError as exc:
             msg = f"{path}: cannot read the pricing file ({exc.strerror or exc})"
             raise ConfigError(msg) from exc
+        except UnicodeDecodeError as exc:
+            msg = f"{path}: not a pricing file: not UTF-8 text (byte {exc.start})"
+            raise ConfigError(msg) from None
         return cls.from_toml(text, source=str(path))
 
     @classmethod
@@ -241,7 +293,8 @@ class Pricing(BaseModel):
         rows = []
         for feature_id, kind in self.features.items():
             pool = self.pool_of(feature_id)
-            cost = f"{pool[1].normalize():f} {pool[0]} per unit" if pool else "-"
+            unit = pool[0][:-1] if pool and pool[1] == 1 and pool[0].endswith("s") else ""
+            cost = f"{pool[1].normalize():f} {unit or pool[0]} per unit" if pool else "-"
             rows.append((feature_id, kind.value, cost))
         return rows
 
@@ -249,6 +302,13 @@ class Pricing(BaseModel):
 def example_toml() -> str:
     """The text of the example pricing file shipped in the package (with its comments)."""
     return (resources.files("agent_meter") / "data" / "pricing.toml").read_text(encoding="utf-8")
+
+
+def _toml(value: object) -> str:
+    """A value as it was written in the file: ``true``, ``"2"``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
 def _describe(exc: ValidationError, source: str) -> str:
@@ -260,5 +320,9 @@ def _describe(exc: ValidationError, source: str) -> str:
             key, message = f"{key}.{message[1:].split(': ', 1)[0]}", message.split(": ", 1)[1]
         if error["type"] == "enum":
             message = f"unknown feature type {error['input']!r} (use 'metered' or 'boolean')"
+        elif error["type"] == "float_type":
+            message = f"must be a number, not {_toml(error['input'])}"
+        elif error["type"] == "bool_type":
+            message = f"must be true or false, not {_toml(error['input'])}"
         problems.append(f"{key}: {message}" if key else message)
     return f"{source}: " + "; ".join(problems)

@@ -7,7 +7,7 @@ An embedded backend (:class:`~agent_meter.SQLiteBackend`,
 on what?"::
 
     report = usage_report(backend, since=time.time() - 86_400)
-    Console().print(report.table())          # a rich table
+    print(report.table())                    # a table (rich: Console().print(report.table()))
     json.dumps(report.to_dict())             # the same numbers, for scripts
 
 How a guarded call appears in the ledger, and how it is counted:
@@ -37,10 +37,12 @@ from dataclasses import asdict, dataclass
 from decimal import Decimal
 from typing import Any, Literal, Protocol
 
-from rich.table import Table
+from rich.text import Text
 
 from agent_meter.backends.base import DenialRecorder
 from agent_meter.results import UsageEvent
+from agent_meter.tables import PrintableTable
+from agent_meter.wording import amount
 
 __all__ = [
     "EventRole",
@@ -212,19 +214,28 @@ class UsageReport:
     def to_dict(self) -> dict[str, Any]:
         """``{"since", "denials_recorded", "events", "rows": [...], "customers": {...}}``.
 
-        ``customers`` maps each customer to its total row.
+        ``rows`` carry units (a number, always); ``customers`` maps each customer to its
+        total, which has no units: units of different features do not add up.
         """
+        totals = {}
+        for cus in self.customers:
+            total = self.total(cus).to_dict()
+            del total["units"]
+            totals[cus] = total
         return {
             "since": self.since,
             "denials_recorded": self.denials_recorded,
             "events": self.events,
             "rows": [row.to_dict() for row in self.rows],
-            "customers": {cus: self.total(cus).to_dict() for cus in self.customers},
+            "customers": totals,
         }
 
-    def table(self, title: str = "Usage per customer and feature") -> Table:
-        """A rich table of the rows, with a total line per customer."""
-        table = Table(title=title)
+    def table(self, title: str = "Usage per customer and feature") -> PrintableTable:
+        """A rich table of the rows, with a total line per customer.
+
+        ``print(report.table())`` prints it as text; a rich console prints it in colour.
+        """
+        table = PrintableTable(title=Text(title))
         table.add_column("customer")
         table.add_column("feature")
         table.add_column("units", justify="right")
@@ -236,10 +247,10 @@ class UsageReport:
             rows = self.for_customer(cus)
             for index, row in enumerate(rows):
                 table.add_row(
-                    cus if index == 0 else "",
-                    row.feature_id,
+                    Text(cus if index == 0 else ""),  # ids as text, never read as markup
+                    Text(row.feature_id),
                     "" if row.units is None else f"{row.units:g}",
-                    f"{row.credits:g} {row.balance_id}",
+                    Text(amount(row.credits, row.balance_id)),
                     str(row.billed),
                     str(row.refunded),
                     "?" if row.denied is None else str(row.denied),
@@ -247,14 +258,16 @@ class UsageReport:
                 )
             if len(rows) > 1:
                 total = self.total(cus)
-                charged = f"{total.credits:g}" + (
-                    f" {total.balance_id}" if total.balance_id != "*" else ""
+                charged = (
+                    amount(total.credits, total.balance_id)
+                    if total.balance_id != "*"
+                    else f"{total.credits:g}"
                 )
                 table.add_row(
                     "",
                     "total",
                     "",
-                    charged,
+                    Text(charged),
                     str(total.billed),
                     str(total.refunded),
                     "?" if total.denied is None else str(total.denied),
@@ -264,6 +277,9 @@ class UsageReport:
         if not self.denials_recorded and self.rows:
             table.caption = "denied: ? = this ledger does not record denied calls"
         return table
+
+    def __str__(self) -> str:
+        return str(self.table())
 
 
 def build_report(

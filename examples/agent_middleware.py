@@ -73,7 +73,7 @@ class ScriptedChatModel(BaseChatModel):
             message = AIMessage(f"Here is what I found: {found}", usage_metadata=usage(800, 75))
         return ChatResult(generations=[ChatGeneration(message=message)])
 
-    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> ScriptedChatModel:  # type: ignore[override]
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> ScriptedChatModel:
         """The script already knows which tool it calls."""
         return self
 

@@ -27,6 +27,7 @@ from langchain.agents import create_agent
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import ToolException, tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
@@ -78,7 +79,7 @@ class ScriptedModel(BaseChatModel):
         self.turn += 1
         return ChatResult(generations=[ChatGeneration(message=message)])
 
-    def bind_tools(self, tools: Any, **kwargs: Any) -> ScriptedModel:  # type: ignore[override]
+    def bind_tools(self, tools: Any, **kwargs: Any) -> ScriptedModel:
         """A scripted model already knows its tool calls."""
         return self
 
@@ -103,7 +104,7 @@ def main() -> None:
         same = convert_to_openai_tool(tools[0]) == convert_to_openai_tool(search)
         print(f"1. wrapped {[t.name for t in tools]}; the model sees the same schema: {same}")
 
-        config = {"configurable": {"customer_id": "cus_demo"}}
+        config: RunnableConfig = {"configurable": {"customer_id": "cus_demo"}}
         model = ScriptedModel(
             script=[
                 AIMessage(

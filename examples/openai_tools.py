@@ -22,6 +22,7 @@ import operator
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ def web_search(query: str) -> list[dict[str, str]]:
     ]
 
 
-_OPERATORS = {
+_OPERATORS: dict[type[ast.AST], Callable[..., float]] = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
     ast.Mult: operator.mul,
@@ -101,7 +102,7 @@ def calculate(expression: str) -> float:
 
     def value(node: ast.AST) -> float:
         if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-            return node.value
+            return float(node.value)
         if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
             return _OPERATORS[type(node.op)](value(node.left), value(node.right))
         if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
@@ -158,7 +159,8 @@ def make_client() -> OpenAI:
     return OpenAI(
         api_key="sk-offline",
         base_url="http://scripted/v1",
-        http_client=httpx.Client(transport=httpx.MockTransport(scripted_api)),
+        # openai types http_client as its own httpx fork's client; httpx's works the same
+        http_client=httpx.Client(transport=httpx.MockTransport(scripted_api)),  # type: ignore[arg-type]
         max_retries=0,
     )
 

@@ -28,6 +28,7 @@ from langchain.agents import create_agent
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import tool
 
 from agent_meter import Meter, Pricing, SQLiteBackend, UsageLimitExceeded
@@ -69,7 +70,7 @@ class ScriptedChatModel(BaseChatModel):
             ]
         )
 
-    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> ScriptedChatModel:  # type: ignore[override]
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> ScriptedChatModel:
         """The script already knows which tool it calls."""
         return self
 
@@ -109,7 +110,10 @@ def main() -> None:
         )
         agent = create_agent(model, tools=[lookup])
         handler = meter.callback_handler(feature_id="llm_tokens", gate_estimate=1000)
-        config = {"callbacks": [handler], "configurable": {"customer_id": "cus_small"}}
+        config: RunnableConfig = {
+            "callbacks": [handler],
+            "configurable": {"customer_id": "cus_small"},
+        }
 
         answer = agent.invoke({"messages": [("user", "When does billing ship?")]}, config=config)
         print("answer:", answer["messages"][-1].content)

@@ -135,7 +135,7 @@ class FaultServer:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def __enter__(self) -> FaultServer:
         self._thread.start()

@@ -51,6 +51,8 @@ def usage(input_tokens: int, output_tokens: int) -> UsageMetadata:
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
         "total_tokens": input_tokens + output_tokens,
+        "input_token_details": {},
+        "output_token_details": {},
     }
 
 
@@ -133,6 +135,6 @@ class ScriptedChatModel(BaseChatModel):
                 )
             )
 
-    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> ScriptedChatModel:  # type: ignore[override]
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> ScriptedChatModel:
         """The script already knows which tools it calls."""
         return self

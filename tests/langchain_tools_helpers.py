@@ -9,13 +9,14 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.runnables import RunnableConfig
 from pydantic import PrivateAttr
 
 from agent_meter import Pricing
 from tests.conftest import PRICING_TOML
 
 CUSTOMER = "cus_1"
-CONFIG = {"configurable": {"customer_id": CUSTOMER}}
+CONFIG: RunnableConfig = {"configurable": {"customer_id": CUSTOMER}}
 
 
 def example_pricing() -> Pricing:
@@ -73,5 +74,5 @@ class ScriptedChatModel(BaseChatModel):
         message = self.script[len(self._seen) - 1]
         return ChatResult(generations=[ChatGeneration(message=message)])
 
-    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> ScriptedChatModel:  # type: ignore[override]
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> ScriptedChatModel:
         return self

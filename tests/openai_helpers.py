@@ -103,7 +103,7 @@ def chunks(
         }
         for word in words
     ]
-    content[0]["choices"][0]["delta"]["role"] = "assistant"
+    content[0]["choices"][0]["delta"]["role"] = "assistant"  # type: ignore[index]  # built above
     content.append(
         {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]}
     )

@@ -26,15 +26,6 @@ import pickle
 
 import pytest
 import requests
-from autumn_helpers import (
-    REPLAY_KEY,
-    SECRET,
-    FaultServer,
-    Reply,
-    check_ok,
-    exception_texts,
-    replay,
-)
 
 from agent_meter import (
     AsyncBackend,
@@ -48,6 +39,15 @@ from agent_meter import (
 from agent_meter.backends.autumn import AutumnBackend
 from agent_meter.engine import CheckRequest, TrackRequest
 from agent_meter.keys import idempotency_key
+from tests.autumn_helpers import (
+    REPLAY_KEY,
+    SECRET,
+    FaultServer,
+    Reply,
+    check_ok,
+    exception_texts,
+    replay,
+)
 
 # -- construction and secrecy ---------------------------------------------------------
 
@@ -103,6 +103,7 @@ def test_clients_are_created_on_first_use_and_closed():
         backend = AutumnBackend(REPLAY_KEY)
         assert backend._sync is None
         backend.check(CheckRequest("cus_check_allowed", "web_search"))
+        assert backend._sync is not None
         session = backend._sync.http.session
         assert session is not None
         backend.close()
@@ -116,6 +117,7 @@ async def test_async_client_is_created_on_first_use_and_closed():
         backend = AutumnBackend(REPLAY_KEY)
         assert backend._async is None
         await backend.acheck(CheckRequest("cus_async_check_track", "web_search"))
+        assert backend._async is not None
         session = backend._async.http.session
         await backend.atrack(
             TrackRequest("cus_async_check_track", "web_search", 1, idempotency_key="k1")

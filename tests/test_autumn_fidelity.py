@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 import requests
-from autumn_helpers import PRICING, REPLAY_KEY, replay
 
 from agent_meter import (
     AgentMeterError,
@@ -31,6 +30,7 @@ from agent_meter import (
 )
 from agent_meter.backends.autumn import AutumnBackend
 from agent_meter.engine import CheckRequest, TrackRequest
+from tests.autumn_helpers import PRICING, REPLAY_KEY, replay
 
 Step = tuple[Any, ...]
 

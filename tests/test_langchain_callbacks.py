@@ -11,10 +11,11 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from langchain_core.outputs import ChatGeneration, LLMResult
-from langchain_core.runnables import RunnableLambda
+from langchain_core.runnables import RunnableConfig, RunnableLambda
 
 from agent_meter import (
     AgentMeterError,
@@ -37,7 +38,7 @@ from tests.langchain_token_helpers import (
     reply,
 )
 
-CONFIG = {"metadata": {"customer_id": CUSTOMER}}
+CONFIG: RunnableConfig = {"metadata": {"customer_id": CUSTOMER}}
 
 
 @pytest.fixture
@@ -54,8 +55,8 @@ def tracks(backend: MemoryBackend) -> list[tuple[str, float]]:
     return [(c.feature_id, c.kwargs["value"]) for c in backend.calls if c.method == "track"]
 
 
-def run_config(handler: MeteringCallbackHandler, **extra: object) -> dict[str, object]:
-    return {"callbacks": [handler], **CONFIG, **extra}
+def run_config(handler: MeteringCallbackHandler, **extra: Any) -> RunnableConfig:
+    return cast("RunnableConfig", {"callbacks": [handler], **CONFIG, **extra})
 
 
 # -- invoke -------------------------------------------------------------------------------
@@ -74,7 +75,9 @@ def test_invoke_bills_total_tokens_once(any_meter: Meter) -> None:
 
     model.invoke("hi", config=run_config(handler))
 
-    assert any_meter.backend.balances(CUSTOMER)["credits"] == credits_left(100, 150 * TOKEN_RATE)
+    assert cast("MemoryBackend | SQLiteBackend", any_meter.backend).balances(CUSTOMER)[
+        "credits"
+    ] == credits_left(100, 150 * TOKEN_RATE)
     assert model.calls == 1
     usage = handler.summary.models["scripted-1"]
     assert (usage.calls, usage.input_tokens, usage.output_tokens, usage.total_tokens) == (
@@ -92,7 +95,9 @@ async def test_ainvoke_bills_total_tokens_once(any_meter: Meter) -> None:
 
     await model.ainvoke("hi", config=run_config(handler))
 
-    assert any_meter.backend.balances(CUSTOMER)["credits"] == credits_left(100, 150 * TOKEN_RATE)
+    assert cast("MemoryBackend | SQLiteBackend", any_meter.backend).balances(CUSTOMER)[
+        "credits"
+    ] == credits_left(100, 150 * TOKEN_RATE)
     assert handler.summary.total.total_tokens == 150
 
 

@@ -6,10 +6,12 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from langchain.agents import create_agent
 from langchain_core.messages import ToolMessage
+from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import ToolException, tool
 
 from agent_meter import AgentMeterError, ConfigError, Meter, SQLiteBackend, UsageLimitExceeded
@@ -28,7 +30,7 @@ from tests.langchain_token_helpers import (
 )
 
 SEARCH_CREDITS = Decimal(1)
-CONFIG = {"configurable": {"customer_id": CUSTOMER}}
+CONFIG: RunnableConfig = {"configurable": {"customer_id": CUSTOMER}}
 
 
 class Counter:
@@ -76,12 +78,18 @@ def meter(request: pytest.FixtureRequest, tmp_path) -> Meter:
     return Meter(SQLiteBackend(tmp_path / "usage.db", pricing=make_pricing()))
 
 
-def agent_for(meter: Meter, model: ScriptedChatModel, tools: list, **options):
+def embedded(meter: Meter) -> SQLiteBackend | MemoryBackend:
+    """The meter's backend, one of the embedded ledgers these tests run on."""
+    assert isinstance(meter.backend, (SQLiteBackend, MemoryBackend))
+    return meter.backend
+
+
+def agent_for(meter: Meter, model: ScriptedChatModel, tools: list[Any], **options: Any) -> Any:
     middleware = MeteringMiddleware(meter, features={"web_search": "web_search"}, **options)
     return create_agent(model, tools=tools, middleware=[middleware])
 
 
-def tool_messages(result: dict) -> list[ToolMessage]:
+def tool_messages(result: dict[str, Any]) -> list[ToolMessage]:
     return [m for m in result["messages"] if isinstance(m, ToolMessage)]
 
 
@@ -98,7 +106,7 @@ def test_agent_run_costs_tool_credits_plus_token_credits(meter: Meter, web_searc
     assert result["messages"][-1].content == "the answer"
     assert searches.calls == 1
     assert model.calls == 2
-    assert meter.backend.balances(CUSTOMER)["credits"] == credits_left(
+    assert embedded(meter).balances(CUSTOMER)["credits"] == credits_left(
         100, SEARCH_CREDITS, TOKENS * TOKEN_RATE
     )
 
@@ -114,7 +122,7 @@ async def test_agent_run_costs_tool_credits_plus_token_credits_async(
 
     assert result["messages"][-1].content == "the answer"
     assert searches.calls == 1
-    assert meter.backend.balances(CUSTOMER)["credits"] == credits_left(
+    assert embedded(meter).balances(CUSTOMER)["credits"] == credits_left(
         100, SEARCH_CREDITS, TOKENS * TOKEN_RATE
     )
 
@@ -129,7 +137,7 @@ async def test_concurrent_agent_runs_bill_exactly(web_search, searches):
     )
 
     assert searches.calls == runs
-    assert meter.backend.balances(CUSTOMER)["credits"] == credits_left(
+    assert embedded(meter).balances(CUSTOMER)["credits"] == credits_left(
         100, runs * SEARCH_CREDITS, runs * TOKENS * TOKEN_RATE
     )
 
@@ -148,7 +156,7 @@ def test_split_token_features(web_search) -> None:
     agent.invoke({"messages": [("user", "x")]}, config=CONFIG)
 
     spent = SEARCH_CREDITS + 60 * INPUT_RATE + 27 * OUTPUT_RATE
-    assert meter.backend.balances(CUSTOMER)["credits"] == credits_left(100, spent)
+    assert embedded(meter).balances(CUSTOMER)["credits"] == credits_left(100, spent)
 
 
 # -- denials and failures -----------------------------------------------------------------
@@ -183,7 +191,7 @@ async def test_denied_tool_becomes_an_error_tool_message_async(web_search, searc
 
     [denial] = tool_messages(result)
     assert denial.status == "error"
-    assert denial.content.startswith("web_search is unavailable")
+    assert str(denial.content).startswith("web_search is unavailable")
     assert searches.calls == 0
     assert backend.balances(CUSTOMER)["credits"] == credits_left(100, TOKENS * TOKEN_RATE)
 
@@ -217,7 +225,7 @@ def test_failed_tool_is_not_billed(meter: Meter) -> None:
 
     [failure] = tool_messages(result)
     assert failure.status == "error"
-    assert meter.backend.balances(CUSTOMER)["credits"] == credits_left(100, TOKENS * TOKEN_RATE)
+    assert embedded(meter).balances(CUSTOMER)["credits"] == credits_left(100, TOKENS * TOKEN_RATE)
 
 
 async def test_raising_tool_is_refunded_and_reraised(meter: Meter) -> None:
@@ -232,7 +240,7 @@ async def test_raising_tool_is_refunded_and_reraised(meter: Meter) -> None:
         )
 
     # Only the first model call (10+20 tokens) happened; the search was refunded.
-    assert meter.backend.balances(CUSTOMER)["credits"] == credits_left(100, 30 * TOKEN_RATE)
+    assert embedded(meter).balances(CUSTOMER)["credits"] == credits_left(100, 30 * TOKEN_RATE)
 
 
 def test_no_credit_stops_the_run_before_the_model(web_search) -> None:
@@ -272,7 +280,7 @@ def test_unmapped_tools_run_unmetered(meter: Meter, searches) -> None:
     agent.invoke({"messages": [("user", "x")]}, config=CONFIG)
 
     assert searches.calls == 1
-    assert meter.backend.balances(CUSTOMER)["credits"] == credits_left(100, TOKENS * TOKEN_RATE)
+    assert embedded(meter).balances(CUSTOMER)["credits"] == credits_left(100, TOKENS * TOKEN_RATE)
 
 
 def test_reply_without_usage_warns(meter: Meter, web_search, caplog) -> None:
@@ -282,7 +290,7 @@ def test_reply_without_usage_warns(meter: Meter, web_search, caplog) -> None:
         agent_for(meter, model, [web_search]).invoke({"messages": [("user", "x")]}, config=CONFIG)
 
     assert any("no token usage" in r.getMessage() for r in caplog.records)
-    assert meter.backend.balances(CUSTOMER)["credits"] == 100
+    assert embedded(meter).balances(CUSTOMER)["credits"] == 100
 
 
 # -- who pays -----------------------------------------------------------------------------
@@ -296,13 +304,13 @@ class Context:
 def test_customer_from_runtime_context(web_search) -> None:
     meter = Meter(MemoryBackend(pricing=make_pricing()))
     middleware = MeteringMiddleware(meter, features={"web_search": "web_search"})
-    agent = create_agent(
+    agent: Any = create_agent(  # langchain cannot infer the context type from a dataclass
         search_then_answer(), tools=[web_search], middleware=[middleware], context_schema=Context
     )
 
     agent.invoke({"messages": [("user", "x")]}, context=Context(customer_id="cus_ctx"))
 
-    assert meter.backend.balances("cus_ctx")["credits"] == credits_left(
+    assert embedded(meter).balances("cus_ctx")["credits"] == credits_left(
         100, SEARCH_CREDITS, TOKENS * TOKEN_RATE
     )
 
@@ -315,7 +323,7 @@ async def test_customer_from_meter_customer_scope(web_search) -> None:
             {"messages": [("user", "x")]}
         )
 
-    assert meter.backend.balances("cus_scope")["credits"] == credits_left(
+    assert embedded(meter).balances("cus_scope")["credits"] == credits_left(
         100, SEARCH_CREDITS, TOKENS * TOKEN_RATE
     )
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import pytest
 from langchain_core.messages import ToolMessage
-from langchain_core.runnables import RunnableLambda
+from langchain_core.runnables import RunnableConfig, RunnableLambda
 from langchain_core.tools import (
     BaseTool,
     InjectedToolCallId,
@@ -157,7 +157,7 @@ def any_backend(request: pytest.FixtureRequest, tmp_path: Any) -> MemoryBackend 
 
 
 def credits(backend: Any, customer: str = CUSTOMER) -> float:
-    return backend.balances(customer)["credits"]
+    return float(backend.balances(customer)["credits"])
 
 
 # -- the model sees exactly the same tool --------------------------------------------------
@@ -184,10 +184,10 @@ def test_wrapped_tool_looks_the_same(meter: Meter, original: BaseTool) -> None:
     ):
         assert getattr(wrapped, field) == getattr(original, field), field
     assert wrapped.tool_call_schema is original.tool_call_schema
-    assert (
-        wrapped.get_input_schema().model_json_schema()
-        == original.get_input_schema().model_json_schema()
-    )
+    wrapped_schema, original_schema = wrapped.get_input_schema(), original.get_input_schema()
+    assert issubclass(wrapped_schema, BaseModel)
+    assert issubclass(original_schema, BaseModel)
+    assert wrapped_schema.model_json_schema() == original_schema.model_json_schema()
 
 
 def test_simple_tool_stays_a_tool(meter: Meter) -> None:
@@ -436,7 +436,7 @@ def test_unknown_option_is_a_type_error(meter: Meter) -> None:
 
 def test_customer_and_entity_come_from_config(meter: Meter, backend: MemoryBackend) -> None:
     wrapped = meter.wrap_tool(search, "web_search")
-    config = {"configurable": {"customer_id": "cus_7", "entity_id": "seat_3"}}
+    config: RunnableConfig = {"configurable": {"customer_id": "cus_7", "entity_id": "seat_3"}}
     wrapped.invoke({"query": "q"}, config=config)
     checks = [call for call in backend.calls if call.method == "check"]
     assert [(c.customer_id, c.kwargs["entity_id"]) for c in checks] == [("cus_7", "seat_3")]
@@ -633,7 +633,7 @@ async def test_denial_answers_a_tool_call_with_an_error_message_async(
     message = await wrapped.ainvoke(
         tool_call("run_python", {"expression": "1"}, "c"), config=CONFIG
     )
-    assert message.content == "code_exec is unavailable: 1 credits left, 2 needed"
+    assert message.content == "code_exec is unavailable: 1 credit left, 2 needed"
     assert message.status == "error"
     assert RAN == []
 
@@ -726,7 +726,7 @@ def test_nested_denial_inside_the_tool_is_the_tools_failure(
     @tool
     def orchestrate(expression: str) -> str:
         """Runs code through another metered tool."""
-        return inner.invoke({"expression": expression})
+        return str(inner.invoke({"expression": expression}))
 
     outer = meter.wrap_tool(orchestrate, "web_search")
     backend.set_balance(CUSTOMER, "credits", 1)  # enough for the outer call only
@@ -874,7 +874,7 @@ def test_metered_bad_options_are_refused(meter: Meter) -> None:
     with pytest.raises(ConfigError):
         meter.metered("nope")
     with pytest.raises(TypeError):
-        meter.metered("web_search", on_denied="message")
+        meter.metered("web_search", on_denied="message")  # type: ignore[call-arg]  # on purpose
 
 
 def test_wrap_tool_function_matches_meter_method(meter: Meter) -> None:
@@ -896,4 +896,4 @@ def test_example_runs_offline() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "credits left: 97 of 100" in done.stdout
-    assert "code_exec is unavailable: 1 credits left, 2 needed" in done.stdout
+    assert "code_exec is unavailable: 1 credit left, 2 needed" in done.stdout

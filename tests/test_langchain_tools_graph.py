@@ -181,7 +181,7 @@ def test_create_agent_tells_the_model_about_a_denial(tmp_path: Any) -> None:
     # The two calls run in parallel: the refusal saw the credit before or after the search.
     assert seen["run_python"].content in {
         "code_exec is unavailable: 0 credits left, 2 needed",
-        "code_exec is unavailable: 1 credits left, 2 needed",
+        "code_exec is unavailable: 1 credit left, 2 needed",
     }
     assert BODIES == ["cats"]
     assert backend.balances(CUSTOMER)["credits"] == 0

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from outage_helpers import SECRET, AutumnServer, pricing
 
 from agent_meter import Meter, SQLiteBackend
 from agent_meter.backends.autumn import AutumnBackend
+from tests.outage_helpers import SECRET, AutumnServer, pricing
 
 HOLD_SECONDS = 1.0
 MAX_STALL = 0.050

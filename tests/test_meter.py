@@ -64,7 +64,7 @@ def test_denied_call_never_runs_the_work(meter: Meter, memory_backend: MemoryBac
     assert denied.value.feature_id == "code_exec"
     assert denied.value.customer_id == "cus_1"
     assert (denied.value.balance, denied.value.required) == (1, 2)
-    assert str(denied.value) == "code_exec is unavailable: 1 credits left, 2 needed"
+    assert str(denied.value) == "code_exec is unavailable: 1 credit left, 2 needed"
     assert credits(memory_backend) == 1
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import cast
 
 import nbformat
 import pytest
@@ -60,7 +61,7 @@ def execute(path: Path) -> nbformat.NotebookNode:
         client.execute()
     except CellExecutionError as exc:  # name the notebook and keep the cell's traceback
         pytest.fail(f"{path.name} failed:\n{exc}")
-    return notebook
+    return cast("nbformat.NotebookNode", notebook)
 
 
 def outputs(notebook: nbformat.NotebookNode) -> str:
@@ -95,7 +96,7 @@ def test_quickstart_runs_and_saves_the_credits_plot(kernel_env: Path) -> None:
     assert data.startswith(PNG_MAGIC)
     assert len(data) > 10_000  # a drawn figure, not an empty canvas
     text = outputs(notebook)
-    assert "code_exec is unavailable: 1 credits left, 2 needed" in text
+    assert "code_exec is unavailable: 1 credit left, 2 needed" in text
     assert "web_search is unavailable: 0 credits left, 1 needed" in text
 
 

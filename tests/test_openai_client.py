@@ -11,7 +11,7 @@ import openai
 import pydantic
 import pytest
 from openai import AsyncOpenAI, AsyncStream, OpenAI, Stream
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 
 from agent_meter import AgentMeterError, ConfigError, Meter, SQLiteBackend, UsageLimitExceeded
 from agent_meter.openai import (
@@ -35,7 +35,7 @@ from tests.openai_helpers import (
 )
 
 CUSTOMER = "cus_llm"
-MESSAGES = [{"role": "user", "content": "Say hello"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello"}]
 MODEL = "gpt-4o-mini"
 
 
@@ -62,7 +62,8 @@ def sync_client(api: ScriptedAPI) -> OpenAI:
     return OpenAI(
         api_key="sk-test",
         base_url=API_BASE,
-        http_client=httpx.Client(transport=httpx.MockTransport(api)),
+        # openai types http_client as its own httpx fork's client; httpx's works the same
+        http_client=httpx.Client(transport=httpx.MockTransport(api)),  # type: ignore[arg-type]
         max_retries=0,
     )
 
@@ -71,7 +72,7 @@ def async_client(api: ScriptedAPI) -> AsyncOpenAI:
     return AsyncOpenAI(
         api_key="sk-test",
         base_url=API_BASE,
-        http_client=httpx.AsyncClient(transport=httpx.MockTransport(api)),
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(api)),  # type: ignore[arg-type]
         max_retries=0,
     )
 

@@ -118,7 +118,7 @@ def test_malformed_arguments_are_rejected_before_the_guard(arguments: str, expec
     )
 
     assert reply["tool_call_id"] == "call_m1"
-    assert reply["content"].startswith("Error: the arguments of search")
+    assert str(reply["content"]).startswith("Error: the arguments of search")
     assert expected in reply["content"]
     assert tools.ran == []
     assert backend.calls == []  # neither checked nor billed
@@ -150,7 +150,7 @@ def test_denial_is_told_to_the_model_and_the_function_never_runs(
 
     [reply] = run_tool_calls(meter, message, tools.functions(), FEATURES, customer_id=CUSTOMER)
 
-    assert reply["content"] == "Error: code_exec is unavailable: 1 credits left, 2 needed"
+    assert reply["content"] == "Error: code_exec is unavailable: 1 credit left, 2 needed"
     assert tools.ran == []
     assert credits(backend) == 1
 
@@ -170,7 +170,7 @@ def test_every_outcome_in_one_message_keeps_the_order_of_the_calls(
     replies = run_tool_calls(meter, message, tools.functions(), FEATURES, customer_id=CUSTOMER)
 
     assert [reply["tool_call_id"] for reply in replies] == [f"call_{i}" for i in range(1, 6)]
-    assert [reply["content"].startswith("Error: ") for reply in replies] == [
+    assert [str(reply["content"]).startswith("Error: ") for reply in replies] == [
         False,
         True,
         True,
@@ -316,9 +316,9 @@ async def test_async_parallel_calls_share_the_balance_without_overspending(
     )
 
     # 5 credits pay for two runs at 2 credits; which two is up to the scheduler.
-    denied = [r for r in replies if r["content"].startswith("Error: code_exec is unavailable")]
+    denied = [r for r in replies if str(r["content"]).startswith("Error: code_exec is unavailable")]
     assert len(denied) == 2
-    assert sorted(r["content"] for r in replies if r not in denied) == sorted(
+    assert sorted(str(r["content"]) for r in replies if r not in denied) == sorted(
         [r["tool_call_id"].removeprefix("call_") for r in replies if r not in denied]
     )
     assert credits(backend) == 1

@@ -18,12 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from outage_helpers import SECRET, AutumnServer, Mode, pricing
 
 from agent_meter import BackendUnavailable, ConfigError, Meter, UsageLimitExceeded
 from agent_meter.backends.autumn import AutumnBackend
 from agent_meter.engine import FailPolicy
 from agent_meter.tokens import TokenFeatures, TokenUsage
+from tests.outage_helpers import SECRET, AutumnServer, Mode, pricing
 
 TIMEOUT = 0.3
 OUTAGES: list[Mode] = ["refuse", "503", "hang"]
@@ -373,7 +373,7 @@ CHILD = textwrap.dedent(
     from agent_meter import Meter
     from agent_meter.backends.autumn import AutumnBackend
     sys.path.insert(0, "tests")
-    from outage_helpers import SECRET, pricing
+    from outage_helpers import SECRET, pricing  # type: ignore[import-not-found]  # a child process
 
     url, outbox, ending = sys.argv[1:]
     backend = AutumnBackend(SECRET, base_url=url, timeout=0.2, max_retries=0)

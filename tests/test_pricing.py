@@ -21,12 +21,12 @@ def test_the_example_file_loads(pricing_file: Path) -> None:
 
 def test_pricing_built_in_python() -> None:
     pricing = Pricing(
-        features={"web_search": "metered", "premium": "boolean"},  # type: ignore[dict-item]
+        features={"web_search": "metered", "premium": "boolean"},  # strings, as in the docs
         credit_systems={"credits": {"web_search": 1}},
         plans={"free": Plan(auto_enable=True, grants={"credits": 10, "premium": True})},
     )
     assert pricing.describe() == [
-        ("web_search", "metered", "1 credits per unit"),
+        ("web_search", "metered", "1 credit per unit"),
         ("premium", "boolean", "-"),
     ]
 

@@ -39,3 +39,14 @@ def test_the_quick_start_runs_from_an_empty_directory_outside_the_repository(
         "code_exec is unavailable: 96.17 credits left, 200 needed",
     ]
     assert sorted(path.name for path in work.iterdir())[0] == "usage.db"  # made there
+
+
+def test_the_openai_snippet_sends_the_assistant_message_before_its_tool_results() -> None:
+    """The API rejects tool messages that do not follow the assistant message calling them."""
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("**OpenAI SDK**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    appended = snippet.index("messages.append(assistant")
+    ran = snippet.index("run_tool_calls(meter, assistant")
+    assert appended < ran
+    example = (ROOT / "examples" / "openai_tools.py").read_text()
+    assert example.index("messages.append(message.model_dump") < example.index("run_tool_calls(")

@@ -23,12 +23,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from outage_helpers import SECRET, AutumnServer, pricing
 
 from agent_meter import Meter, Pricing, SQLiteBackend
 from agent_meter.backends.autumn import AutumnBackend
 from agent_meter.owner import current_owner, owner_is_alive
 from agent_meter.testing import MemoryBackend
+from tests.outage_helpers import SECRET, AutumnServer, pricing
 
 ROOT = Path(__file__).resolve().parent.parent
 CUSTOMER = "cus_crash"
@@ -42,7 +42,7 @@ LOOP_CHILD = textwrap.dedent(
     sys.path.insert(0, "tests")
     from agent_meter import Meter, SQLiteBackend
     from agent_meter.backends.autumn import AutumnBackend
-    from outage_helpers import SECRET, pricing
+    from outage_helpers import SECRET, pricing  # type: ignore[import-not-found]  # a child process
 
     kind, target, outbox, log, seed = sys.argv[1:]
     rng = random.Random(int(seed))
@@ -77,7 +77,7 @@ HOLDING_CHILD = textwrap.dedent(
     sys.path.insert(0, "tests")
     from agent_meter import Meter, SQLiteBackend
     from agent_meter.backends.autumn import AutumnBackend
-    from outage_helpers import SECRET, pricing
+    from outage_helpers import SECRET, pricing  # type: ignore[import-not-found]  # a child process
 
     kind, target, outbox, call_id = sys.argv[1:]
     if kind == "sqlite":

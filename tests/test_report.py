@@ -21,6 +21,12 @@ from agent_meter.testing import MemoryBackend
 CUS = "cus_report"
 
 
+def row_of(report: UsageReport, customer_id: str, feature_id: str) -> FeatureUsage:
+    row = report.row(customer_id, feature_id)
+    assert row is not None, (customer_id, feature_id)
+    return row
+
+
 def _spend(meter: Meter) -> None:
     """A mixed session whose every outcome the report must count (sync)."""
     for n in range(3):  # 3 searches billed, reserve strategy
@@ -56,17 +62,17 @@ async def _aspend(meter: Meter) -> None:
 
 def _assert_session(report: UsageReport, left: float) -> None:
     assert report.customers == ["cus_other", CUS]
-    searches = report.row(CUS, "web_search")
+    searches = row_of(report, CUS, "web_search")
     assert searches == FeatureUsage(CUS, "web_search", "credits", 6.0, 6.0, 4, 0, 0)
-    code = report.row(CUS, "code_exec")
+    code = row_of(report, CUS, "code_exec")
     assert code == FeatureUsage(CUS, "code_exec", "credits", 1.0, 2.0, 1, 1, 0)
-    tokens = report.row(CUS, "llm_tokens")
+    tokens = row_of(report, CUS, "llm_tokens")
     assert tokens == FeatureUsage(CUS, "llm_tokens", "credits", 1234.0, 1.234, 1, 0, 0)
     total = report.total(CUS)
     assert (total.credits, total.billed, total.refunded) == (9.234, 6, 1)
     assert total.units is None  # units of different features do not add up
     assert total.credits == round(100 - left, 9)  # the report agrees with the balance
-    assert report.row("cus_other", "web_search").billed == 1
+    assert row_of(report, "cus_other", "web_search").billed == 1
     assert report.denials_recorded is True  # the embedded ledgers keep refusals
 
 
@@ -93,20 +99,20 @@ def test_a_denied_call_is_counted_and_costs_nothing(memory_backend: MemoryBacken
     memory_backend.set_balance(CUS, "credits", 1)
     with pytest.raises(UsageLimitExceeded), meter.guard(CUS, "code_exec"):
         pass
-    row = usage_report(memory_backend).row(CUS, "code_exec")
+    row = row_of(usage_report(memory_backend), CUS, "code_exec")
     assert row is not None
     assert (row.billed, row.refunded, row.denied, row.credits) == (0, 0, 1, 0)
     memory_backend.set_balance(CUS, "credits", 2)
     with meter.guard(CUS, "code_exec"):
         pass
-    row = usage_report(memory_backend).row(CUS, "code_exec")
+    row = row_of(usage_report(memory_backend), CUS, "code_exec")
     assert row is not None
     assert (row.billed, row.denied, row.credits) == (1, 1, 2)
 
 
 def test_a_ledger_without_denial_events_says_denials_are_unknown() -> None:
     report = build_report([_event("reserve", 1, -1, "am1:cus_report::web_search:a:hold")])
-    row = report.row(CUS, "web_search")
+    row = row_of(report, CUS, "web_search")
     assert row is not None
     assert (row.billed, row.denied) == (1, None)  # None, not a misleading 0
 
@@ -124,9 +130,9 @@ def test_denied_events_are_counted_when_the_ledger_records_them() -> None:
     ]
     report = build_report(events)
     assert report.denials_recorded
-    assert report.row(CUS, "web_search").denied == 2
-    assert report.row(CUS, "web_search").units == 1  # a denial charges nothing
-    assert report.row(CUS, "code_exec").denied == 0  # known to be 0 now
+    assert row_of(report, CUS, "web_search").denied == 2
+    assert row_of(report, CUS, "web_search").units == 1  # a denial charges nothing
+    assert row_of(report, CUS, "code_exec").denied == 0  # known to be 0 now
     assert report.total(CUS).denied == 2
     console = Console(record=True, width=120)
     console.print(report.table())
@@ -149,7 +155,7 @@ def test_a_refund_by_hand_does_not_unbill_a_call() -> None:
         _event("track", 2, -2, "am1:cus_report::web_search:x:track"),
         _event("track", -1, 1, "goodwill"),
     ]
-    row = build_report(events).row(CUS, "web_search")
+    row = row_of(build_report(events), CUS, "web_search")
     assert (row.units, row.credits, row.billed, row.refunded) == (1, 1, 1, 1)
 
 
@@ -157,7 +163,7 @@ def test_capped_tracks_report_what_the_balance_lost(memory_backend: MemoryBacken
     meter = Meter(memory_backend)
     memory_backend.set_balance(CUS, "credits", 1.5)
     meter.track(CUS, "code_exec", 1, idempotency_key="t1")  # costs 2, capped at 1.5
-    row = usage_report(memory_backend).row(CUS, "code_exec")
+    row = row_of(usage_report(memory_backend), CUS, "code_exec")
     assert (row.units, row.credits) == (1, 1.5)
 
 

@@ -47,7 +47,7 @@ def test_the_estimate_is_held_while_the_call_runs_and_the_unused_part_given_back
     assert backend.holds() == []
     # the unused part goes back with the closing of the hold, keyed by the call
     tracks = [e for e in backend.events(CUS.customer_id) if e.kind == "track"]
-    assert [(e.value, e.idempotency_key.endswith(":run1:adjust")) for e in tracks] == [
+    assert [(e.value, (e.idempotency_key or "").endswith(":run1:adjust")) for e in tracks] == [
         (-700.0, True)
     ]
 

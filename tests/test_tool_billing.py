@@ -243,7 +243,7 @@ def test_units_see_validated_arguments() -> None:
 
     def units(args: dict[str, Any]) -> float:
         seen.append(args)
-        return args["n"]
+        return float(args["n"])
 
     Meter(backend).wrap_tool(count, "web_search", units=units).invoke({"n": "3"}, config=CONFIG)
     assert seen == [{"n": 3}]  # coerced by the schema before the units function saw it

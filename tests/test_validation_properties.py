@@ -72,6 +72,7 @@ def test_guard_refuses_bad_units_before_any_call(units: object) -> None:
         if malformed:
             assert backend.calls == []  # refused by the meter, before any backend call
         else:
+            assert isinstance(units, (int, float))
             assert units * 10**9 >= 2**62  # refused by the ledger: too large to hold
     except UsageLimitExceeded:  # a denial is fine for batches larger than the balance
         assert units > 100  # type: ignore[operator]

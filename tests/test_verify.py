@@ -10,17 +10,19 @@ embeds for the ``credits`` feature).
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-from autumn_helpers import PRICING, SECRET, FaultServer, Reply, error_body
 
 from agent_meter import BackendError, ConfigError, Meter, Pricing, SQLiteBackend
 from agent_meter.backends.autumn import AutumnBackend
 from agent_meter.pricing import Plan
 from agent_meter.testing import MemoryBackend
 from agent_meter.verification import CatalogueEntry, catalogue_from_pricing, find_problems
+from tests.autumn_helpers import PRICING, SECRET, FaultServer, Reply, error_body
 
 
-def autumn_features(**overrides) -> dict:
+def autumn_features(**overrides) -> dict[str, Any]:
     """The seeded Autumn catalogue of the cassettes, as GET /v1/features lists it."""
     schema = [
         {"metered_feature_id": "web_search", "credit_cost": 1},
@@ -154,6 +156,7 @@ def test_autumn_boolean_where_the_pricing_meters_is_reported():
 
 @pytest.fixture(params=["sqlite", "memory"])
 def embedded(request, tmp_path):
+    backend: SQLiteBackend | MemoryBackend
     if request.param == "sqlite":
         backend = SQLiteBackend(tmp_path / "verify.db", pricing=PRICING)
     else:
@@ -192,7 +195,7 @@ def test_a_backend_without_a_catalogue_cannot_be_verified():
         def close(self): ...
 
     with pytest.raises(ConfigError, match="cannot verify"):
-        Meter(Bare()).verify(features=["web_search"])
+        Meter(Bare()).verify(features=["web_search"])  # type: ignore[arg-type]  # on purpose
 
 
 # -- the pure comparison -----------------------------------------------------------------

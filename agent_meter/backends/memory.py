@@ -259,13 +259,12 @@ class MemoryBackend:
             idempotency_key=idempotency_key,
         )
         if idempotency_key in self._keys:
-            return TrackResult(
-                customer_id,
-                feature_id,
+            stood = next(
+                (e.value for e in self._events if e.idempotency_key == idempotency_key),
                 charge.value,
-                idempotency_key,
-                duplicate=True,
-                uncharged=0.0,
+            )
+            return ledger.duplicate_track(
+                customer_id, feature_id, charge.value, stood, idempotency_key
             )
         now = self._clock()
         stored = self._stored(customer_id, charge.balance_id, now)

@@ -100,18 +100,52 @@ _RETIRE = (
 )
 _HELD = "SELECT 1 FROM events WHERE idempotency_key = ?"
 
+LEDGER_APPLICATION_ID = 0x616D6C67
+"""``PRAGMA application_id`` of an agent_meter ledger ("amlg"): marks the file as ours."""
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    """Create what is missing, statement by statement inside the caller's transaction."""
+    for statement in _SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _difference(stored: Pricing, given: Pricing) -> str:
+    """Say briefly how two pricings differ, for the refusal message."""
+    parts = []
+    for name in ("features", "credit_systems", "plans"):
+        before, after = getattr(stored, name), getattr(given, name)
+        if before != after:
+            changed = sorted(
+                key for key in before.keys() | after.keys() if before.get(key) != after.get(key)
+            )
+            parts.append(f"{name}: {', '.join(changed)}")
+    return "; ".join(parts) or "the same catalogue, stored differently"
+
 
 class SQLiteBackend:
     """Autumn's semantics in a local SQLite file: the default, offline backend.
 
     Args:
-        path: The database file (created if missing). ``":memory:"`` is refused: use
-            :class:`agent_meter.testing.MemoryBackend` for a ledger in memory.
+        path: The ledger file, created when missing (then ``pricing`` is required).
+            ``":memory:"`` is refused: use :class:`agent_meter.testing.MemoryBackend` for a
+            ledger in memory. An SQLite file that is not an agent_meter ledger is refused,
+            never written to.
         pricing: Features, credit systems and plans. When omitted, the pricing stored in
-            the file by an earlier open is used.
+            the ledger is used. A ledger bills by one pricing: a different one is refused
+            unless ``replace_pricing`` is set.
         clock: Returns the current Unix time; tests pass a fake one to cross resets.
         busy_timeout: Seconds to wait for another writer before giving up with
             :class:`~agent_meter.errors.BackendUnavailable`.
+        read_only: Open an existing ledger for reading only (reports, balances, events):
+            nothing is ever written, and a ledger in a read-only directory can be read.
+        replace_pricing: Store ``pricing`` in place of a different one the ledger holds;
+            balances already granted stay as they are.
+
+    Raises:
+        ConfigError: The file is not an agent_meter ledger, stores a different pricing,
+            or is missing and no pricing was given. Nothing is created or changed.
 
     Example:
         >>> backend = SQLiteBackend("usage.db", pricing=Pricing.from_file("pricing.toml"))
@@ -129,11 +163,14 @@ class SQLiteBackend:
         pricing: Pricing | None = None,
         clock: Callable[[], float] = time.time,
         busy_timeout: float = 30.0,
+        read_only: bool = False,
+        replace_pricing: bool = False,
     ) -> None:
         if str(path) == ":memory:":
             msg = "SQLiteBackend needs a file shared by threads; use testing.MemoryBackend"
             raise ConfigError(msg)
         self.path = Path(path)
+        self.read_only = read_only
         self._clock = clock
         self._busy_timeout = busy_timeout
         self._local = threading.local()
@@ -141,10 +178,24 @@ class SQLiteBackend:
         self._connections_lock = threading.Lock()
         self._known_customers: set[str] = set()
         self._closed = False
-        with self._errors("open"):
-            conn = self._conn()
-            conn.executescript(_SCHEMA)
-            self._pricing = self._load_or_store_pricing(conn, pricing)
+        self._uri = f"{self.path.absolute().as_uri()}?mode=ro" if read_only else None
+        self._wal = False
+        existed = self.path.exists()
+        if not existed and (read_only or pricing is None):
+            msg = (
+                f"{self.path}: no such ledger file"
+                if read_only
+                else f"{self.path}: no ledger there and no pricing given to create one"
+            )
+            raise ConfigError(msg)
+        try:
+            self._pricing = self._open(pricing, replace_pricing=replace_pricing)
+        except BaseException:
+            self.close()
+            if not existed:  # a failed open leaves nothing behind
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            raise
 
     def __repr__(self) -> str:
         return f"SQLiteBackend({str(self.path)!r})"
@@ -163,10 +214,13 @@ class SQLiteBackend:
         if self._closed:
             msg = f"{self!r} is closed"
             raise BackendError(msg)
+        if self._uri is not None:
+            return self._read_only_conn()
         conn = sqlite3.connect(
             self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
         )
-        conn.execute("PRAGMA journal_mode = WAL")
+        if self._wal:  # never on a file not yet known to be a ledger: it would change it
+            conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         # Checkpoint less often than every 1,000 pages: a settled call writes a few pages,
         # and each checkpoint syncs the database file on the caller's path. The WAL stays
@@ -174,6 +228,34 @@ class SQLiteBackend:
         conn.execute("PRAGMA wal_autocheckpoint = 10000")
         conn.execute("PRAGMA journal_size_limit = 67108864")
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        self._local.conn = conn
+        with self._connections_lock:
+            self._connections.append(conn)
+        return conn
+
+    def _read_only_conn(self) -> sqlite3.Connection:
+        assert self._uri is not None  # noqa: S101 - only called for read-only backends
+        conn = sqlite3.connect(
+            self._uri,
+            uri=True,
+            timeout=self._busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError:
+            # A WAL ledger needs its -shm file even to be read; in a read-only directory it
+            # cannot be created. Then, and only when no write-ahead log is waiting to be
+            # folded in (the ledger was closed cleanly), read the file as it is.
+            conn.close()
+            wal = Path(f"{self.path}-wal")
+            if wal.exists() and wal.stat().st_size > 0:
+                raise
+            self._uri = f"{self.path.absolute().as_uri()}?mode=ro&immutable=1"
+            conn = sqlite3.connect(
+                self._uri, uri=True, isolation_level=None, check_same_thread=False
+            )
         self._local.conn = conn
         with self._connections_lock:
             self._connections.append(conn)
@@ -205,21 +287,89 @@ class SQLiteBackend:
             msg = f"{self!r}: {action} failed: {exc}"
             raise BackendError(msg) from exc
 
-    def _load_or_store_pricing(self, conn: sqlite3.Connection, pricing: Pricing | None) -> Pricing:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'pricing'").fetchone()
-        if pricing is None:
-            if row is None:
-                msg = f"{self.path}: no pricing given and none stored in the database"
-                raise ConfigError(msg)
-            return Pricing.model_validate_json(row[0])
-        stored = pricing.model_dump_json()
-        if row is None or row[0] != stored:
-            conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('pricing', ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (stored,),
+    def _open(self, pricing: Pricing | None, *, replace_pricing: bool) -> Pricing:
+        """Open the file as a ledger: create it, or check it is one and bills by ``pricing``.
+
+        Writers decide inside one write transaction, so two processes creating the same
+        ledger with different pricings cannot both win; a refusal writes nothing.
+        """
+        try:
+            with self._errors("open"):
+                if self.read_only:
+                    return self._decide(self._conn(), pricing, replace_pricing)
+                with self._write() as conn:
+                    chosen = self._decide(conn, pricing, replace_pricing)
+                self._wal = True
+                self._conn().execute("PRAGMA journal_mode = WAL")  # only once it is ours
+                return chosen
+        except BackendError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, sqlite3.DatabaseError) and not isinstance(
+                cause, sqlite3.OperationalError
+            ):  # "file is not a database"
+                msg = f"{self.path}: not an agent_meter ledger ({cause})"
+                raise ConfigError(msg) from cause
+            raise
+
+    def _decide(
+        self, conn: sqlite3.Connection, pricing: Pricing | None, replace_pricing: bool
+    ) -> Pricing:
+        tables = {
+            row[0]
+            for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            if not row[0].startswith("sqlite_")
+        }
+        application_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        stored = None
+        if application_id in (0, LEDGER_APPLICATION_ID) and "meta" in tables:
+            stored = self._stored_pricing(conn)
+        if stored is None and (tables or application_id not in (0, LEDGER_APPLICATION_ID)):
+            msg = (
+                f"{self.path}: not an agent_meter ledger (it holds other tables: "
+                f"{', '.join(sorted(tables)) or 'none'}); nothing was written to it"
             )
+            raise ConfigError(msg)
+        if stored is None and (self.read_only or pricing is None):
+            msg = (
+                f"{self.path}: not an agent_meter ledger (empty)"
+                if self.read_only
+                else f"{self.path}: an empty file and no pricing given to create a ledger"
+            )
+            raise ConfigError(msg)
+        if stored is not None and (pricing is None or pricing == stored):
+            if not self.read_only:
+                _create_schema(conn)  # tables and indexes added since the ledger was made
+            return stored
+        assert pricing is not None  # noqa: S101 - both None cases returned or raised above
+        if stored is not None and not replace_pricing:
+            msg = (
+                f"{self.path} bills by a different pricing than the one given "
+                f"({_difference(stored, pricing)}); open it without pricing= to use the "
+                "stored one, or pass replace_pricing=True to bill by the new one from now on"
+            )
+            raise ConfigError(msg)
+        if self.read_only:
+            msg = f"{self.path}: a read-only ledger cannot store a new pricing"
+            raise ConfigError(msg)
+        _create_schema(conn)
+        conn.execute(f"PRAGMA application_id = {LEDGER_APPLICATION_ID}")
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('pricing', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (pricing.model_dump_json(),),
+        )
         return pricing
+
+    def _stored_pricing(self, conn: sqlite3.Connection) -> Pricing | None:
+        """The pricing an agent_meter ledger stores; None when there is none."""
+        row = conn.execute("SELECT value FROM meta WHERE key = 'pricing'").fetchone()
+        if row is None:
+            return None
+        try:
+            return Pricing.model_validate_json(row[0])
+        except ValueError as exc:
+            msg = f"{self.path}: the pricing stored in the ledger is not valid: {exc}"
+            raise ConfigError(msg) from None
 
     # -- balances ------------------------------------------------------------------------
 
@@ -401,15 +551,23 @@ class SQLiteBackend:
                 conn, customer_id, charge, entity_id, idempotency_key, properties, now
             )
         if unpaid is None:
-            return TrackResult(
+            return ledger.duplicate_track(
                 customer_id,
                 feature_id,
                 charge.value,
+                self._tracked_value(idempotency_key, charge.value),
                 idempotency_key,
-                duplicate=True,
-                uncharged=0.0,
             )
         return TrackResult(customer_id, feature_id, charge.value, idempotency_key, uncharged=unpaid)
+
+    def _tracked_value(self, idempotency_key: str, default: float) -> float:
+        """The value recorded under a key (read again only for a duplicate)."""
+        row = (
+            self._conn()
+            .execute("SELECT value FROM events WHERE idempotency_key = ?", (idempotency_key,))
+            .fetchone()
+        )
+        return default if row is None else float(row[0])
 
     def _track_in(  # noqa: PLR0917 - private; mirrors track()
         self,

@@ -32,11 +32,14 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.runnables.config import var_child_runnable_config
+from rich.text import Text
 
 from agent_meter.context import NO_CUSTOMER_HELP, CustomerRef, current_customer
 from agent_meter.errors import AgentMeterError
 from agent_meter.langchain.usage import usage_from_result
+from agent_meter.tables import PrintableTable
 from agent_meter.tokens import TokenFeatures, TokenUsage, check_gate_estimate
+from agent_meter.wording import number
 
 if TYPE_CHECKING:
     from uuid import UUID
@@ -117,6 +120,29 @@ class UsageSummary:
             "total": asdict(self.total),
             "credit_system": self.credit_system,
         }
+
+    def table(self, title: str = "LLM tokens per model") -> PrintableTable:
+        """The summary as a rich table (``print()`` shows it as text), with a total row."""
+        unit = self.credit_system or "credits"
+        table = PrintableTable(title=Text(title))
+        table.add_column("model")
+        for column in ("calls", "input", "output", "total", unit, "unmetered"):
+            table.add_column(column, justify="right")
+        usages = [*self.models.values(), self.total]
+        for index, usage in enumerate(usages):
+            credits = "?" if usage.credits is None else number(usage.credits)
+            table.add_row(
+                Text(usage.model),
+                str(usage.calls),
+                str(usage.input_tokens),
+                str(usage.output_tokens),
+                str(usage.total_tokens),
+                credits,
+                str(usage.unmetered_calls),
+                style="bold" if index == len(usages) - 1 else None,
+                end_section=index == len(usages) - 2,
+            )
+        return table
 
     def __str__(self) -> str:
         unit = self.credit_system or "credits"
