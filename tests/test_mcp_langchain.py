@@ -7,7 +7,7 @@ run inside ``langchain.agents.create_agent`` with a scripted chat model (no netw
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
@@ -73,7 +73,7 @@ def backend() -> MemoryBackend:
     return MemoryBackend(pricing=example_pricing())
 
 
-def by_name(tools: list[BaseTool]) -> dict[str, BaseTool]:
+def by_name(tools: Sequence[BaseTool]) -> dict[str, BaseTool]:
     return {tool.name: tool for tool in tools}
 
 

@@ -38,7 +38,7 @@ def credits(backend: Any, customer: str = CUSTOMER) -> float:
 
 def billed(backend: Any, customer: str = CUSTOMER) -> float:
     """Net units billed to ``customer`` (reservations and tracks, refunds included)."""
-    return sum(e.value for e in backend.events(customer) if e.kind != "denied")
+    return float(sum(e.value for e in backend.events(customer) if e.kind != "denied"))
 
 
 async def call(served: Served, name: str, args: dict[str, Any], bearer: str = "tok-1") -> Any:
