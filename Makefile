@@ -26,6 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # JupyterLab on the notebooks (installed on first use; the tests run them without it).
 notebooks: $(STAMP)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import importlib
 import logging
 import os
 import threading
@@ -39,18 +40,21 @@ from agent_meter.results import CheckResult, TrackResult
 from agent_meter.scope import CustomerScope
 from agent_meter.tokens import TokenFeatures, TokenUsage
 from agent_meter.validation import check_customer_id, check_entity_id, check_feature_id, check_units
+from agent_meter.verification import verify
 
 if TYPE_CHECKING:
+    # Types only: at run time the core never imports an integration (see _integration).
     from langchain_core.tools import BaseTool
 
     from agent_meter.langchain.callbacks import MeteringCallbackHandler
-    from agent_meter.langchain.tools import MeteredTool
+    from agent_meter.langchain.tools import MeteredTool, OnDenied, Units
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = ["AsyncGuard", "CustomerScope", "Guard", "GuardedCall", "Meter", "Recovery"]
 
 logger = logging.getLogger("agent_meter")
 
-_F = TypeVar("_F", bound=Callable[..., Any])
 
 _open_meters: weakref.WeakSet[Meter] = weakref.WeakSet()
 
@@ -60,6 +64,17 @@ def _deliver_at_exit() -> None:
     """A normal exit delivers what it can and says so when usage is left undelivered."""
     for meter in list(_open_meters):
         meter._exit()
+
+
+def _integration(name: str) -> Any:
+    """The integration module ``agent_meter.<name>``, imported on first use.
+
+    Dependencies point inward (integrations -> meter -> backends -> core values): the
+    meter's conveniences reach an integration by name, never by an import statement, and
+    the import-linter contract in pyproject.toml checks that no core module imports one.
+    A missing extra raises :class:`~agent_meter.errors.MissingExtra` naming it.
+    """
+    return importlib.import_module(f"agent_meter.{name}")
 
 
 def _is_local(backend: object) -> bool:
@@ -559,47 +574,92 @@ class Meter:
     # -- integrations (thin adapters, imported on use) -----------------------------------
 
     def wrap_tool(
-        self, tool: BaseTool, feature_id: str, units: Any = 1, **options: Any
+        self,
+        tool: BaseTool,
+        feature_id: str,
+        units: Units = 1,
+        *,
+        units_from_result: Callable[[Any], float] | None = None,
+        on_denied: OnDenied = "message",
+        strategy: Strategy | None = None,
+        on_backend_error: FailPolicy | None = None,
+        customer_id: str | None = None,
+        entity_id: str | None = None,
     ) -> MeteredTool:
         """Wrap a LangChain tool so every call is checked and only successes are billed.
 
-        See :func:`agent_meter.langchain.tools.wrap_tool` for the options.
+        See :func:`agent_meter.langchain.tools.wrap_tool` for the arguments.
         """
-        from agent_meter.langchain.tools import wrap_tool  # noqa: PLC0415 - optional extra
-
-        return wrap_tool(self, tool, feature_id, units, **options)
+        wrap: Callable[..., MeteredTool] = _integration("langchain.tools").wrap_tool
+        return wrap(
+            self,
+            tool,
+            feature_id,
+            units,
+            units_from_result=units_from_result,
+            on_denied=on_denied,
+            strategy=strategy,
+            on_backend_error=on_backend_error,
+            customer_id=customer_id,
+            entity_id=entity_id,
+        )
 
     def wrap_tools(
-        self, tools: Sequence[BaseTool], features: Mapping[str, str], **options: Any
+        self,
+        tools: Sequence[BaseTool],
+        features: Mapping[str, str],
+        *,
+        units: Units = 1,
+        units_from_result: Callable[[Any], float] | None = None,
+        on_denied: OnDenied = "message",
+        strategy: Strategy | None = None,
+        on_backend_error: FailPolicy | None = None,
+        customer_id: str | None = None,
+        entity_id: str | None = None,
     ) -> list[MeteredTool]:
-        """Wrap several LangChain tools; ``features`` maps each tool name to its feature."""
-        from agent_meter.langchain.tools import wrap_tools  # noqa: PLC0415 - optional extra
+        """Wrap several LangChain tools; ``features`` maps each tool name to its feature.
 
-        return wrap_tools(self, tools, features, **options)
+        See :func:`agent_meter.langchain.tools.wrap_tools` for the arguments.
+        """
+        wrap: Callable[..., list[MeteredTool]] = _integration("langchain.tools").wrap_tools
+        return wrap(
+            self,
+            tools,
+            features,
+            units=units,
+            units_from_result=units_from_result,
+            on_denied=on_denied,
+            strategy=strategy,
+            on_backend_error=on_backend_error,
+            customer_id=customer_id,
+            entity_id=entity_id,
+        )
 
     def metered(
         self,
         feature_id: str,
-        units: float | Callable[[dict[str, Any]], float] = 1,
+        units: Units = 1,
         *,
         units_from_result: Callable[[Any], float] | None = None,
         strategy: Strategy | None = None,
         on_backend_error: FailPolicy | None = None,
-    ) -> Callable[[_F], _F]:
+        customer_id: str | None = None,
+        entity_id: str | None = None,
+    ) -> Callable[[F], F]:
         """Decorate a plain sync or async function so each call is guarded.
 
-        The decorated function keeps its type. See
-        :func:`agent_meter.langchain.tools.metered` for the options.
+        See :func:`agent_meter.langchain.tools.metered` for the arguments.
         """
-        from agent_meter.langchain.tools import metered  # noqa: PLC0415
-
-        return metered(
+        decorator: Callable[..., Callable[[F], F]] = _integration("langchain.tools").metered
+        return decorator(
             self,
             feature_id,
             units,
             units_from_result=units_from_result,
             strategy=strategy,
             on_backend_error=on_backend_error,
+            customer_id=customer_id,
+            entity_id=entity_id,
         )
 
     def callback_handler(
@@ -609,10 +669,14 @@ class Meter:
         output_feature_id: str | None = None,
         **options: Any,
     ) -> MeteringCallbackHandler:
-        """A LangChain callback handler that meters (and gates) an agent's LLM tokens."""
-        from agent_meter.langchain.callbacks import MeteringCallbackHandler  # noqa: PLC0415
+        """A LangChain callback handler that meters (and gates) an agent's LLM tokens.
 
-        return MeteringCallbackHandler(
+        See :class:`agent_meter.langchain.callbacks.MeteringCallbackHandler` for the options.
+        """
+        handler: Callable[..., MeteringCallbackHandler] = _integration(
+            "langchain.callbacks"
+        ).MeteringCallbackHandler
+        return handler(
             self,
             feature_id=feature_id,
             input_feature_id=input_feature_id,
@@ -626,8 +690,6 @@ class Meter:
         Raises:
             ConfigError: Every problem found, in one message.
         """
-        from agent_meter.verification import verify  # noqa: PLC0415
-
         verify(self, features)
 
     def customer(self, customer_id: str, entity_id: str | None = None) -> CustomerScope:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
-__all__ = ["CheckResult", "TrackResult", "UsageEvent"]
+__all__ = ["Catalogue", "CatalogueEntry", "CheckResult", "EntryKind", "TrackResult", "UsageEvent"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,3 +103,29 @@ class UsageEvent:
     credits: float
     applied: float
     idempotency_key: str | None
+
+
+EntryKind = Literal["boolean", "metered", "credit_system"]
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogueEntry:
+    """One feature as the billing backend knows it.
+
+    Attributes:
+        feature_id: The feature's id.
+        kind: ``"boolean"``, ``"metered"`` or ``"credit_system"`` (a pool).
+        pool: The credit system a metered feature draws from, if any.
+        cost: Credits per unit of the feature in ``pool``.
+        archived: The backend keeps the feature but no longer bills it.
+    """
+
+    feature_id: str
+    kind: EntryKind
+    pool: str | None = None
+    cost: float | None = None
+    archived: bool = False
+
+
+Catalogue = Mapping[str, CatalogueEntry]
+"""Feature id to what the backend knows about it."""

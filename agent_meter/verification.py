@@ -4,7 +4,7 @@
 what the meter expects (its :class:`~agent_meter.pricing.Pricing`, when it has one) with
 the catalogue of the backend:
 
-- a backend with a remote catalogue (:class:`RemoteCatalogue`, e.g.
+- a backend with a remote catalogue (:class:`~agent_meter.backends.base.RemoteCatalogue`, e.g.
   :class:`~agent_meter.backends.autumn.AutumnBackend`) is asked once for its features;
 - an embedded backend (:class:`~agent_meter.backends.base.CatalogueBackend`: SQLite,
   memory) answers from the pricing it bills by.
@@ -16,58 +16,41 @@ deployment with three misnamed features learns about all three on the first star
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import Protocol
 
-from agent_meter.backends.base import CatalogueBackend, RemoteBackend
+from agent_meter.backends.base import (
+    CatalogueBackend,
+    FullBackend,
+    RemoteBackend,
+    RemoteCatalogue,
+)
 from agent_meter.errors import ConfigError
 from agent_meter.pricing import FeatureType, Pricing
-
-if TYPE_CHECKING:
-    from agent_meter.meter import Meter
+from agent_meter.results import Catalogue, CatalogueEntry
 
 __all__ = [
     "Catalogue",
     "CatalogueEntry",
+    "Metered",
     "RemoteCatalogue",
     "catalogue_from_pricing",
     "find_problems",
     "verify",
 ]
 
-EntryKind = Literal["boolean", "metered", "credit_system"]
 
+class Metered(Protocol):
+    """What :func:`verify` reads of a meter: its backend and the pricing it expects."""
 
-@dataclass(frozen=True, slots=True)
-class CatalogueEntry:
-    """One feature as the billing backend knows it.
+    @property
+    def backend(self) -> FullBackend:
+        """The billing backend."""
+        ...
 
-    Attributes:
-        feature_id: The feature's id.
-        kind: ``"boolean"``, ``"metered"`` or ``"credit_system"`` (a pool).
-        pool: The credit system a metered feature draws from, if any.
-        cost: Credits per unit of the feature in ``pool``.
-        archived: The backend keeps the feature but no longer bills it.
-    """
-
-    feature_id: str
-    kind: EntryKind
-    pool: str | None = None
-    cost: float | None = None
-    archived: bool = False
-
-
-Catalogue = Mapping[str, CatalogueEntry]
-"""Feature id to what the backend knows about it."""
-
-
-@runtime_checkable
-class RemoteCatalogue(Protocol):
-    """A backend that can list the features it bills (one request, at start-up)."""
-
-    def catalogue(self) -> Catalogue:
-        """Every feature the billing service knows, credit systems included."""
+    @property
+    def pricing(self) -> Pricing | None:
+        """The feature catalogue the meter expects, when it has one."""
         ...
 
 
@@ -159,7 +142,7 @@ def _compare(  # noqa: PLR0911 - one sentence per kind of mismatch
     return []
 
 
-def verify(meter: Meter, features: Iterable[str] | None = None) -> None:
+def verify(meter: Metered, features: Iterable[str] | None = None) -> None:
     """Confirm that each feature the meter bills exists in its backend, drawing as expected.
 
     Args:

@@ -428,7 +428,7 @@ def test_wrapping_twice_or_two_tools_with_one_name_is_refused(meter: Meter) -> N
 
 def test_unknown_option_is_a_type_error(meter: Meter) -> None:
     with pytest.raises(TypeError):
-        meter.wrap_tool(search, "web_search", colour="red")
+        meter.wrap_tool(search, "web_search", colour="red")  # type: ignore[call-arg]
 
 
 # -- who pays -------------------------------------------------------------------------------

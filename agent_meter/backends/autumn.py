@@ -76,14 +76,13 @@ from agent_meter.errors import (
     CustomerNotFound,
     InvalidUsage,
 )
-from agent_meter.results import CheckResult, TrackResult
+from agent_meter.results import CatalogueEntry, CheckResult, TrackResult
 from agent_meter.validation import (
     check_customer_id,
     check_entity_id,
     check_feature_id,
     check_units,
 )
-from agent_meter.verification import CatalogueEntry
 
 __all__ = ["AutumnBackend"]
 

@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 from agent_meter.engine import CheckRequest, Hold, TrackRequest
 from agent_meter.pricing import Pricing
-from agent_meter.results import CheckResult, TrackResult
+from agent_meter.results import Catalogue, CheckResult, TrackResult
 
 __all__ = [
     "AsyncBackend",
@@ -24,6 +24,7 @@ __all__ = [
     "LedgerFile",
     "LocalBackend",
     "RemoteBackend",
+    "RemoteCatalogue",
     "ReservingBackend",
 ]
 
@@ -121,6 +122,15 @@ class RemoteBackend(Protocol):
     @property
     def outbox_id(self) -> str:
         """Names the account the backend bills (a server and key), for the outbox file."""
+        ...
+
+
+@runtime_checkable
+class RemoteCatalogue(Protocol):
+    """A backend that can list the features it bills (one request, at start-up)."""
+
+    def catalogue(self) -> Catalogue:
+        """Every feature the billing service knows, credit systems included."""
         ...
 
 

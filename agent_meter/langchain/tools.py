@@ -610,7 +610,14 @@ def wrap_tools(
     meter: Meter,
     tools: Sequence[BaseTool],
     features: Mapping[str, str],
-    **options: Any,
+    *,
+    units: Units = 1,
+    units_from_result: Callable[[Any], float] | None = None,
+    on_denied: OnDenied = "message",
+    strategy: Strategy | None = None,
+    on_backend_error: FailPolicy | None = None,
+    customer_id: str | None = None,
+    entity_id: str | None = None,
 ) -> list[MeteredTool]:
     """Wrap several tools; ``features`` maps every tool name to its feature.
 
@@ -619,8 +626,13 @@ def wrap_tools(
         tools: The agent's tools.
         features: Tool name to feature id, for every tool (names not in ``tools`` are
             ignored, so one map can serve several agents).
-        **options: Passed to :func:`wrap_tool` for every tool (``units``,
-            ``on_denied``, ``strategy``, ...).
+        units: Units per call of every tool (see :func:`wrap_tool`).
+        units_from_result: The real count from a tool's result (see :func:`wrap_tool`).
+        on_denied: What a refused call does (see :func:`wrap_tool`).
+        strategy: Overrides the meter's strategy.
+        on_backend_error: Overrides the meter's fail policy.
+        customer_id: Who pays when the run names nobody (see :func:`wrap_tool`).
+        entity_id: The entity of ``customer_id``.
 
     Raises:
         ConfigError: A tool missing from ``features`` (an unmetered tool would be free),
@@ -638,7 +650,21 @@ def wrap_tools(
             "features={tool_name: feature_id} (a free tool need not be wrapped)"
         )
         raise ConfigError(msg)
-    return [wrap_tool(meter, tool, features[tool.name], **options) for tool in tools]
+    return [
+        wrap_tool(
+            meter,
+            tool,
+            features[tool.name],
+            units,
+            units_from_result=units_from_result,
+            on_denied=on_denied,
+            strategy=strategy,
+            on_backend_error=on_backend_error,
+            customer_id=customer_id,
+            entity_id=entity_id,
+        )
+        for tool in tools
+    ]
 
 
 NO_CUSTOMER_FOR_FUNCTION = (
