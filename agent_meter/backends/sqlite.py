@@ -104,6 +104,20 @@ LEDGER_APPLICATION_ID = 0x616D6C67
 """``PRAGMA application_id`` of an agent_meter ledger ("amlg"): marks the file as ours."""
 
 
+def _holds_tables(path: Path) -> bool:
+    """Whether the SQLite file at ``path`` has any table (read without changing it)."""
+    try:
+        if not path.exists() or path.stat().st_size == 0:
+            return False
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+        try:
+            return bool(conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0)
+        finally:
+            conn.close()
+    except (OSError, sqlite3.Error):
+        return True  # cannot tell: keep the file
+
+
 def _create_schema(conn: sqlite3.Connection) -> None:
     """Create what is missing, statement by statement inside the caller's transaction."""
     for statement in _SCHEMA.split(";"):
@@ -192,7 +206,9 @@ class SQLiteBackend:
             self._pricing = self._open(pricing, replace_pricing=replace_pricing)
         except BaseException:
             self.close()
-            if not existed:  # a failed open leaves nothing behind
+            if not existed and not _holds_tables(self.path):
+                # A failed open leaves nothing behind; but a ledger another opener created
+                # meanwhile (this one was refused its pricing) is theirs, never removed.
                 for suffix in ("", "-wal", "-shm", "-journal"):
                     Path(f"{self.path}{suffix}").unlink(missing_ok=True)
             raise
