@@ -196,10 +196,27 @@ def test_a_caller_that_stops_at_finish_reason_still_pays(meter: Meter, backend: 
     assert credits(backend) == 99
 
 
-def test_a_stream_broken_off_before_its_usage_bills_nothing() -> None:
+def test_a_stream_closed_before_its_usage_is_billed_once_at_close() -> None:
+    """Issue 14: closing early bills the tokens the server reports, at close, not at GC."""
     backend = MemoryBackend(pricing=example_pricing())
     content, last = chunks("chatcmpl-early", usage=(800, 200))
     api = ScriptedAPI(sse_reply(sse([*content, last])))
+    client = wrap_client(sync_client(api), Meter(backend), customer_id=CUSTOMER)
+
+    with client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True) as stream:
+        first = next(iter(stream))
+        assert tracks(backend) == []  # nothing yet: the usage comes last
+
+    assert first.choices[0].delta.content == "Hel"
+    assert [t.kwargs["value"] for t in tracks(backend)] == [1000]  # billed at exit, once
+    stream.close()
+    assert len(tracks(backend)) == 1
+
+
+def test_a_stream_broken_off_before_any_usage_bills_nothing() -> None:
+    backend = MemoryBackend(pricing=example_pricing())
+    content, _ = chunks("chatcmpl-early")
+    api = ScriptedAPI(sse_reply(sse(content)))
     client = wrap_client(sync_client(api), Meter(backend), customer_id=CUSTOMER)
 
     with client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True) as stream:
@@ -533,3 +550,115 @@ async def test_async_with_raw_response_stream_is_metered(meter: Meter, backend: 
 
     assert len(seen) == len(content)
     assert credits(backend) == 98
+
+
+# -- issue 14: a stream is billed when its usage is read, or at close(), never at GC ------
+
+
+def _cumulative(completion_id: str) -> list[dict[str, Any]]:
+    content, _ = chunks(completion_id)
+    for n, chunk in enumerate(content, start=1):
+        chunk["usage"] = {"prompt_tokens": 100, "completion_tokens": n, "total_tokens": 100 + n}
+    return content
+
+
+def test_a_cumulative_stream_left_at_finish_reason_is_billed_at_once() -> None:
+    backend = MemoryBackend(pricing=example_pricing())
+    content = _cumulative("chatcmpl-cum-stop")
+    client = wrap_client(
+        sync_client(ScriptedAPI(sse_reply(sse(content)))), Meter(backend), customer_id=CUSTOMER
+    )
+    stream = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    for chunk in stream:
+        if chunk.choices[0].finish_reason:
+            break  # the stream is left open, and kept alive: no GC can bill it
+    assert [call.kwargs["value"] for call in tracks(backend)] == [100 + len(content)]
+    stream.close()
+    assert len(tracks(backend)) == 1
+
+
+def test_close_bills_a_stream_read_halfway_once() -> None:
+    backend = MemoryBackend(pricing=example_pricing())
+    content, last = chunks("chatcmpl-close", usage=(800, 200))
+    client = wrap_client(
+        sync_client(ScriptedAPI(sse_reply(sse([*content, last])))),
+        Meter(backend),
+        customer_id=CUSTOMER,
+    )
+    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+    next(iter(stream))
+    stream.close()
+    assert [call.kwargs["value"] for call in tracks(backend)] == [1000]
+    stream.close()
+    assert len(tracks(backend)) == 1
+
+
+def test_the_stream_helper_bills_at_exit_when_left_early() -> None:
+    backend = MemoryBackend(pricing=example_pricing())
+    content, last = chunks("chatcmpl-helper", usage=(800, 200))
+    client = wrap_client(
+        sync_client(ScriptedAPI(sse_reply(sse([*content, last])))),
+        Meter(backend),
+        customer_id=CUSTOMER,
+    )
+    with client.chat.completions.stream(model=MODEL, messages=MESSAGES) as stream:
+        for _event in stream:
+            break
+        assert tracks(backend) == []
+    assert [call.kwargs["value"] for call in tracks(backend)] == [1000]
+
+
+async def test_async_close_bills_a_stream_read_halfway_once() -> None:
+    backend = MemoryBackend(pricing=example_pricing())
+    content, last = chunks("chatcmpl-aclose", usage=(800, 200))
+    client = wrap_client(
+        async_client(ScriptedAPI(sse_reply(sse([*content, last])))),
+        Meter(backend),
+        customer_id=CUSTOMER,
+    )
+    stream = await client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+    async for _chunk in stream:
+        break
+    assert tracks(backend) == []
+    await stream.close()
+    assert [call.kwargs["value"] for call in tracks(backend)] == [1000]
+
+
+async def test_async_stream_context_exit_bills_once() -> None:
+    backend = MemoryBackend(pricing=example_pricing())
+    content, last = chunks("chatcmpl-aexit", usage=(800, 200))
+    client = wrap_client(
+        async_client(ScriptedAPI(sse_reply(sse([*content, last])))),
+        Meter(backend),
+        customer_id=CUSTOMER,
+    )
+    async with await client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, stream=True
+    ) as stream:
+        async for _chunk in stream:
+            break
+    assert [call.kwargs["value"] for call in tracks(backend)] == [1000]
+
+
+def test_split_token_features_need_no_total_feature() -> None:
+    """Issue 14 point 9: a pricing without the default total feature is valid when split."""
+    from agent_meter import Pricing  # noqa: PLC0415
+    from agent_meter.pricing import Plan  # noqa: PLC0415
+
+    pricing = Pricing(
+        features={"tokens_in": "metered", "tokens_out": "metered"},
+        credit_systems={"credits": {"tokens_in": 0.001, "tokens_out": 0.004}},
+        plans={"free": Plan(auto_enable=True, grants={"credits": 100})},
+    )
+    backend = MemoryBackend(pricing=pricing)
+    client = wrap_client(
+        sync_client(ScriptedAPI(json_reply(chat_completion("chatcmpl-split")))),
+        Meter(backend),
+        customer_id=CUSTOMER,
+        input_feature_id="tokens_in",
+        output_feature_id="tokens_out",
+    )
+    client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert {call.feature_id for call in tracks(backend)} == {"tokens_in", "tokens_out"}

@@ -34,8 +34,8 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.runnables.config import var_child_runnable_config
 from rich.text import Text
 
-from agent_meter.context import NO_CUSTOMER_HELP, CustomerRef, current_customer
-from agent_meter.errors import AgentMeterError
+from agent_meter.context import NO_CUSTOMER_HELP, CustomerRef
+from agent_meter.integration import check_features, default_customer, resolve_customer
 from agent_meter.langchain.usage import usage_from_result
 from agent_meter.tables import PrintableTable
 from agent_meter.tokens import TokenFeatures, TokenUsage, check_gate_estimate
@@ -57,6 +57,29 @@ UNKNOWN_MODEL = "unknown"
 # Run ids already billed, kept so that a repeated on_llm_end is not counted twice in the
 # summary; bounded because a long-lived handler may see millions of calls.
 _REMEMBERED_RUNS = 100_000
+
+# langchain-core logs every exception a callback raises as "Error in <handler>.<event>
+# callback: ..." before re-raising it (raise_error=True). A denial by the gate is the
+# answer the caller gets, not a crash: that line is left out for our handlers' denials.
+_HANDLERS: set[str] = set()
+_CALLBACK_ERROR = "Error in %s.%s callback: %s"
+
+
+class _DenialIsNotACrash(logging.Filter):
+    """Drops langchain-core's "Error in ... callback" line for a gate denial of ours."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (
+            record.msg == _CALLBACK_ERROR
+            and isinstance(args, tuple)
+            and len(args) == 3
+            and args[0] in _HANDLERS
+            and str(args[2]).startswith("UsageLimitExceeded(")
+        )
+
+
+_FILTER = _DenialIsNotACrash()
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,11 +219,15 @@ class MeteringCallbackHandler(BaseCallbackHandler):
     Create it with :meth:`agent_meter.Meter.callback_handler`. Thread-safe: one handler may
     serve concurrent runs (its summary adds them all up).
 
-    Who pays is read, in order, from the run's ``metadata["customer_id"]``, from
+    Who pays is read in the order of :func:`agent_meter.integration.resolve_customer`:
     ``configurable["customer_id"]`` of the runnable the model runs in (an agent, a graph
     node, a chain: langchain-core does not copy ``configurable`` into callback metadata,
-    so a bare ``model.invoke`` must pass ``metadata`` instead), from
-    ``meter.customer(...)``, and last from the handler's own ``customer_id``.
+    so a bare ``model.invoke`` must pass ``metadata`` instead), the run's
+    ``metadata["customer_id"]``, ``meter.customer(...)``, and last the handler's own
+    ``customer_id``.
+
+    A denial raises :class:`~agent_meter.UsageLimitExceeded` to the caller without
+    langchain-core's "Error in ... callback" log line: a refusal is not a crash.
 
     Args:
         meter: The meter to bill through.
@@ -243,11 +270,13 @@ class MeteringCallbackHandler(BaseCallbackHandler):
         super().__init__()
         self.meter = meter
         self.features = TokenFeatures(feature_id, input_feature_id, output_feature_id)
-        for feature in self.features.billed:
-            meter.feature_type(feature)  # ConfigError now rather than on the first call
+        check_features(meter, None, *self.features.billed)  # ConfigError now, not on a call
+        if type(self).__name__ not in _HANDLERS:
+            _HANDLERS.add(type(self).__name__)
+            logging.getLogger("langchain_core.callbacks.manager").addFilter(_FILTER)
         self.gate = gate
         self.gate_estimate = check_gate_estimate(gate_estimate)
-        self.customer = None if customer_id is None else CustomerRef.of(customer_id, entity_id)
+        self.customer = default_customer(customer_id, entity_id)
         self._rates, self._credit_system = self._credit_rates()
         self._lock = threading.Lock()
         self._runs: dict[UUID, _Run] = {}
@@ -275,25 +304,17 @@ class MeteringCallbackHandler(BaseCallbackHandler):
     # -- who pays ------------------------------------------------------------------------
 
     def _customer_of(self, metadata: Mapping[str, Any] | None) -> CustomerRef:
-        if metadata and metadata.get("customer_id") is not None:
-            return CustomerRef.of(metadata["customer_id"], metadata.get("entity_id"))
         # The config of the runnable the model runs in (a graph node, a chain step): the
         # only place a callback can see ``configurable`` in langchain-core 1.x.
-        config = var_child_runnable_config.get()
-        if config:
-            configurable = config.get("configurable") or {}
-            if configurable.get("customer_id") is not None:
-                return CustomerRef.of(configurable["customer_id"], configurable.get("entity_id"))
-        bound = current_customer()
-        if bound is not None:
-            return bound
-        if self.customer is not None:
-            return self.customer
-        msg = (
-            f"{NO_CUSTOMER_HELP}, or pass metadata={{'customer_id': ...}} to a bare model "
-            "call, or create the handler with customer_id=..."
+        config = var_child_runnable_config.get() or {}
+        return resolve_customer(
+            {"configurable": config.get("configurable"), "metadata": metadata},
+            default=self.customer,
+            help_text=(
+                f"{NO_CUSTOMER_HELP}, or pass metadata={{'customer_id': ...}} to a bare model "
+                "call, or create the handler with customer_id=..."
+            ),
         )
-        raise AgentMeterError(msg)
 
     # -- LangChain events ----------------------------------------------------------------
 

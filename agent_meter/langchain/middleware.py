@@ -37,8 +37,17 @@ from langgraph.config import get_config
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
-from agent_meter.context import CustomerRef, customer_from_config
+from agent_meter.context import CustomerRef
 from agent_meter.errors import BackendError, UsageLimitExceeded
+from agent_meter.integration import (
+    call_key,
+    check_features,
+    default_customer,
+    is_error_result,
+    langgraph_scope,
+    refusal_text,
+    resolve_customer,
+)
 from agent_meter.keys import new_call_id
 from agent_meter.langchain.usage import usage_from_message
 from agent_meter.meter import GuardedCall, Meter
@@ -57,7 +66,11 @@ class MeteringMiddleware(AgentMiddleware):
 
     Who pays comes from the run's config (``configurable`` or ``metadata``
     ``customer_id``), else from the runtime context (``context={"customer_id": ...}`` or
-    an object with a ``customer_id`` attribute), else from ``meter.customer(...)``.
+    an object with a ``customer_id`` attribute), else from ``meter.customer(...)``, else
+    from ``customer_id`` (see :func:`agent_meter.integration.resolve_customer`). A tool
+    call is keyed as :func:`agent_meter.integration.call_key` says: a retry after a
+    failure is billed, a replay of a success is not, an id reused in another turn is a
+    new call.
 
     Args:
         meter: The meter to bill through.
@@ -69,6 +82,8 @@ class MeteringMiddleware(AgentMiddleware):
             ``output_feature_id``).
         output_feature_id: The feature for output tokens.
         gate_estimate: Tokens the customer must have credit for before a model call.
+        customer_id: Who pays when the run names nobody.
+        entity_id: The entity of ``customer_id``.
 
     Raises:
         ConfigError: A feature the meter's pricing does not declare.
@@ -88,12 +103,14 @@ class MeteringMiddleware(AgentMiddleware):
         input_feature_id: str | None = None,
         output_feature_id: str | None = None,
         gate_estimate: float = 1,
+        customer_id: str | None = None,
+        entity_id: str | None = None,
     ) -> None:
         super().__init__()
         self.meter = meter
         self.features = dict(features or {})
-        for feature in self.features.values():
-            meter.feature_type(feature)  # a typo fails here, not on the first tool call
+        check_features(meter, self.features)  # a typo fails here, not on the first tool call
+        self.customer = default_customer(customer_id, entity_id)
         self.tokens: TokenFeatures | None = None
         if token_feature_id is not None or input_feature_id is not None:
             self.tokens = TokenFeatures(token_feature_id, input_feature_id, output_feature_id)
@@ -106,18 +123,8 @@ class MeteringMiddleware(AgentMiddleware):
 
     # -- who pays ------------------------------------------------------------------------
 
-    @staticmethod
-    def _customer(config: Mapping[str, Any] | None, context: object) -> CustomerRef:
-        for section in ("configurable", "metadata"):
-            if ((config or {}).get(section) or {}).get("customer_id") is not None:
-                return customer_from_config(config)
-        if isinstance(context, Mapping):
-            found = context.get("customer_id"), context.get("entity_id")
-        else:
-            found = getattr(context, "customer_id", None), getattr(context, "entity_id", None)
-        if found[0] is not None:
-            return CustomerRef.of(*found)
-        return customer_from_config(None)  # meter.customer(...), or a clear error
+    def _customer(self, config: Mapping[str, Any] | None, context: object) -> CustomerRef:
+        return resolve_customer(config, context=context, default=self.customer)
 
     @staticmethod
     def _run_config() -> Mapping[str, Any] | None:
@@ -128,21 +135,26 @@ class MeteringMiddleware(AgentMiddleware):
 
     # -- tool calls ----------------------------------------------------------------------
 
-    def _tool_guard(self, request: ToolCallRequest) -> tuple[str, CustomerRef] | None:
+    def _tool_guard(self, request: ToolCallRequest) -> tuple[str, CustomerRef, str] | None:
         feature = self.features.get(request.tool_call["name"])
         if feature is None:
             return None
         runtime = request.runtime
         config = getattr(runtime, "config", None) or self._run_config()
-        return feature, self._customer(config, getattr(runtime, "context", None))
+        customer = self._customer(config, getattr(runtime, "context", None))
+        key = call_key(
+            request.tool_call["id"] or None,
+            request.tool_call["args"],
+            scope=langgraph_scope(config),
+        )
+        return feature, customer, key
 
     @staticmethod
-    def _refusal(request: ToolCallRequest, exc: UsageLimitExceeded | BackendError) -> ToolMessage:
-        reason = exc.reason if isinstance(exc, UsageLimitExceeded) else str(exc)
-        if not isinstance(exc, UsageLimitExceeded):
-            logger.warning("agent_meter: tool %s refused: %s", request.tool_call["name"], exc)
+    def _refusal(
+        request: ToolCallRequest, feature: str, exc: UsageLimitExceeded | BackendError
+    ) -> ToolMessage:
         return ToolMessage(
-            content=reason,
+            content=refusal_text(exc, feature),
             tool_call_id=request.tool_call["id"] or "",
             name=request.tool_call["name"],
             status="error",
@@ -150,8 +162,8 @@ class MeteringMiddleware(AgentMiddleware):
 
     @staticmethod
     def _judge(call: GuardedCall, result: ToolResult) -> None:
-        if isinstance(result, ToolMessage) and result.status == "error":
-            call.fail(str(result.content)[:200])
+        if is_error_result(result):
+            call.fail("the tool reported an error")
 
     def wrap_tool_call(
         self,
@@ -162,19 +174,16 @@ class MeteringMiddleware(AgentMiddleware):
         guarded = self._tool_guard(request)
         if guarded is None:
             return handler(request)
-        feature, customer = guarded
+        feature, customer, key = guarded
         with ExitStack() as stack:
             try:
                 call = stack.enter_context(
                     self.meter.guard(
-                        customer.customer_id,
-                        feature,
-                        call_id=request.tool_call["id"] or None,
-                        entity_id=customer.entity_id,
+                        customer.customer_id, feature, call_id=key, entity_id=customer.entity_id
                     )
                 )
             except (UsageLimitExceeded, BackendError) as exc:
-                return self._refusal(request, exc)
+                return self._refusal(request, feature, exc)
             result = handler(request)
             self._judge(call, result)
             return result
@@ -189,19 +198,16 @@ class MeteringMiddleware(AgentMiddleware):
         guarded = self._tool_guard(request)
         if guarded is None:
             return await handler(request)
-        feature, customer = guarded
+        feature, customer, key = guarded
         async with AsyncExitStack() as stack:
             try:
                 call = await stack.enter_async_context(
                     self.meter.aguard(
-                        customer.customer_id,
-                        feature,
-                        call_id=request.tool_call["id"] or None,
-                        entity_id=customer.entity_id,
+                        customer.customer_id, feature, call_id=key, entity_id=customer.entity_id
                     )
                 )
             except (UsageLimitExceeded, BackendError) as exc:
-                return self._refusal(request, exc)
+                return self._refusal(request, feature, exc)
             result = await handler(request)
             self._judge(call, result)
             return result

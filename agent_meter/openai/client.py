@@ -24,8 +24,9 @@ from typing import Any, TypeVar, cast
 
 from openai import AsyncOpenAI, AsyncStream, OpenAI, Stream
 
-from agent_meter.context import NO_CUSTOMER_HELP, CustomerRef, current_customer
-from agent_meter.errors import AgentMeterError, BackendError, ConfigError
+from agent_meter.context import CustomerRef
+from agent_meter.errors import BackendError
+from agent_meter.integration import check_features, default_customer, resolve_customer
 from agent_meter.keys import new_call_id
 from agent_meter.meter import Meter
 from agent_meter.openai.usage import (
@@ -132,10 +133,10 @@ class _Billing:
     features: TokenFeatures
 
     def _ref(self) -> CustomerRef:
-        ref = self.customer or current_customer()
-        if ref is None:
-            raise AgentMeterError(NO_CUSTOMER_HELP)
-        return ref
+        # imported here: langchain-core is needed only when a LangChain run names the customer
+        from langchain_core.runnables.config import var_child_runnable_config  # noqa: PLC0415
+
+        return resolve_customer(var_child_runnable_config.get(), default=self.customer)
 
     def gate(self) -> CustomerRef:
         ref = self._ref()
@@ -210,6 +211,93 @@ class _StreamMeter:
         self.pending = None
         return not (self.hide and _usage_only(item)), found
 
+    def settle(self) -> Found | None:
+        """The usage still to bill when the stream ends (a count repeated on every item)."""
+        found, self.pending = self.pending, None
+        return found
+
+
+def _meter_stream(stream: Stream[Any], items: Iterator[Any]) -> None:
+    """Meter the SDK's stream in place; ``close()`` (and ``with``) bills it at once.
+
+    A stream closed before its usage arrived is read to its end first, quietly: usage
+    comes last, and tokens the server produced are paid for whether or not the caller
+    read them. Without this, the bill would wait for garbage collection.
+    """
+    stream._iterator = items
+    close_response = stream.close
+
+    def close() -> None:
+        try:
+            for _ in items:
+                pass
+        except Exception as exc:  # noqa: BLE001 - closing must not fail over the rest
+            logger.warning("agent_meter: reading a closed stream to its usage failed: %s", exc)
+        finally:
+            cast(Any, items).close()
+            close_response()
+
+    stream.close = close  # type: ignore[method-assign]
+
+
+def _ameter_stream(stream: AsyncStream[Any], items: AsyncIterator[Any]) -> None:
+    """Async :func:`_meter_stream`."""
+    stream._iterator = items
+    close_response = stream.close
+
+    async def close() -> None:
+        try:
+            async for _ in items:
+                pass
+        except Exception as exc:  # noqa: BLE001 - closing must not fail over the rest
+            logger.warning("agent_meter: reading a closed stream to its usage failed: %s", exc)
+        finally:
+            await cast(Any, items).aclose()
+            await close_response()
+
+    stream.close = close  # type: ignore[method-assign]
+
+
+class _ClosingManager:
+    """The SDK's ``stream()`` manager, whose exit closes the metered stream under it.
+
+    The SDK's helper closes the HTTP response directly, past the metered stream's
+    ``close()``; closing that stream first bills it on exit of the ``with`` block.
+    """
+
+    def __init__(self, manager: Any) -> None:
+        self._manager = manager
+        self._stream: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._manager, name)
+
+    def __enter__(self) -> Any:
+        self._stream = self._manager.__enter__()
+        return self._stream
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        try:
+            raw = getattr(self._stream, "_raw_stream", None)
+            if raw is not None:
+                raw.close()
+        finally:
+            result = self._manager.__exit__(*exc_info)
+        return result
+
+    async def __aenter__(self) -> Any:
+        self._stream = await self._manager.__aenter__()
+        return self._stream
+
+    async def __aexit__(self, *exc_info: Any) -> Any:
+        try:
+            raw = getattr(self._stream, "_raw_stream", None)
+            if raw is not None:
+                await raw.close()
+        finally:
+            result = await self._manager.__aexit__(*exc_info)
+        return result
+
 
 def _metered_items(
     items: Iterator[Any], billing: _Billing, ref: CustomerRef, meter: _StreamMeter
@@ -217,11 +305,13 @@ def _metered_items(
     try:
         for item in items:
             batch = [item]
+            ended = False
             if meter.endpoint.finishing(item):
                 # The usage chunk follows the last text chunk at once: read it before the
                 # caller, who may stop at finish_reason, gets the chance to walk away.
                 ahead = next(items, _END)
-                if ahead is not _END:
+                ended = ahead is _END
+                if not ended:
                     batch.append(ahead)
             kept = []
             for each in batch:  # bill the whole batch before the caller sees any of it
@@ -230,11 +320,13 @@ def _metered_items(
                     billing.bill(ref, found)
                 if keep:
                     kept.append(each)
+            if ended and (found := meter.settle()) is not None:
+                billing.bill(ref, found)  # the last count of a server that repeats it
             for each in kept:
                 yield each
     finally:
-        if meter.pending is not None:
-            billing.bill(ref, meter.pending)
+        if (found := meter.settle()) is not None:
+            billing.bill(ref, found)
 
 
 async def _ametered_items(
@@ -243,9 +335,11 @@ async def _ametered_items(
     try:
         async for item in items:
             batch = [item]
+            ended = False
             if meter.endpoint.finishing(item):
                 ahead = await anext(items, _END)
-                if ahead is not _END:
+                ended = ahead is _END
+                if not ended:
                     batch.append(ahead)
             kept = []
             for each in batch:  # bill the whole batch before the caller sees any of it
@@ -254,11 +348,13 @@ async def _ametered_items(
                     await billing.abill(ref, found)
                 if keep:
                     kept.append(each)
+            if ended and (found := meter.settle()) is not None:
+                await billing.abill(ref, found)
             for each in kept:
                 yield each
     finally:
-        if meter.pending is not None:
-            await billing.abill(ref, meter.pending)
+        if (found := meter.settle()) is not None:
+            await billing.abill(ref, found)
 
 
 class _Proxy:
@@ -290,8 +386,11 @@ class _SyncEndpoint(_Proxy):
         # A raw response parses once and caches: the caller's .parse() gets this object.
         value = result.parse() if self._raw else result
         if isinstance(value, Stream):
-            value._iterator = _metered_items(  # meter the SDK's stream in place
-                value._iterator, self._billing, ref, _StreamMeter(self._endpoint, hide=hide)
+            _meter_stream(
+                value,
+                _metered_items(
+                    value._iterator, self._billing, ref, _StreamMeter(self._endpoint, hide=hide)
+                ),
             )
         else:
             found = self._endpoint.read(value)
@@ -312,7 +411,7 @@ class _SyncEndpoint(_Proxy):
         if self._raw:
             return self._inner.stream(**kwargs)
         # The SDK's helper calls resource.create: handing it this proxy meters the stream.
-        return type(self._inner).stream(cast(Any, self), **kwargs)
+        return _ClosingManager(type(self._inner).stream(cast(Any, self), **kwargs))
 
     @property
     def with_raw_response(self) -> _SyncEndpoint:
@@ -334,8 +433,11 @@ class _AsyncEndpoint(_Proxy):
         result = await method(**kwargs)
         value = result.parse() if self._raw else result
         if isinstance(value, AsyncStream):
-            value._iterator = _ametered_items(  # meter the SDK's stream in place
-                value._iterator, self._billing, ref, _StreamMeter(self._endpoint, hide=hide)
+            _ameter_stream(
+                value,
+                _ametered_items(
+                    value._iterator, self._billing, ref, _StreamMeter(self._endpoint, hide=hide)
+                ),
             )
         else:
             found = self._endpoint.read(value)
@@ -355,7 +457,7 @@ class _AsyncEndpoint(_Proxy):
         """The client's ``stream`` helper, over the metered :meth:`create`."""
         if self._raw:
             return self._inner.stream(**kwargs)
-        return type(self._inner).stream(cast(Any, self), **kwargs)
+        return _ClosingManager(type(self._inner).stream(cast(Any, self), **kwargs))
 
     @property
     def with_raw_response(self) -> _AsyncEndpoint:
@@ -451,8 +553,10 @@ def wrap_client(
     Args:
         client: The client to wrap; it is not modified and keeps working unmetered.
         meter: The meter that gates and bills.
-        customer_id: Who pays. None: the customer bound by ``meter.customer(...)`` at the
-            time of each request (one wrapped client shared by a server's requests).
+        customer_id: Who pays by default: a LangChain run or a ``meter.customer(...)``
+            block around a request names its own customer first (one wrapped client shared
+            by a server's requests), in the order of
+            :func:`agent_meter.integration.resolve_customer`. None: such a block is needed.
         feature_id: The feature billed ``total_tokens``.
         input_feature_id: With ``output_feature_id``: bill input and output tokens to
             features of their own instead.
@@ -483,12 +587,7 @@ def wrap_client(
         msg = f"wrap_client needs an openai.OpenAI or openai.AsyncOpenAI client, not {client!r}"
         raise TypeError(msg)
     features = TokenFeatures(total=feature_id, input=input_feature_id, output=output_feature_id)
-    for feature in (features.gate_feature, features.output, features.total):
-        if feature is not None:
-            meter.feature_type(feature)
-    if customer_id is None and entity_id is not None:
-        msg = "entity_id needs customer_id (or bind both with meter.customer(...))"
-        raise ConfigError(msg)
-    customer = None if customer_id is None else CustomerRef.of(customer_id, entity_id)
+    check_features(meter, None, *features.billed)  # a split bill never uses the total one
+    customer = default_customer(customer_id, entity_id)
     billing = _Billing(meter, customer, features)
     return cast(ClientT, _Client(client, billing, raw=False, is_async=is_async))

@@ -7,9 +7,14 @@ one ``{"role": "tool"}`` message back per call. :func:`run_tool_calls` (and its 
 - arguments that are not a JSON object, and a function nobody registered, are answered
   before the guard: nothing is checked, nothing billed;
 - a denial (no credit) and a billing service that cannot answer are answered with the
-  reason, so the model can tell the user; nothing is billed;
+  refusal text every adapter uses (:func:`agent_meter.integration.refusal_text`: no
+  customer id, no internal cause), so the model can tell the user; nothing is billed;
 - a function that raises is answered with the error and its reservation refunded;
-- a function that returns is billed; its tracks are keyed by the ``tool_call.id``.
+- a function that returns is billed; its tracks are keyed by the ``tool_call.id``, scoped
+  by ``scope`` (the response id, when the caller passes the completion) and a digest of
+  the arguments (:func:`agent_meter.integration.call_key`): running the same message
+  again is a replay, a retry after a failure is billed, and ``call_0`` of another turn is
+  another call.
 
 Every outcome is a tool message, in the order of the calls, so the conversation always
 stays valid for the next request.
@@ -26,7 +31,15 @@ from typing import Any
 
 from openai.types.chat import ChatCompletionToolMessageParam
 
+from agent_meter.context import CustomerRef
 from agent_meter.errors import BackendError, ConfigError, UsageLimitExceeded
+from agent_meter.integration import (
+    call_key,
+    check_features,
+    default_customer,
+    refusal_text,
+    resolve_customer,
+)
 from agent_meter.meter import GuardedCall, Meter
 from agent_meter.openai.usage import field
 
@@ -53,6 +66,16 @@ class _Invocation:
     function: ToolFunction
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    key: str
+
+
+def _customer(customer_id: str | None, entity_id: str | None) -> CustomerRef:
+    """Who pays: a bound customer or LangChain run first, else ``customer_id``."""
+    from langchain_core.runnables.config import var_child_runnable_config  # noqa: PLC0415
+
+    return resolve_customer(
+        var_child_runnable_config.get(), default=default_customer(customer_id, entity_id)
+    )
 
 
 def _check_wiring(functions: Mapping[str, ToolFunction], features: Mapping[str, str]) -> None:
@@ -64,7 +87,10 @@ def _check_wiring(functions: Mapping[str, ToolFunction], features: Mapping[str, 
 
 
 def _plan(
-    tool_call: object, functions: Mapping[str, ToolFunction], features: Mapping[str, str]
+    tool_call: object,
+    functions: Mapping[str, ToolFunction],
+    features: Mapping[str, str],
+    scope: str | None,
 ) -> _Answer | _Invocation:
     """Decide, without running anything, what one tool call becomes."""
     call_id = field(tool_call, "id")
@@ -83,7 +109,8 @@ def _plan(
         known = ", ".join(sorted(functions)) or "none"
         return _Answer(call_id, f"Error: unknown function {name!r}. Available functions: {known}.")
     if kind == "custom":
-        return _Invocation(call_id, name, features[name], functions[name], (raw or "",), {})
+        key = call_key(call_id, raw or "", scope=scope)
+        return _Invocation(call_id, name, features[name], functions[name], (raw or "",), {}, key)
     try:
         arguments = json.loads(raw or "{}")
     except (TypeError, ValueError) as exc:
@@ -98,15 +125,26 @@ def _plan(
             f"Error: the arguments of {name} must be a JSON object, "
             f"not {type(arguments).__name__}. Call it again with an object.",
         )
-    return _Invocation(call_id, name, features[name], functions[name], (), arguments)
+    key = call_key(call_id, arguments, scope=scope)
+    return _Invocation(call_id, name, features[name], functions[name], (), arguments, key)
 
 
 def _plans(
-    message: object, functions: Mapping[str, ToolFunction], features: Mapping[str, str]
+    message: object,
+    functions: Mapping[str, ToolFunction],
+    features: Mapping[str, str],
+    scope: str | None,
 ) -> list[_Answer | _Invocation]:
     _check_wiring(functions, features)
+    choices = field(message, "choices")
+    if choices:  # a whole completion: its first choice's message, scoped by its id
+        completion_id = field(message, "id")
+        if scope is None and isinstance(completion_id, str):
+            scope = completion_id
+        message = field(choices[0], "message")
     return [
-        _plan(tool_call, functions, features) for tool_call in field(message, "tool_calls") or ()
+        _plan(tool_call, functions, features, scope)
+        for tool_call in field(message, "tool_calls") or ()
     ]
 
 
@@ -124,9 +162,8 @@ def _failure(name: str, exc: Exception) -> str:
     return f"Error: {name} failed: {type(exc).__name__}: {exc}"
 
 
-def _refusal(exc: UsageLimitExceeded | BackendError) -> str:
-    reason = exc.reason if isinstance(exc, UsageLimitExceeded) else str(exc)
-    return f"Error: {reason}"
+def _refusal(exc: UsageLimitExceeded | BackendError, feature_id: str) -> str:
+    return f"Error: {refusal_text(exc, feature_id)}"
 
 
 def _message(call_id: str, content: str) -> ChatCompletionToolMessageParam:
@@ -134,15 +171,18 @@ def _message(call_id: str, content: str) -> ChatCompletionToolMessageParam:
 
 
 def _run(
-    meter: Meter, invocation: _Invocation, customer_id: str, entity_id: str | None
+    meter: Meter, invocation: _Invocation, customer: CustomerRef
 ) -> ChatCompletionToolMessageParam:
     try:
         with meter.guard(
-            customer_id, invocation.feature_id, call_id=invocation.call_id, entity_id=entity_id
+            customer.customer_id,
+            invocation.feature_id,
+            call_id=invocation.key,
+            entity_id=customer.entity_id,
         ) as call:
             content = _invoke(invocation, call)
     except (UsageLimitExceeded, BackendError) as exc:
-        content = _refusal(exc)
+        content = _refusal(exc, invocation.feature_id)
     return _message(invocation.call_id, content)
 
 
@@ -161,15 +201,18 @@ def _invoke(invocation: _Invocation, call: GuardedCall) -> str:
 
 
 async def _arun(
-    meter: Meter, invocation: _Invocation, customer_id: str, entity_id: str | None
+    meter: Meter, invocation: _Invocation, customer: CustomerRef
 ) -> ChatCompletionToolMessageParam:
     try:
         async with meter.aguard(
-            customer_id, invocation.feature_id, call_id=invocation.call_id, entity_id=entity_id
+            customer.customer_id,
+            invocation.feature_id,
+            call_id=invocation.key,
+            entity_id=customer.entity_id,
         ) as call:
             content = await _ainvoke(invocation, call)
     except (UsageLimitExceeded, BackendError) as exc:
-        content = _refusal(exc)
+        content = _refusal(exc, invocation.feature_id)
     return _message(invocation.call_id, content)
 
 
@@ -195,22 +238,30 @@ def run_tool_calls(
     functions: Mapping[str, ToolFunction],
     features: Mapping[str, str],
     *,
-    customer_id: str,
+    customer_id: str | None = None,
     entity_id: str | None = None,
+    scope: str | None = None,
 ) -> list[ChatCompletionToolMessageParam]:
     """Run every tool call of an assistant message under the guard, one after another.
 
     Args:
         meter: The meter that checks and bills.
         message: The assistant message (``completion.choices[0].message``), as a
-            ``ChatCompletionMessage`` or its dict form.
+            ``ChatCompletionMessage`` or its dict form; or the whole completion, whose id
+            then scopes the call keys.
         functions: Function name (as the model calls it) to the Python callable; its
             keyword arguments are the JSON object the model sent. A custom tool's function
             receives the model's text as its one argument.
         features: Function name to the feature billed per call (1 unit); every function
             needs one.
-        customer_id: Who pays (from trusted server-side context, never the model).
+        customer_id: Who pays (from trusted server-side context, never the model); None:
+            the customer of the enclosing ``meter.customer(...)`` block (or LangChain run).
+            A bound customer comes first, this one is the default (see
+            :func:`agent_meter.integration.resolve_customer`).
         entity_id: Sub-scope of the customer.
+        scope: What makes these calls' ids unique, when the server reuses them (the
+            response id, a conversation turn); taken from the completion when it is
+            passed whole.
 
     Returns:
         One ``{"role": "tool", "tool_call_id", "content"}`` message per call, in the order
@@ -227,12 +278,14 @@ def run_tool_calls(
         >>> messages += [message, *run_tool_calls(meter, message, {"search": search},
         ...                                       {"search": "web_search"}, customer_id="cus_1")]
     """
+    check_features(meter, features)
+    customer = _customer(customer_id, entity_id)
     messages: list[ChatCompletionToolMessageParam] = []
-    for plan in _plans(message, functions, features):
+    for plan in _plans(message, functions, features, scope):
         if isinstance(plan, _Answer):
             messages.append(_message(plan.call_id, plan.content))
         else:
-            messages.append(_run(meter, plan, customer_id, entity_id))
+            messages.append(_run(meter, plan, customer))
     return messages
 
 
@@ -242,20 +295,22 @@ async def arun_tool_calls(
     functions: Mapping[str, ToolFunction],
     features: Mapping[str, str],
     *,
-    customer_id: str,
+    customer_id: str | None = None,
     entity_id: str | None = None,
+    scope: str | None = None,
 ) -> list[ChatCompletionToolMessageParam]:
     """Async :func:`run_tool_calls`: parallel calls run concurrently, answers in call order.
 
     Coroutine functions are awaited; plain functions run in a worker thread so that a
     blocking tool does not hold up the others.
     """
+    check_features(meter, features)
+    customer = _customer(customer_id, entity_id)
 
     async def answer(plan: _Answer | _Invocation) -> ChatCompletionToolMessageParam:
         if isinstance(plan, _Answer):
             return _message(plan.call_id, plan.content)
-        return await _arun(meter, plan, customer_id, entity_id)
+        return await _arun(meter, plan, customer)
 
-    return list(
-        await asyncio.gather(*(answer(plan) for plan in _plans(message, functions, features)))
-    )
+    plans = _plans(message, functions, features, scope)
+    return list(await asyncio.gather(*(answer(plan) for plan in plans)))
