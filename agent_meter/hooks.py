@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from agent_meter.engine import MeteredCall, TrackRequest
+from agent_meter.engine import FinalizeRequest, MeteredCall, TrackRequest
 
 __all__ = [
     "Admitted",
@@ -138,11 +138,11 @@ class SetAside:
     """The backend rejected a queued track for good; it is kept aside in the outbox.
 
     Attributes:
-        request: The track.
+        request: The track (or a lock's finalize, strategy ``lock``).
         error: Why the backend rejected it.
     """
 
-    request: TrackRequest
+    request: TrackRequest | FinalizeRequest
     error: str
 
 
