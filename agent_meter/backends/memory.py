@@ -188,8 +188,9 @@ class MemoryBackend:
         send_event: bool,
         *,
         validated: bool = False,
+        key: str | None = None,
     ) -> CheckResult:
-        """A check under the lock; records the reservation it makes."""
+        """A check under the lock; records the reservation it makes (under ``key``)."""
         if validated:  # a hold, built by the meter from a validated call
             charge = ledger.charge_for(self._pricing, customer_id, feature_id, units)
         else:
@@ -219,7 +220,7 @@ class MemoryBackend:
                     charge.value,
                     credits,
                     -credits,
-                    None,
+                    key,
                 )
             )
         return result
@@ -338,7 +339,13 @@ class MemoryBackend:
                     hold.customer_id, charge, stored, now, entity_id=hold.entity_id
                 )
             result = self._check(
-                hold.customer_id, hold.feature_id, hold.units, hold.entity_id, True, validated=True
+                hold.customer_id,
+                hold.feature_id,
+                hold.units,
+                hold.entity_id,
+                True,
+                validated=True,
+                key=hold.key,  # as the SQLite ledger records it
             )
             if result.deducted:
                 self._holds[hold.key] = hold
