@@ -15,10 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from agent_meter.engine import TrackRequest
 from agent_meter.errors import AgentMeterError, BackendUnavailable
-from agent_meter.outbox import Outbox, OutboxEntry
-from agent_meter.results import TrackResult
+from agent_meter.outbox import Outbox, OutboxEntry, Queued
 
 __all__ = ["Deliverer", "backoff_delay"]
 
@@ -36,7 +34,8 @@ class Deliverer:
 
     Args:
         outbox: Where tracks wait.
-        send: Delivers one track (the meter's backend call); raises on failure.
+        send: Delivers one track or lock finalize (the meter's backend call); raises on
+            failure.
         clock: Unix time, for back-off.
         base_delay: First back-off, in seconds.
         max_delay: Longest back-off, in seconds.
@@ -45,7 +44,7 @@ class Deliverer:
     def __init__(
         self,
         outbox: Outbox,
-        send: Callable[[TrackRequest], TrackResult],
+        send: Callable[[Queued], object],
         *,
         clock: Callable[[], float] = time.time,
         base_delay: float = 0.2,
@@ -105,14 +104,20 @@ class Deliverer:
         return True
 
     def drain(self, customer_id: str) -> bool:
-        """Deliver every queued track of ``customer_id`` now, ignoring back-off.
+        """Deliver every track of ``customer_id`` queued so far, now, ignoring back-off.
+
+        Tracks other threads queue meanwhile are delivered too when they are there to be
+        seen, but their arrival is no failure: the backend is only unavailable when a
+        delivery fails (reporting an outage because another call was quicker made
+        healthy backends look down under concurrency).
 
         Returns:
-            True when none is left (the backend has seen all of them).
+            True when the backend has seen every track queued before the call; False only
+            when a delivery failed for want of the backend.
         """
         with self._round_lock:
             entries = self.outbox.due(self._clock(), customer_id=customer_id, limit=10_000)
-            return self.deliver(entries) and not self.outbox.pending(customer_id)
+            return self.deliver(entries)
 
     def run_once(self, *, ignore_backoff: bool = False) -> bool:
         """Deliver what is due; returns False if the backend was unavailable."""

@@ -194,7 +194,10 @@ def run_demo(
                 features={"web_search": "web_search", "run_python": "code_exec"},
             )
         }
-        handler = meter.callback_handler(feature_id="llm_tokens")
+        # Each model call reserves its prompt plus a completion budget before it starts
+        # (the scripted replies write 100 tokens; no max_tokens is set, so the default
+        # budget is given) and is settled to the tokens its reply reports.
+        handler = meter.callback_handler(feature_id="llm_tokens", default_max_tokens=200)
         steps: list[DemoStep] = []
 
         def record(action: str, outcome: str) -> None:

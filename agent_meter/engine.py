@@ -22,6 +22,7 @@ __all__ = [
     "Admission",
     "CheckRequest",
     "FailPolicy",
+    "FinalizeRequest",
     "Hold",
     "MeteredCall",
     "Settlement",
@@ -34,15 +35,17 @@ __all__ = [
     "settlement",
 ]
 
-Strategy = Literal["reserve", "check_then_track"]
+Strategy = Literal["reserve", "check_then_track", "lock"]
 """``reserve``: deduct atomically up front, refund on failure (strict, the default).
-``check_then_track``: check, work, then track on success (Autumn's literal pattern)."""
+``check_then_track``: check, work, then track on success (Autumn's literal pattern).
+``lock``: hold the units under a unique lock id, then confirm them (with the real count)
+or release them exactly (Autumn's lock → finalize; the embedded ledgers do the same)."""
 
 FailPolicy = Literal["deny", "allow"]
 """What a call does when the backend cannot answer its check: refuse it, or run it and
 bill it later."""
 
-STRATEGIES: tuple[str, ...] = ("reserve", "check_then_track")
+STRATEGIES: tuple[str, ...] = ("reserve", "check_then_track", "lock")
 FAIL_POLICIES: tuple[str, ...] = ("deny", "allow")
 
 
@@ -87,6 +90,8 @@ class CheckRequest:
         required_balance: Units the call needs.
         send_event: Deduct atomically when allowed (a reservation).
         entity_id: Sub-scope of the customer, if any.
+        idempotency_key: Names a reservation, for a backend that keys reserving checks
+            (Autumn's ``Idempotency-Key`` header): a lost answer is retried, deducted once.
     """
 
     customer_id: str
@@ -94,6 +99,7 @@ class CheckRequest:
     required_balance: float = 1
     send_event: bool = False
     entity_id: str | None = None
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +124,43 @@ class TrackRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class FinalizeRequest:
+    """Settles a lock (Autumn's ``balances.finalize``): confirm it, or release it.
+
+    Attributes:
+        lock_id: The lock (unique per attempt; a hold's key).
+        customer_id: Who holds it.
+        feature_id: The feature locked.
+        held: Units the lock holds.
+        action: ``confirm`` charges the hold (or ``override_value``); ``release`` gives
+            it back exactly, above the plan's grant too.
+        override_value: The real units to charge on ``confirm``, in the feature's units,
+            when they differ from ``held`` (above or below it).
+        entity_id: Sub-scope of the customer.
+    """
+
+    lock_id: str
+    customer_id: str
+    feature_id: str
+    held: float
+    action: Literal["confirm", "release"]
+    override_value: float | None = None
+    entity_id: str | None = None
+
+    @property
+    def idempotency_key(self) -> str:
+        """The outbox key of this finalize: the lock id (a lock finalizes once)."""
+        return self.lock_id
+
+    @property
+    def value(self) -> float:
+        """Units this finalize leaves charged: 0 on release, else the override or the hold."""
+        if self.action == "release":
+            return 0.0
+        return self.held if self.override_value is None else self.override_value
+
+
+@dataclass(frozen=True, slots=True)
 class Hold:
     """A reservation held by a process until its call is settled.
 
@@ -130,6 +173,8 @@ class Hold:
         refund_key: The idempotency key of the refund, should the call fail or its owner die.
         owner: ``host:pid:start`` of the process that holds it (see :mod:`agent_meter.owner`).
         created_at: Unix time the hold was opened.
+        lock: The hold is a lock (strategy ``lock``): its key is the lock id, and it is
+            settled by finalizing the lock rather than by a refund.
     """
 
     key: str
@@ -140,6 +185,7 @@ class Hold:
     refund_key: str
     owner: str
     created_at: float
+    lock: bool = False
 
     def refund(self) -> TrackRequest:
         """The track that gives this reservation back."""
@@ -147,25 +193,51 @@ class Hold:
             self.customer_id, self.feature_id, -self.units, self.refund_key, self.entity_id
         )
 
+    def finalize(self, *, succeeded: bool, units: float | None = None) -> FinalizeRequest:
+        """The finalize that settles this lock: confirm (``units`` charged) or release."""
+        override = None if units is None or units == self.units else units
+        return FinalizeRequest(
+            self.key,
+            self.customer_id,
+            self.feature_id,
+            self.units,
+            "confirm" if succeeded else "release",
+            override if succeeded else None,
+            self.entity_id,
+        )
 
-def hold_for(call: MeteredCall, owner: str, now: float) -> Hold:
+
+def hold_for(call: MeteredCall, owner: str, now: float, attempt: str | None = None) -> Hold:
     """The hold a reservation of ``call`` opens.
 
-    The hold key names the call, so that a replay of a call that was reserved is
-    recognised. The refund key names this attempt: a call that failed is refunded and may
-    be retried under the same call id, and if the retry fails too its refund must count
-    again, not be taken for a duplicate of the first.
+    The refund key names this attempt: a call that failed is refunded and may be retried
+    under the same call id, and if the retry fails too its refund must count again, not be
+    taken for a duplicate of the first.
+
+    Args:
+        call: The call.
+        owner: The process that holds it.
+        now: Unix time.
+        attempt: Names this admission in the hold key too, for a backend whose keys
+            outlive the call (Autumn keeps a key 24 h, org-wide, and a lock id must never
+            be reused): each admission gets its own reserve key or lock id. None keeps one
+            hold key per call, so that an embedded ledger spots a replayed call.
     """
-    attempt = f"{call.call_id}.r{uuid.uuid4().hex[:12]}"
+    suffix = "" if attempt is None else f".{attempt}"
+    purpose = "lock" if call.strategy == "lock" else "hold"
+    refund_attempt = f"{call.call_id}.r{uuid.uuid4().hex[:12]}"
     return Hold(
-        call.key("hold"),
+        call.key(f"{purpose}{suffix}"),
         call.customer_id,
         call.feature_id,
         call.units,
         call.entity_id,
-        idempotency_key(call.customer_id, call.feature_id, attempt, "refund", call.entity_id),
+        idempotency_key(
+            call.customer_id, call.feature_id, refund_attempt, "refund", call.entity_id
+        ),
         owner,
         now,
+        call.strategy == "lock",
     )
 
 
@@ -190,8 +262,8 @@ class Admission:
 
 
 def admission(call: MeteredCall) -> CheckRequest:
-    """The check that admits ``call``: reserving with ``send_event`` under ``reserve``."""
-    reserve = call.strategy == "reserve" and not call.gate_only and call.units > 0
+    """The check that admits ``call``: reserving (``send_event``) under ``reserve`` and ``lock``."""
+    reserve = call.strategy != "check_then_track" and not call.gate_only and call.units > 0
     return CheckRequest(call.customer_id, call.feature_id, call.units, reserve, call.entity_id)
 
 
@@ -263,10 +335,12 @@ class Settlement:
             failed), or the part of it the call did not use (a negative adjustment).
         tracks: Usage to record: the whole of it, or what the call used beyond the
             estimate.
+        finalize: Settles a lock: confirm (with the real count) or release.
     """
 
     refund: TrackRequest | None = None
     tracks: tuple[TrackRequest, ...] = ()
+    finalize: FinalizeRequest | None = None
 
 
 def settlement(
@@ -281,17 +355,21 @@ def settlement(
     Success keeps what was reserved, tracks it when nothing was (``check_then_track`` or an
     unverified call), and tracks the difference when the real count (``actual_units``)
     differs from the estimate. Failure refunds what was reserved and tracks nothing else.
+    A lock is settled by its finalize instead: confirmed with the real count, or released.
     """
     if call.gate_only or admitted.replay:
         return Settlement()
+    final = call.units if actual_units is None else actual_units
+    hold = admitted.hold
+    if hold is not None and hold.lock:
+        return Settlement(finalize=hold.finalize(succeeded=succeeded, units=final))
     if not succeeded:
         refund = None
-        if admitted.hold is not None:  # under the attempt's refund key (see hold_for)
-            refund = admitted.hold.refund()
+        if hold is not None:  # under the attempt's refund key (see hold_for)
+            refund = hold.refund()
         elif admitted.reserved:
             refund = _track(call, -admitted.reserved, "refund")
         return Settlement(refund=refund)
-    final = call.units if actual_units is None else actual_units
     delta = final - admitted.reserved
     if delta == 0:
         return Settlement()

@@ -14,7 +14,9 @@ The decisions themselves are the pure functions of :mod:`agent_meter.engine`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
@@ -22,16 +24,29 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from agent_meter import engine
-from agent_meter.backends.base import DenialRecorder, FullBackend, ReservingBackend
+from agent_meter.backends.base import (
+    DenialRecorder,
+    FullBackend,
+    KeyedReserves,
+    LockingBackend,
+    ReservingBackend,
+)
 from agent_meter.delivery import Deliverer
-from agent_meter.engine import Admission, CheckRequest, Hold, MeteredCall, TrackRequest
+from agent_meter.engine import (
+    Admission,
+    CheckRequest,
+    FinalizeRequest,
+    Hold,
+    MeteredCall,
+    TrackRequest,
+)
 from agent_meter.errors import (
     AgentMeterError,
     BackendError,
     BackendUnavailable,
     UsageLimitExceeded,
 )
-from agent_meter.outbox import Outbox
+from agent_meter.outbox import Outbox, Queued
 from agent_meter.owner import current_owner, owner_is_alive
 from agent_meter.results import CheckResult, TrackResult
 
@@ -135,8 +150,8 @@ class Recovery:
     pending: int
 
 
-def queued(request: TrackRequest) -> TrackResult:
-    """The answer for a track kept in the outbox."""
+def queued(request: Queued) -> TrackResult:
+    """The answer for a track (or a lock's finalize) kept in the outbox."""
     return TrackResult(
         request.customer_id,
         request.feature_id,
@@ -169,6 +184,8 @@ class Flows:
     ) -> None:
         self.backend = backend
         self.holder = backend if isinstance(backend, ReservingBackend) else None
+        self.locker = backend if isinstance(backend, LockingBackend) else None
+        self.keyed = isinstance(backend, KeyedReserves) and backend.keyed_reserves
         self.denials = backend if isinstance(backend, DenialRecorder) else None
         self.outbox = outbox
         self.deliverer = deliverer
@@ -186,13 +203,12 @@ class Flows:
     def _send(self, request: TrackRequest) -> Effect:
         return remote(self.backend.track, self.backend.atrack, request)
 
-    def queue(
-        self, requests: Sequence[TrackRequest], close_hold: str | None = None
-    ) -> list[TrackResult]:
+    def queue(self, requests: Sequence[Queued], close_hold: str | None = None) -> list[TrackResult]:
         """Keep tracks in the durable outbox and wake the deliverer (blocking)."""
         self.outbox.put(requests, now=time.time(), close_hold=close_hold)
         for request in requests:
-            self._queued_customers.add(request.customer_id)
+            if _raises_balance_view(request):
+                self._queued_customers.add(request.customer_id)
         self.deliverer.wake()
         return [queued(request) for request in requests]
 
@@ -208,6 +224,8 @@ class Flows:
             msg = f"usage of {customer_id!r} queued earlier could not be delivered before the check"
             raise BackendUnavailable(msg)
         self._queued_customers.discard(customer_id)
+        if self.outbox.pending(customer_id):  # another thread queued meanwhile: keep it marked
+            self._queued_customers.add(customer_id)
 
     def _record_denial(self, call: MeteredCall) -> None:
         """Keep the refusal in the ledger for reports; never let that hide the refusal."""
@@ -245,7 +263,7 @@ class Flows:
             if call.customer_id in self._queued_customers:
                 yield local(self.drain_first, call.customer_id)
             if request.send_event:
-                hold = engine.hold_for(call, current_owner(), time.time())
+                hold = self._hold_for(call)
                 result = yield from self._reserve(hold, request)
             else:
                 result = yield self._check(request)
@@ -259,15 +277,44 @@ class Flows:
                 yield local(self._record_denial, call)
             raise
 
+    def _hold_for(self, call: MeteredCall) -> Hold:
+        # An embedded ledger keeps one hold per call (it spots replays); a remote backend
+        # keeps keys and lock ids past the call, so each admission is its own attempt.
+        attempt = None if self.holder is not None else secrets.token_hex(4)
+        return engine.hold_for(call, current_owner(), time.time(), attempt)
+
     def _reserve(self, hold: Hold, request: CheckRequest) -> Flow[CheckResult]:
         if (holder := self.holder) is not None:
+            if hold.lock and (locker := self.locker) is not None:
+                locked: CheckResult = yield remote(locker.lock, locker.alock, hold)
+                return locked
             reserved: CheckResult = yield remote(holder.reserve, holder.areserve, hold)
             return reserved
         # A remote backend: journal the hold before the check, so that a crash between
         # the deduction and the answer is found by recover().
         yield local(self.outbox.open_hold, hold)
         try:
-            result: CheckResult = yield self._check(request)
+            if hold.lock:
+                locker = self.locker
+                if locker is None:  # the meter refuses 'lock' for such a backend
+                    msg = f"strategy 'lock' needs a backend with locks, not {self.backend!r}"
+                    raise BackendError(msg)
+                result: CheckResult = yield remote(locker.lock, locker.alock, hold)
+            else:
+                if self.keyed:  # a reserve whose answer was lost can be retried, once
+                    request = dataclasses.replace(request, idempotency_key=hold.key)
+                result = yield self._check(request)
+        except BackendUnavailable as exc:
+            if hold.lock and exc.maybe_applied:
+                # A lock that may stand is released by id (a release of a lock never
+                # made finds nothing): then nothing stands, and the call may run
+                # unverified like any other. A v1 reserve in doubt cannot be undone.
+                release = hold.finalize(succeeded=False)
+                yield local(self.queue, (release,), hold.key)
+                msg = f"{exc}; its lock is released"
+                raise BackendUnavailable(msg, maybe_applied=False) from exc
+            yield local(self.outbox.close_hold, hold.key)
+            raise
         except BaseException as exc:
             if not isinstance(exc, GeneratorExit):
                 yield local(self.outbox.close_hold, hold.key)
@@ -300,7 +347,9 @@ class Flows:
     ) -> Flow[list[TrackResult]]:
         """Close the call's hold (with its refund) and record its tracks; their answers."""
         hold = admission.hold
-        if hold is not None:
+        if hold is not None and settlement.finalize is not None:
+            yield from self._settle_lock(hold, settlement.finalize)
+        elif hold is not None:
             if (holder := self.holder) is not None:
                 try:
                     yield remote(holder.release, holder.arelease, hold.key, settlement.refund)
@@ -313,6 +362,20 @@ class Flows:
         if settlement.tracks:
             return (yield from self.deliver(settlement.tracks))
         return []
+
+    def _settle_lock(self, hold: Hold, finalize: FinalizeRequest) -> Flow[None]:
+        """Confirm or release a lock: in the ledger's commit (embedded), else via the outbox.
+
+        On Autumn the finalize leaves the caller's path: it waits durably in the outbox,
+        closing the journal's hold in the same commit, and is delivered in the background.
+        """
+        if self.holder is not None and (locker := self.locker) is not None:
+            try:
+                yield remote(locker.finalize, locker.afinalize, finalize)
+            except BackendError:
+                yield local(self.queue, (finalize,))  # the hold stays until it lands
+            return
+        yield local(self.queue, (finalize,), hold.key)
 
     def _release_failed(
         self, hold: Hold, refund: TrackRequest | None, exc: BackendError
@@ -364,7 +427,12 @@ class Flows:
         else:
             journal: list[tuple[Hold, str]] = yield local(_dead_journal, self.outbox)
             for hold, state in journal:
-                if state == "held":
+                if hold.lock:
+                    # a lock is released by id whether or not its answer came back: a
+                    # release of a lock that was never made finds nothing
+                    if (yield local(self._release_dead, hold)):
+                        refunded += 1
+                elif state == "held":
                     if (yield local(self._refund_dead, hold)):
                         refunded += 1
                 elif (yield local(self.outbox.close_hold, hold.key)):
@@ -386,10 +454,27 @@ class Flows:
             return True
         return False
 
+    def _release_dead(self, hold: Hold) -> bool:
+        release = hold.finalize(succeeded=False)
+        return self.outbox.put([release], now=time.time(), close_hold=hold.key)
+
     def _deliver_outbox(self) -> tuple[int, int]:
         before = self.deliverer.delivered
         self.deliverer.run_once(ignore_backoff=True)
         return self.deliverer.delivered - before, self.outbox.pending()
+
+
+def _raises_balance_view(request: Queued) -> bool:
+    """Whether the customer's next check must wait for ``request`` to be delivered.
+
+    A track must be seen by the next check. A lock's confirm of the held amount changes
+    nothing, and a release only gives back: a check that runs first sees less than there
+    is, never more, so neither puts a round trip on the next call's path. A confirm above
+    the hold does charge more, so it is delivered first.
+    """
+    if isinstance(request, FinalizeRequest):
+        return request.value > request.held
+    return True
 
 
 def _dead(holds: Callable[[], list[Hold]]) -> list[Hold]:

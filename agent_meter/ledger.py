@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, replace
 from decimal import ROUND_HALF_EVEN, Decimal
 
+from agent_meter.engine import FinalizeRequest, TrackRequest
 from agent_meter.errors import ConfigError, InvalidUsage
 from agent_meter.pricing import UNLIMITED, FeatureType, Pricing
 from agent_meter.results import CheckResult, TrackResult
@@ -38,6 +39,7 @@ __all__ = [
     "duplicate_track",
     "from_nano",
     "initial_balances",
+    "lock_adjustment",
     "plan_check",
     "plan_track",
     "price_request",
@@ -483,4 +485,23 @@ def duplicate_track(
         )
     return TrackResult(
         customer_id, feature_id, stood, idempotency_key, duplicate=True, uncharged=0.0
+    )
+
+
+def lock_adjustment(request: FinalizeRequest) -> TrackRequest | None:
+    """The track an embedded ledger applies, with closing the hold, to finalize a lock.
+
+    Autumn's semantics (facts 11 and 17 of the cassettes' README): release returns the
+    hold exactly, a confirm with ``override_value`` charges that value instead of the
+    hold (the difference is returned or charged), and neither is capped at the grant.
+    """
+    delta = request.value - request.held
+    if delta == 0:
+        return None
+    return TrackRequest(
+        request.customer_id,
+        request.feature_id,
+        delta,
+        f"{request.lock_id}:{request.action}",
+        request.entity_id,
     )

@@ -21,19 +21,28 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from agent_meter import engine
 from agent_meter.backends.base import (
     CatalogueBackend,
+    DefaultsToLocks,
     FullBackend,
     LedgerFile,
     LocalBackend,
+    LockingBackend,
     RemoteBackend,
 )
 from agent_meter.context import CustomerRef
 from agent_meter.delivery import Deliverer
-from agent_meter.engine import Admission, FailPolicy, MeteredCall, Strategy, TrackRequest
+from agent_meter.engine import (
+    Admission,
+    FailPolicy,
+    FinalizeRequest,
+    MeteredCall,
+    Strategy,
+    TrackRequest,
+)
 from agent_meter.errors import AgentMeterError, ConfigError, InvalidUsage
 from agent_meter.flow import Flows, Recovery, arun, run
 from agent_meter.guard import AsyncGuard, Guard, GuardedCall
 from agent_meter.keys import new_call_id
-from agent_meter.outbox import Outbox
+from agent_meter.outbox import Outbox, Queued
 from agent_meter.owner import owner_is_alive
 from agent_meter.pricing import FeatureType, Pricing
 from agent_meter.results import CheckResult, TrackResult
@@ -110,8 +119,13 @@ class Meter:
     Args:
         backend: Implements :class:`~agent_meter.backends.Backend` and its async twin
             (every backend shipped does).
-        strategy: ``"reserve"`` (deduct atomically up front, refund on failure; no
-            concurrent overspend) or ``"check_then_track"`` (Autumn's literal pattern).
+        strategy: ``"lock"`` (hold the units under a unique lock id, then confirm the
+            real count or release exactly; the default on Autumn), ``"reserve"`` (deduct
+            atomically up front, refund on failure; the default on the embedded ledgers,
+            where it is the same thing in one commit) or ``"check_then_track"`` (Autumn's
+            literal pattern). ``lock`` and ``reserve`` never overspend under concurrency;
+            on Autumn, a ``reserve`` refund is dropped above the plan's grant (Autumn caps
+            negative tracks there) while a lock's release is exact.
         on_backend_error: ``"deny"`` refuses a call whose check the backend cannot answer;
             ``"allow"`` runs it and bills it afterwards.
         pricing: The feature catalogue, when the backend does not carry one; lets the
@@ -138,15 +152,20 @@ class Meter:
         self,
         backend: FullBackend,
         *,
-        strategy: Strategy = "reserve",
+        strategy: Strategy | None = None,
         on_backend_error: FailPolicy = "deny",
         pricing: Pricing | None = None,
         outbox: str | Path | None = None,
         unverified_limit: int = 10,
         recover_on_start: bool = True,
     ) -> None:
+        if strategy is None:
+            strategy = "lock" if isinstance(backend, DefaultsToLocks) else "reserve"
         if strategy not in engine.STRATEGIES:
             msg = f"strategy must be one of {engine.STRATEGIES}, not {strategy!r}"
+            raise ConfigError(msg)
+        if strategy == "lock" and not isinstance(backend, LockingBackend):
+            msg = f"strategy 'lock' needs a backend with locks; {backend!r} has none"
             raise ConfigError(msg)
         if on_backend_error not in engine.FAIL_POLICIES:
             msg = (
@@ -166,7 +185,7 @@ class Meter:
             pricing = backend.pricing
         self.pricing = pricing
         self.outbox = Outbox(outbox if outbox is not None else default_outbox_path(backend))
-        self.deliverer = Deliverer(self.outbox, self._send)
+        self.deliverer = Deliverer(self.outbox, self._deliver_one)
         self._flows = Flows(
             backend,
             self.outbox,
@@ -179,9 +198,24 @@ class Meter:
         if recover_on_start:
             self._recover_in_background()
 
-    def _send(self, request: TrackRequest) -> TrackResult:
+    def _deliver_one(self, request: Queued) -> object:
+        """What the deliverer sends: a track, or a lock's finalize (strategy ``lock``)."""
+        if isinstance(request, FinalizeRequest):
+            return self._finalize(request)
         # looked up on each delivery: the backend's method may be replaced (tests do)
         return self.backend.track(request)
+
+    def _finalize(self, request: FinalizeRequest) -> bool:
+        locker = self.backend
+        if not isinstance(locker, LockingBackend):
+            msg = f"{self.backend!r} has no locks: cannot finalize {request.lock_id!r}"
+            raise ConfigError(msg)
+        done = locker.finalize(request)
+        if not done:
+            # Autumn holds nothing under the id: finalized before (a lost answer), never
+            # made, or expired. A lock finalizes once, so there is nothing left to do.
+            logger.info("agent_meter: lock %s was already settled", request.lock_id)
+        return done
 
     @property
     def unverified_limit(self) -> int:
@@ -264,6 +298,9 @@ class Meter:
         policy = on_backend_error or self.on_backend_error
         if strategy not in engine.STRATEGIES or policy not in engine.FAIL_POLICIES:
             msg = f"unknown strategy {strategy!r} or on_backend_error {policy!r}"
+            raise ConfigError(msg)
+        if strategy == "lock" and not isinstance(self.backend, LockingBackend):
+            msg = f"strategy 'lock' needs a backend with locks; {self.backend!r} has none"
             raise ConfigError(msg)
         return MeteredCall(
             customer_id=customer_id,

@@ -22,10 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent_meter.engine import Hold, TrackRequest
+from agent_meter.engine import FinalizeRequest, Hold, TrackRequest
 from agent_meter.errors import BackendError, BackendUnavailable
 
-__all__ = ["Outbox", "OutboxEntry"]
+__all__ = ["Outbox", "OutboxEntry", "Queued"]
+
+Queued = TrackRequest | FinalizeRequest
+"""What waits in the outbox: a track (usage, refund, adjustment) or a lock's finalize."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tracks (
@@ -39,7 +42,9 @@ CREATE TABLE IF NOT EXISTS tracks (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending',   -- pending | set_aside
-    error TEXT
+    error TEXT,
+    action TEXT,                              -- NULL: a track; confirm | release: a lock
+    held REAL                                 -- a lock's held units
 );
 CREATE INDEX IF NOT EXISTS tracks_due ON tracks (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS tracks_by_customer ON tracks (customer_id, state);
@@ -52,7 +57,8 @@ CREATE TABLE IF NOT EXISTS holds (
     refund_key TEXT NOT NULL,
     owner TEXT NOT NULL,
     created_at REAL NOT NULL,
-    state TEXT NOT NULL                       -- asking (answer unknown) | held
+    state TEXT NOT NULL,                      -- asking (answer unknown) | held
+    lock INTEGER NOT NULL DEFAULT 0           -- 1: a lock, settled by finalize
 );
 """
 
@@ -67,7 +73,7 @@ class OutboxEntry:
         error: Why the last attempt failed (or why it was set aside).
     """
 
-    request: TrackRequest
+    request: Queued
     attempts: int
     error: str | None
 
@@ -94,6 +100,14 @@ class Outbox:
             self._conn.execute("PRAGMA journal_mode = WAL")
             self._conn.execute("PRAGMA synchronous = NORMAL")
             self._conn.executescript(_SCHEMA)
+            for table, column, kind in (
+                ("tracks", "action", "TEXT"),
+                ("tracks", "held", "REAL"),
+                ("holds", "lock", "INTEGER NOT NULL DEFAULT 0"),
+            ):
+                columns = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:  # an outbox written by an older version
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         except sqlite3.Error as exc:
             msg = f"cannot open the outbox {target}: {exc}"
             raise BackendError(msg) from exc
@@ -140,9 +154,7 @@ class Outbox:
 
     # -- tracks ----------------------------------------------------------------------------
 
-    def put(
-        self, requests: Iterable[TrackRequest], *, now: float, close_hold: str | None = None
-    ) -> bool:
+    def put(self, requests: Iterable[Queued], *, now: float, close_hold: str | None = None) -> bool:
         """Queue tracks durably (a key already queued is kept once), closing a hold with them.
 
         Args:
@@ -155,19 +167,7 @@ class Outbox:
         Returns:
             False when ``close_hold`` was already closed (nothing was queued).
         """
-        rows = [
-            (
-                r.idempotency_key,
-                r.customer_id,
-                r.feature_id,
-                r.value,
-                r.entity_id,
-                json.dumps(dict(r.properties), default=str) if r.properties else None,
-                now,
-                now,
-            )
-            for r in requests
-        ]
+        rows = [_row(r, now) for r in requests]
         with self._transaction() as conn:
             if (
                 close_hold is not None
@@ -176,7 +176,7 @@ class Outbox:
                 return False
             conn.executemany(
                 "INSERT INTO tracks (key, customer_id, feature_id, value, entity_id, properties,"
-                " created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " created_at, next_attempt_at, action, held) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (key) DO NOTHING",
                 rows,
             )
@@ -194,7 +194,7 @@ class Outbox:
         if customer_id is None:
             rows = self._query(
                 "SELECT key, customer_id, feature_id, value, entity_id, properties, attempts,"
-                " error FROM tracks WHERE state = 'pending' AND next_attempt_at <= ?1"
+                " error, action, held FROM tracks WHERE state = 'pending' AND next_attempt_at <= ?1"
                 " AND customer_id NOT IN (SELECT customer_id FROM tracks"
                 " WHERE state = 'pending' AND next_attempt_at > ?1)"
                 " ORDER BY created_at, rowid LIMIT ?2",
@@ -203,7 +203,7 @@ class Outbox:
         else:
             rows = self._query(
                 "SELECT key, customer_id, feature_id, value, entity_id, properties, attempts,"
-                " error FROM tracks WHERE state = 'pending' AND customer_id = ?"
+                " error, action, held FROM tracks WHERE state = 'pending' AND customer_id = ?"
                 " ORDER BY created_at, rowid LIMIT ?",
                 (customer_id, limit),
             )
@@ -249,8 +249,8 @@ class Outbox:
     def set_aside_entries(self) -> list[OutboxEntry]:
         """Tracks the backend rejected for good, with their reasons."""
         rows = self._query(
-            "SELECT key, customer_id, feature_id, value, entity_id, properties, attempts, error"
-            " FROM tracks WHERE state = 'set_aside' ORDER BY created_at"
+            "SELECT key, customer_id, feature_id, value, entity_id, properties, attempts, error,"
+            " action, held FROM tracks WHERE state = 'set_aside' ORDER BY created_at"
         )
         return [_entry(row) for row in rows]
 
@@ -260,7 +260,7 @@ class Outbox:
         """Record a hold before its check is sent: its answer is unknown until marked."""
         self._run(
             "INSERT INTO holds (key, customer_id, feature_id, units, entity_id, refund_key,"
-            " owner, created_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'asking')"
+            " owner, created_at, state, lock) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'asking', ?)"
             " ON CONFLICT (key) DO NOTHING",
             (
                 hold.key,
@@ -271,6 +271,7 @@ class Outbox:
                 hold.refund_key,
                 hold.owner,
                 hold.created_at,
+                int(hold.lock),
             ),
         )
 
@@ -286,9 +287,9 @@ class Outbox:
         """Every hold in the journal with its state (``asking`` or ``held``)."""
         rows = self._query(
             "SELECT key, customer_id, feature_id, units, entity_id, refund_key, owner, created_at,"
-            " state FROM holds ORDER BY created_at"
+            " lock, state FROM holds ORDER BY created_at"
         )
-        return [(Hold(*row[:8]), str(row[8])) for row in rows]
+        return [(_hold(row), str(row[9])) for row in rows]
 
     def close(self) -> None:
         """Close the file."""
@@ -296,8 +297,56 @@ class Outbox:
             self._conn.close()
 
 
+def _hold(row: tuple[Any, ...]) -> Hold:
+    key, customer_id, feature_id, units, entity_id, refund_key, owner, created_at = row[:8]
+    return Hold(
+        key, customer_id, feature_id, units, entity_id, refund_key, owner, created_at, bool(row[8])
+    )
+
+
+def _row(request: Queued, now: float) -> tuple[object, ...]:
+    if isinstance(request, FinalizeRequest):
+        return (
+            request.lock_id,
+            request.customer_id,
+            request.feature_id,
+            request.value,
+            request.entity_id,
+            None,
+            now,
+            now,
+            request.action,
+            request.held,
+        )
+    properties = request.properties
+    return (
+        request.idempotency_key,
+        request.customer_id,
+        request.feature_id,
+        request.value,
+        request.entity_id,
+        json.dumps(dict(properties), default=str) if properties else None,
+        now,
+        now,
+        None,
+        None,
+    )
+
+
 def _entry(row: tuple[Any, ...]) -> OutboxEntry:
-    key, customer_id, feature_id, value, entity_id, properties, attempts, error = row
+    key, customer_id, feature_id, value, entity_id, properties, attempts, error = row[:8]
+    action, held = row[8:10]
+    if action is not None:
+        finalize = FinalizeRequest(
+            str(key),
+            str(customer_id),
+            str(feature_id),
+            float(held),
+            "confirm" if action == "confirm" else "release",
+            float(value) if action == "confirm" and float(value) != float(held) else None,
+            None if entity_id is None else str(entity_id),
+        )
+        return OutboxEntry(finalize, int(attempts), None if error is None else str(error))
     request = TrackRequest(
         str(customer_id),
         str(feature_id),

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from agent_meter.estimate import TokenEstimate
-from agent_meter.guard import AsyncGuard, Guard, GuardedCall
+from agent_meter.guard import Guard, GuardedCall
 from agent_meter.tokens import TokenFeatures, TokenUsage
 
 if TYPE_CHECKING:
@@ -94,9 +94,9 @@ class TokenReservation:
     """
 
     __slots__ = (
+        "_guards",
         "_handles",
         "_lock",
-        "_meter",
         "_open",
         "call_id",
         "customer",
@@ -107,21 +107,20 @@ class TokenReservation:
 
     def __init__(
         self,
-        meter: Meter,
+        guards: list[Guard],
         customer: CustomerRef,
         *,
         features: TokenFeatures,
         call_id: str,
         estimate: TokenEstimate,
-        handles: list[GuardedCall],
     ) -> None:
-        self._meter = meter
+        self._guards = guards
         self.customer = customer
         self.features = features
         self.call_id = call_id
         self.estimate = estimate
         self.settlement: TokenSettlement | None = None
-        self._handles = handles
+        self._handles: list[GuardedCall] = [guard.handle for guard in guards]
         self._lock = threading.Lock()
         self._open = True
 
@@ -183,19 +182,17 @@ class TokenReservation:
         return settlement
 
     def _finish(self, usage: TokenUsage | None, reason: str) -> TokenSettlement:
-        meter = self._meter
         try:
-            for handle in self._handles:
-                handle._settled(meter._settle(handle.admission, handle._settlement(None)))  # type: ignore[arg-type]
+            for guard in self._guards:
+                guard.__exit__(None, None, None)  # settles as the handle says: bill or fail
         finally:
             settlement = self._close(usage, reason)
         return settlement
 
     async def _afinish(self, usage: TokenUsage | None, reason: str) -> TokenSettlement:
-        meter = self._meter
         try:
-            for handle in self._handles:
-                handle._settled(await meter._asettle(handle.admission, handle._settlement(None)))  # type: ignore[arg-type]
+            for guard in self._guards:
+                await guard.__aexit__(None, None, None)
         finally:
             settlement = self._close(usage, reason)
         return settlement
@@ -266,10 +263,7 @@ def reserve_tokens(
             guard.handle.fail("refused")
             guard.__exit__(None, None, None)
         raise
-    handles = [guard.handle for guard in guards]
-    return TokenReservation(
-        meter, customer, features=features, call_id=call_id, estimate=estimate, handles=handles
-    )
+    return TokenReservation(guards, customer, features=features, call_id=call_id, estimate=estimate)
 
 
 async def areserve_tokens(
@@ -281,7 +275,7 @@ async def areserve_tokens(
     call_id: str,
 ) -> TokenReservation:
     """Async :func:`reserve_tokens`."""
-    guards: list[AsyncGuard] = []
+    guards: list[Guard] = []
     try:
         for feature, tokens in _parts(features, estimate):
             guard = meter.aguard(
@@ -298,7 +292,4 @@ async def areserve_tokens(
             guard.handle.fail("refused")
             await guard.__aexit__(None, None, None)
         raise
-    handles = [guard.handle for guard in guards]
-    return TokenReservation(
-        meter, customer, features=features, call_id=call_id, estimate=estimate, handles=handles
-    )
+    return TokenReservation(guards, customer, features=features, call_id=call_id, estimate=estimate)

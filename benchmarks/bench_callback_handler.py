@@ -2,8 +2,15 @@
 
 A scripted chat model (no network, so the call itself is LangChain's own overhead, the
 worst case for a ratio) is invoked without callbacks, with a do-nothing handler (what any
-callback costs in LangChain) and with the metering handler (a gate check before the call,
-a track after it). Each figure is the median over rounds of the mean time per call.
+callback costs in LangChain), with the check-only gate (``reserve=False, estimate=1``:
+the handler before reservations, a check before the call and a track after it) and with
+the reserving handler (the default: the prompt plus the completion budget reserved before
+the call, settled to the reported usage after it). The variants run interleaved, round
+after round, so that a slow moment of the machine hits them all; each figure is the
+median over rounds of the mean time per call.
+
+The figure to watch is the reserving handler's overhead (its time minus the bare call's)
+against the check-only gate's, in the same run: the target is at most 1.5x on SQLite.
 
 Run it with::
 
@@ -13,7 +20,6 @@ Run it with::
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
@@ -22,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
@@ -29,9 +37,10 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 
 from agent_meter import Meter, Plan, Pricing, SQLiteBackend
 from agent_meter.testing import MemoryBackend
+from benchmarks._timing import machine
 
 CALLS = 200
-ROUNDS = 7
+ROUNDS = 9
 CUSTOMER = "cus_bench"
 PRICING = Pricing(
     features={"llm_tokens": "metered"},
@@ -60,60 +69,82 @@ class NoOpHandler(BaseCallbackHandler):
     pass
 
 
-def per_call(run: Callable[[], None]) -> float:
-    """Median over ROUNDS of the mean seconds per call."""
-    run()  # warm up: imports, customer creation, connections
-    rounds = []
+def interleaved(variants: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Median over ROUNDS of the mean seconds per call of each variant, run in turns."""
+    for run in variants.values():
+        run()  # warm up: imports, customer creation, connections
+    samples: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(ROUNDS):
-        start = time.perf_counter()
-        for _ in range(CALLS):
-            run()
-        rounds.append((time.perf_counter() - start) / CALLS)
-    return statistics.median(rounds)
+        for name, run in variants.items():
+            start = time.perf_counter()
+            for _ in range(CALLS):
+                run()
+            samples[name].append((time.perf_counter() - start) / CALLS)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def measure(label: str, meter: Meter, set_balance: Callable[[str, str, float], None]) -> None:
+def measure(label: str, meter: Meter, set_balance: Callable[[str, str, float], None]) -> float:
+    """Print one backend's figures; return the reserving/check-only overhead ratio (sync)."""
     set_balance(CUSTOMER, "credits", 1e9)
     model = ScriptedChatModel()
-    handler = meter.callback_handler()
-    metered = {"callbacks": [handler], "metadata": {"customer_id": CUSTOMER}}
-    noop = {"callbacks": [NoOpHandler()], "metadata": {"customer_id": CUSTOMER}}
+    reserving = meter.callback_handler()
+    check_only = meter.callback_handler(reserve=False, estimate=1)
 
-    bare = per_call(lambda: model.invoke("hi"))
-    empty = per_call(lambda: model.invoke("hi", config=noop))
-    sync = per_call(lambda: model.invoke("hi", config=metered))
+    def config(handler: BaseCallbackHandler) -> Any:
+        return {"callbacks": [handler], "metadata": {"customer_id": CUSTOMER}}
 
     loop = asyncio.new_event_loop()
-    abare = per_call(lambda: loop.run_until_complete(model.ainvoke("hi")))
-    ametered = per_call(lambda: loop.run_until_complete(model.ainvoke("hi", config=metered)))
+    figures = interleaved(
+        {
+            "bare": lambda: model.invoke("hi"),
+            "noop": lambda: model.invoke("hi", config=config(NoOpHandler())),
+            "check": lambda: model.invoke("hi", config=config(check_only)),
+            "reserve": lambda: model.invoke("hi", config=config(reserving)),
+            "abare": lambda: loop.run_until_complete(model.ainvoke("hi")),
+            "acheck": lambda: loop.run_until_complete(
+                model.ainvoke("hi", config=config(check_only))
+            ),
+            "areserve": lambda: loop.run_until_complete(
+                model.ainvoke("hi", config=config(reserving))
+            ),
+        }
+    )
     loop.close()
 
+    def line(name: str, base: str, text: str) -> str:
+        value, bare = figures[name], figures[base]
+        return (
+            f"  {text:<32}{value * 1e6:9.1f} us  ({value / bare:.2f}x; "
+            f"+{(value - bare) * 1e6:.1f} us per call)"
+        )
+
+    sync_ratio = (figures["reserve"] - figures["bare"]) / (figures["check"] - figures["bare"])
+    async_ratio = (figures["areserve"] - figures["abare"]) / (figures["acheck"] - figures["abare"])
     print(f"\n{label}")
-    print(f"  invoke, no callbacks       {bare * 1e6:9.1f} us")
-    print(f"  invoke, no-op handler      {empty * 1e6:9.1f} us  ({empty / bare:.2f}x)")
+    print(f"  {'invoke, no callbacks':<32}{figures['bare'] * 1e6:9.1f} us")
+    print(line("noop", "bare", "invoke, no-op handler"))
+    print(line("check", "bare", "invoke, check-only gate"))
+    print(line("reserve", "bare", "invoke, reserving handler"))
+    print(f"  {'ainvoke, no callbacks':<32}{figures['abare'] * 1e6:9.1f} us")
+    print(line("acheck", "abare", "ainvoke, check-only gate"))
+    print(line("areserve", "abare", "ainvoke, reserving handler"))
     print(
-        f"  invoke, metering handler   {sync * 1e6:9.1f} us  ({sync / bare:.2f}x; "
-        f"+{(sync - bare) * 1e6:.1f} us per call)"
+        f"  reserving / check-only overhead: invoke {sync_ratio:.2f}x, ainvoke {async_ratio:.2f}x"
     )
-    print(f"  ainvoke, no callbacks      {abare * 1e6:9.1f} us")
-    print(
-        f"  ainvoke, metering handler  {ametered * 1e6:9.1f} us  ({ametered / abare:.2f}x; "
-        f"+{(ametered - abare) * 1e6:.1f} us per call)"
-    )
-    print(f"  calls seen by the handler  {handler.summary.total.calls}")
+    print(f"  calls seen by the reserving handler: {reserving.summary.total.calls}")
+    return sync_ratio
 
 
 def main() -> None:
-    print(
-        f"python {sys.version.split()[0]}, os.cpu_count()={os.cpu_count()}, "
-        f"{CALLS} calls x {ROUNDS} rounds, medians"
-    )
+    print(f"{machine()}, {CALLS} calls x {ROUNDS} rounds, interleaved, medians")
     memory = MemoryBackend(pricing=PRICING)
     measure("MemoryBackend", Meter(memory), memory.set_balance)
     with tempfile.TemporaryDirectory() as tmp:
         sqlite = SQLiteBackend(Path(tmp) / "bench.db", pricing=PRICING)
-        measure("SQLiteBackend (tmp file)", Meter(sqlite), sqlite.set_balance)
+        ratio = measure("SQLiteBackend (tmp file)", Meter(sqlite), sqlite.set_balance)
         sqlite.close()
+    verdict = "met" if ratio <= 1.5 else "MISSED"
+    print(f"\ntarget: reserving overhead <= 1.5x the check-only gate's on SQLite: {verdict}")
 
 
 if __name__ == "__main__":

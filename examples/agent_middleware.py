@@ -97,7 +97,12 @@ def main() -> None:
         backend = SQLiteBackend(Path(tmp) / "usage.db", pricing=Pricing.from_toml(PRICING))
         meter = Meter(backend)
         # Tool name -> feature; model calls bill their tokens to llm_tokens (the default).
-        middleware = MeteringMiddleware(meter, features={"web_search": "web_search"})
+        # Each model call reserves its prompt's tokens plus its max_tokens before it
+        # starts (this scripted model sets none: 200 are reserved), and is settled to
+        # the tokens it reports when it ends.
+        middleware = MeteringMiddleware(
+            meter, features={"web_search": "web_search"}, default_max_tokens=200
+        )
         agent = create_agent(ScriptedChatModel(), tools=[web_search], middleware=[middleware])
 
         # A customer on the free plan: 100 credits.

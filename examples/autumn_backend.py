@@ -3,6 +3,7 @@
 Run it with a sandbox key:
 
     export AUTUMN_SECRET_KEY=am_sk_test_...
+    export AUTUMN_BASE_URL=http://localhost:8080   # only for a self-hosted server
     python examples/autumn_backend.py
 
 Without a key it prints how to set Autumn up and exits cleanly.
@@ -33,7 +34,7 @@ AUTUMN_SECRET_KEY is not set, so this example has nothing to talk to.
 
 To run it against Autumn:
   1. Sign in at https://app.useautumn.com (or run your own server from
-     github.com/useautumn/autumn and pass base_url=... to AutumnBackend).
+     github.com/useautumn/autumn and export AUTUMN_BASE_URL=<its address>).
   2. In the sandbox, create the features:
        web_search, code_exec, llm_tokens   metered, consumable
        credits                             credit system: web_search = 1,
@@ -58,7 +59,7 @@ def main() -> int:
         return 0
 
     customer = f"cus_example_{uuid.uuid4().hex[:8]}"  # a new customer: 100 credits
-    backend = AutumnBackend(timeout=5.0, max_retries=3)
+    backend = AutumnBackend(timeout=5.0, max_retries=3)  # AUTUMN_SECRET_KEY, AUTUMN_BASE_URL
     with Meter(backend, pricing=PRICING) as meter:
         try:
             meter.verify()  # every feature exists in Autumn, in the right credit system
@@ -72,8 +73,8 @@ def main() -> int:
         before = meter.check(customer, "web_search")
         print(f"{customer}: {before.balance} {before.balance_feature_id} to start")
 
-        # reserve (the default): the credits are deducted atomically before the call,
-        # and refunded if the call fails.
+        # lock (the default on Autumn): the credits are held under a unique lock id before
+        # the call, confirmed when it succeeds and released, exactly, if it fails.
         with meter.guard(customer, "web_search", call_id="search_1"):
             print(search("billing guards for agents"))
 
@@ -81,7 +82,7 @@ def main() -> int:
             with meter.guard(customer, "code_exec", call_id="exec_1"):
                 raise RuntimeError("the sandbox crashed")
         except RuntimeError as exc:
-            print(f"code_exec failed ({exc}): refunded")
+            print(f"code_exec failed ({exc}): released")
 
         # Tokens are tracked in batches, with a key so a retry never bills twice.
         meter.track(customer, "llm_tokens", 1830, idempotency_key="run_1:llm")

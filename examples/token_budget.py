@@ -94,8 +94,8 @@ def main() -> None:
         backend = SQLiteBackend(Path(tmp) / "usage.db", pricing=Pricing.from_toml(PRICING))
         meter = Meter(backend)
         # 2 credits buy 2,000 tokens. The first run uses 1,400 of them; the second is
-        # refused before its first model call: 600 tokens are left, and the handler asks
-        # for credit for 1,000 (gate_estimate) before any call starts.
+        # refused before its first model call: 600 tokens are left, and each model call
+        # reserves 1,000 (estimate) before it starts, settled to its real usage after.
         backend.set_balance("cus_small", "credits", 2)
 
         model = ScriptedChatModel(
@@ -109,7 +109,7 @@ def main() -> None:
             ]
         )
         agent = create_agent(model, tools=[lookup])
-        handler = meter.callback_handler(feature_id="llm_tokens", gate_estimate=1000)
+        handler = meter.callback_handler(feature_id="llm_tokens", estimate=1000)
         config: RunnableConfig = {
             "callbacks": [handler],
             "configurable": {"customer_id": "cus_small"},

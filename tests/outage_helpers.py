@@ -7,10 +7,20 @@ ledger: one credit pool per customer (100 credits granted on first sight), ``web
 one step; a track past the balance is capped at 0; a repeated idempotency key answers 409
 ``duplicate_idempotency_key``; an unknown feature answers 404 ``feature_not_found``.
 
+It also speaks the v2 lock routes as the recorded server does (facts 11 and 13 to 19 of
+the cassettes' README): ``customers.get_or_create``, ``balances.check`` with a ``lock``
+(a lock id is unique: 409 ``lock_already_exists``; a denied lock leaves nothing) and
+``balances.finalize`` (confirm, with ``override_value`` in the feature's units, or an exact
+release; 400 ``Lock not found`` for an id that holds nothing). Any ``/v1`` route honours
+an ``Idempotency-Key`` header (409 on a repeat; a 2xx, a 202 included, keeps the key). A
+refund (negative track) never lifts a balance above the grant, and is answered 200.
+
 It can be switched, while clients run, to refuse connections (its listening socket is
-closed), to answer 503, or to hang (optionally after applying the request, so that the
-answer is what gets lost), and it can add latency to every answer. Every track it receives
-is counted by key, applied or not, so tests can prove "delivered exactly once".
+closed), to answer 503, to hang (optionally after applying the request, so that the
+answer is what gets lost), or to fail open (checks answer ``202 allowed`` with no balance
+and deduct nothing, finalizes answer 202); ``failopen_first`` fails open the first checks
+of every new customer. It can add latency to every answer. Every track it receives is
+counted by key, applied or not, so tests can prove "delivered exactly once".
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ RATES = {"web_search": 1.0, "code_exec": 2.0, "llm_tokens": 0.001}
 GRANT = 100.0
 NANO = 1_000_000_000  # balances are kept in billionths of a credit, like the ledger
 
-Mode = Literal["up", "refuse", "503", "hang"]
+Mode = Literal["up", "refuse", "503", "hang", "failopen"]
 
 
 def pricing() -> Pricing:
@@ -64,6 +74,14 @@ class Stats:
     """Tracks answered 409 duplicate_idempotency_key, by key."""
     refused: int = 0
     """Requests answered 503 or left hanging."""
+    failed_open: int = 0
+    """Checks answered 202 without being evaluated."""
+    locks: int = 0
+    """Locks made (allowed lock checks)."""
+    finalized: Counter[str] = field(default_factory=Counter)
+    """Finalizes that settled a lock, by action."""
+    finalize_log: list[tuple[str, str]] = field(default_factory=list)
+    """(lock id, action) of every finalize that settled a lock, in order."""
 
 
 class AutumnServer:
@@ -79,9 +97,15 @@ class AutumnServer:
         ...     server.set_mode("refuse")      # the outage starts
     """
 
-    def __init__(self, *, latency: float = 0.0, grant: float = GRANT) -> None:
+    def __init__(
+        self, *, latency: float = 0.0, grant: float = GRANT, failopen_first: int = 0
+    ) -> None:
         self.latency = latency
         self.grant = grant
+        self.failopen_first = failopen_first
+        self._checks_seen: Counter[str] = Counter()
+        self._locks: dict[str, tuple[str, int, str]] = {}  # lock id -> (customer, held, feature)
+        self._header_keys: set[str] = set()
         self.stats = Stats()
         self.mode: Mode = "up"
         self.hang_after_apply = False
@@ -175,6 +199,11 @@ class AutumnServer:
     def _customer(self, customer_id: str) -> int:
         return self._balances.setdefault(customer_id, _nano(self.grant))
 
+    def open_locks(self) -> dict[str, float]:
+        """Locks still holding credits, by id."""
+        with self._lock:
+            return {lock_id: entry[1] / NANO for lock_id, entry in self._locks.items()}
+
     # -- requests --------------------------------------------------------------------------
 
     def _handle(self, request: BaseHTTPRequestHandler) -> None:
@@ -183,6 +212,7 @@ class AutumnServer:
         path = request.path.split("?", 1)[0]
         if self.latency:
             time.sleep(self.latency)
+        header_key = request.headers.get("Idempotency-Key")
         with self._lock:
             mode, after_apply = self.mode, self.hang_after_apply
             if path == "/v1/track":
@@ -190,8 +220,15 @@ class AutumnServer:
             if mode == "503" or (mode == "hang" and not after_apply):
                 self.stats.refused += 1
                 status, answer = 503, _error("service_unavailable", "Service unavailable")
+            elif header_key is not None and header_key in self._header_keys:
+                message = f"Another request with idempotency key {header_key} was received"
+                status, answer = 409, _error("duplicate_idempotency_key", message)
             else:
-                status, answer = self._answer(request.command, path, body)
+                status, answer = self._failed_open(mode, path, body) or self._answer(
+                    request.command, path, body
+                )
+                if header_key is not None and (status < 400 or status == 409):
+                    self._header_keys.add(header_key)  # a 2xx, a 202 included, keeps its key
         if mode == "hang":
             # no answer until the mode changes or the server closes; the client times out
             self._release.wait(30)
@@ -207,7 +244,43 @@ class AutumnServer:
         except OSError:
             pass  # the client gave up (a timeout); nothing to tell it
 
+    def _failed_open(
+        self, mode: Mode, path: str, body: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]] | None:
+        """Autumn's 202: the check is not evaluated, nothing is deducted or locked."""
+        if path not in ("/v1/check", "/v1/balances.check", "/v1/balances.finalize"):
+            return None
+        customer_id = str(body.get("customer_id", ""))
+        if path != "/v1/balances.finalize":
+            self._checks_seen[customer_id] += 1
+        first = path != "/v1/balances.finalize" and (
+            self._checks_seen[customer_id] <= self.failopen_first
+        )
+        if mode != "failopen" and not first:
+            return None
+        if path == "/v1/balances.finalize":  # queued for replay by the server: applied later
+            status, done = self._finalize(body)
+            return (202, done) if status == 200 else (status, done)
+        self.stats.failed_open += 1
+        answer: dict[str, Any] = {
+            "allowed": True,
+            "customer_id": customer_id,
+            "required_balance": body.get("required_balance", 1),
+        }
+        if path == "/v1/check":
+            answer |= {"code": "feature_found", "feature_id": body.get("feature_id")}
+        else:
+            answer |= {"balance": None, "flag": None}
+        return 202, answer
+
     def _answer(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if method == "POST" and path == "/v1/balances.check":
+            return self._check_v2(body)
+        if method == "POST" and path == "/v1/balances.finalize":
+            return self._finalize(body)
+        if method == "POST" and path == "/v1/customers.get_or_create":
+            customer_id = str(body["customer_id"])
+            return 200, {"id": customer_id, "balances": {"credits": self._v2_balance(customer_id)}}
         if method == "POST" and path == "/v1/check":
             return self._check(body)
         if method == "POST" and path == "/v1/track":
@@ -264,7 +337,10 @@ class AutumnServer:
         self._keys.add(key)
         cost = _nano(float(body.get("value", 1)) * RATES[feature_id])
         balance = self._customer(customer_id)
-        self._balances[customer_id] = max(0, balance - cost) if cost > 0 else balance - cost
+        if cost > 0:
+            self._balances[customer_id] = max(0, balance - cost)
+        else:  # a refund stops at the grant, and is answered 200 all the same (fact 16)
+            self._balances[customer_id] = balance + min(-cost, max(0, _nano(self.grant) - balance))
         self.stats.tracks_applied[key] += 1
         return 200, {
             "id": "placeholder",
@@ -272,6 +348,64 @@ class AutumnServer:
             "customer_id": customer_id,
             "feature_id": "credits",
         }
+
+    def _v2_balance(self, customer_id: str) -> dict[str, Any]:
+        balance = self._customer(customer_id)
+        return {
+            "feature_id": "credits",
+            "granted": self.grant,
+            "remaining": balance / NANO,
+            "usage": (_nano(self.grant) - balance) / NANO,
+            "unlimited": False,
+            "overage_allowed": False,
+            "max_purchase": None,
+            "next_reset_at": 1798831487482,
+            "breakdown": [],
+        }
+
+    def _check_v2(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        self.stats.checks += 1
+        customer_id, feature_id = str(body["customer_id"]), str(body["feature_id"])
+        if feature_id not in RATES:
+            return 404, _error("feature_not_found", f"Feature {feature_id} not found")
+        if customer_id not in self._balances:  # v2 checks never create customers
+            return 404, _error("customer_not_found", f"Customer {customer_id} not found")
+        required = float(body.get("required_balance", 1))
+        cost = _nano(required * RATES[feature_id])
+        lock = body.get("lock") or {}
+        lock_id = str(lock.get("lock_id", ""))
+        if lock.get("enabled") and lock_id in self._locks:
+            return 409, _error("lock_already_exists", "A lock with this ID already exists")
+        balance = self._customer(customer_id)
+        allowed = balance >= cost
+        if allowed and lock.get("enabled"):
+            self._balances[customer_id] = balance - cost
+            self._locks[lock_id] = (customer_id, cost, feature_id)
+            self.stats.locks += 1
+        return 200, {
+            "allowed": allowed,
+            "customer_id": customer_id,
+            "required_balance": cost / NANO,
+            "balance": self._v2_balance(customer_id),
+            "flag": None,
+        }
+
+    def _finalize(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        lock_id = str(body.get("lock_id"))
+        entry = self._locks.pop(lock_id, None)
+        if entry is None:
+            return 400, _error("invalid_request", f"Lock not found for ID: {lock_id}")
+        customer_id, held, feature_id = entry
+        balance = self._balances[customer_id]
+        if body.get("action") == "release":
+            self._balances[customer_id] = balance + held  # exact, above the grant too
+        elif body.get("override_value") is not None:
+            # override_value is in the locked feature's units (fact 18)
+            cost = _nano(float(body["override_value"]) * RATES[feature_id])
+            self._balances[customer_id] = max(0, balance + held - cost)
+        self.stats.finalized[str(body.get("action"))] += 1
+        self.stats.finalize_log.append((lock_id, str(body.get("action"))))
+        return 200, {"success": True}
 
 
 def _error(code: str, message: str) -> dict[str, str]:

@@ -394,7 +394,7 @@ def test_a_wrong_key_is_a_backend_error_that_never_shows_the_key(caplog):
 
 def test_a_wrong_key_through_the_meter_refuses_the_call_without_the_key():
     with replay().use_cassette("invalid_secret_key.yaml"):
-        meter = Meter(AutumnBackend(SECRET), on_backend_error="allow")
+        meter = Meter(AutumnBackend(SECRET), on_backend_error="allow", strategy="reserve")
         # Even fail-open does not let a wrong key through: it is not an outage.
         with (
             pytest.raises(BackendError, match="refused the check") as info,

@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import httpx
 import pytest
 import requests
 
@@ -29,7 +30,8 @@ from agent_meter import (
     UsageLimitExceeded,
 )
 from agent_meter.backends.autumn import AutumnBackend
-from agent_meter.engine import CheckRequest, TrackRequest
+from agent_meter.engine import CheckRequest, FinalizeRequest, Hold, TrackRequest
+from agent_meter.testing import MemoryBackend
 from tests.autumn_helpers import PRICING, REPLAY_KEY, replay
 
 Step = tuple[Any, ...]
@@ -224,7 +226,8 @@ def _autumn_grant(customer_id: str, feature_id: str) -> None:
 def run_on_autumn(name: str) -> list[Step]:
     with replay().use_cassette(f"{name}.yaml") as cassette:
         backend = AutumnBackend(REPLAY_KEY)
-        run = Run(Meter(backend), _autumn_grant, backend.balances, [])
+        # the v1 cassettes record autumn-py's reserving check: strategy "reserve"
+        run = Run(Meter(backend, strategy="reserve"), _autumn_grant, backend.balances, [])
         SCENARIOS[name](run)
         backend.close()
     assert cassette.all_played, f"{name}: the scenario did not make every recorded call"
@@ -324,7 +327,7 @@ async def test_async_sessions_agree(
 ) -> None:
     autumn_steps: list[Step] = []
     with replay().use_cassette(f"{cassette}.yaml") as recorded:
-        meter = Meter(AutumnBackend(REPLAY_KEY))
+        meter = Meter(AutumnBackend(REPLAY_KEY), strategy="reserve")
         await scenario(meter, autumn_steps)
         await meter.aclose()
     assert recorded.all_played
@@ -334,3 +337,132 @@ async def test_async_sessions_agree(
     await meter.aclose()
     assert autumn_steps[-1][1:3] == (True, 99.0 if cassette == "async_check_track" else 98.0)
     assert sqlite_steps == autumn_steps
+
+
+# -- locks: the embedded ledgers lock and finalize as Autumn does ----------------------------
+#
+# Driven through the LockingBackend protocol (lock(hold), finalize(request)) that the meter's
+# ``lock`` strategy uses, on AutumnBackend replaying a v2 cassette, SQLiteBackend and
+# MemoryBackend. Every step records what the caller sees; all three must agree.
+
+
+class _Locks:
+    """One backend's lock, finalize, plain check and admin balance, as a scenario sees them."""
+
+    def __init__(self, kind: str, tmp_path: Path) -> None:
+        self.kind = kind
+        if kind == "autumn":
+            self.backend: Any = AutumnBackend(REPLAY_KEY, max_retries=0, lock_expiry=None)
+        elif kind == "sqlite":
+            self.backend = SQLiteBackend(tmp_path / "locks.db", pricing=PRICING)
+        else:
+            self.backend = MemoryBackend(pricing=PRICING)
+        self.steps: list[Step] = []
+
+    def lock(self, label: str, lock_id: str, cus: str, feature: str, units: float) -> None:
+        # units as the meter validates them: floats
+        hold = Hold(lock_id, cus, feature, float(units), None, f"{lock_id}:r", "owner", 0.0, True)
+        result = self.backend.lock(hold)
+        self.steps.append((label, result.allowed, _num(result.balance), _num(result.required)))
+
+    def finalize(self, label: str, request: FinalizeRequest) -> None:
+        self.steps.append((label, self.backend.finalize(request)))
+
+    def check(self, label: str, cus: str) -> None:
+        if self.kind == "autumn":
+            result = self.backend.locks.check(cus, "web_search")
+        else:
+            result = self.backend.check(CheckRequest(cus, "web_search"))
+        self.steps.append((label, result.allowed, _num(result.balance), _num(result.required)))
+
+    def set_credits(self, cus: str, credits: float) -> None:
+        if self.kind == "autumn":
+            self.backend.locks.ensure_customer(cus)
+            httpx.post(  # Autumn's admin call, replayed from the cassette
+                "https://api.useautumn.com/v1/balances.update",
+                json={"customer_id": cus, "feature_id": "credits", "remaining": credits},
+                timeout=5,
+            ).raise_for_status()
+        else:
+            self.backend.set_balance(cus, "credits", credits)
+
+
+def _finalize(
+    lock_id: str,
+    cus: str,
+    feature: str,
+    held: float,
+    action: Literal["confirm", "release"],
+    override: float | None = None,
+) -> FinalizeRequest:
+    value = None if override is None else float(override)
+    return FinalizeRequest(lock_id, cus, feature, float(held), action, value)
+
+
+def lock_until_denied(run: _Locks) -> None:
+    cus = "cus_lock_until_denied"
+    for n in range(1, 9):
+        run.lock(f"lock {n}", f"lock_until_denied:{n}", cus, "code_exec", 7)
+    for n in range(1, 9):
+        request = _finalize(f"lock_until_denied:{n}", cus, "code_exec", 7, "release")
+        run.finalize(f"release {n}", request)
+    run.check("after", cus)
+
+
+def lock_override_value(run: _Locks) -> None:
+    cus = "cus_lock_override_value"
+    run.lock("lock 5000 tokens", "lock_override_value:1", cus, "llm_tokens", 5000)
+    request = _finalize("lock_override_value:1", cus, "llm_tokens", 5000, "confirm", 1234)
+    run.finalize("confirm 1234", request)
+    run.check("after", cus)
+
+
+def lock_release_above_grant(run: _Locks) -> None:
+    cus = "cus_lock_release_above_grant"
+    run.set_credits(cus, 150)
+    run.lock("lock a", "lock_release_above_grant:a", cus, "web_search", 5)
+    run.finalize(
+        "release a", _finalize("lock_release_above_grant:a", cus, "web_search", 5, "release")
+    )
+    run.check("after release", cus)
+    run.lock("lock b", "lock_release_above_grant:b", cus, "code_exec", 5)
+    request = _finalize("lock_release_above_grant:b", cus, "code_exec", 5, "confirm", 2)
+    run.finalize("confirm 2 of 5", request)
+    run.check("after confirm", cus)
+
+
+LOCK_SCENARIOS: dict[str, Callable[[_Locks], None]] = {
+    f.__name__: f for f in (lock_until_denied, lock_override_value, lock_release_above_grant)
+}
+
+
+def _lock_steps(kind: str, name: str, tmp_path: Path) -> list[Step]:
+    run = _Locks(kind, tmp_path)
+    if kind == "autumn":
+        with replay(body=True).use_cassette(f"{name}.yaml") as cassette:
+            LOCK_SCENARIOS[name](run)
+        assert cassette.all_played, f"{name}: the scenario did not make every recorded call"
+    else:
+        LOCK_SCENARIOS[name](run)
+    run.backend.close()
+    return run.steps
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+@pytest.mark.parametrize("name", list(LOCK_SCENARIOS))
+def test_embedded_locks_answer_like_autumn(name: str, kind: str, tmp_path: Path) -> None:
+    autumn_steps = _lock_steps("autumn", name, tmp_path)
+    assert _lock_steps(kind, name, tmp_path) == autumn_steps
+
+
+def test_recorded_lock_numbers_come_through():
+    until = dict((s[0], s[1:]) for s in _lock_steps("autumn", "lock_until_denied", Path()))
+    assert until["lock 7"] == (True, 2.0, 14.0)
+    assert until["lock 8"] == (False, 2.0, 14.0)
+    assert until["release 8"] == (False,)  # a denied lock holds nothing
+    assert until["after"] == (True, 100.0, 1.0)
+    override = dict((s[0], s[1:]) for s in _lock_steps("autumn", "lock_override_value", Path()))
+    assert override["after"] == (True, 98.766, 1.0)
+    above = dict((s[0], s[1:]) for s in _lock_steps("autumn", "lock_release_above_grant", Path()))
+    assert above["after release"] == (True, 150.0, 1.0)
+    assert above["after confirm"] == (True, 146.0, 1.0)

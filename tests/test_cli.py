@@ -107,31 +107,32 @@ def test_events_lists_the_ledger_lines_with_their_role(demo_db: Path) -> None:
     result = invoke("--db", str(demo_db), "events", CUSTOMER, "--json")
     assert result.exit_code == 0, result.output
     events = json.loads(result.stdout)
+    llm_call = [("llm_tokens", "reserve"), ("llm_tokens", "adjust")]  # reserved, settled
     assert [(e["feature_id"], e["role"]) for e in events] == [
-        ("llm_tokens", "track"),
+        *llm_call,
         ("web_search", "reserve"),
-        ("llm_tokens", "track"),
+        *llm_call,
         ("code_exec", "reserve"),
         ("code_exec", "refund"),
-        ("llm_tokens", "track"),
+        *llm_call,
         ("code_exec", "reserve"),
-        ("llm_tokens", "track"),
+        *llm_call,
         ("web_search", "denied"),
-        ("llm_tokens", "track"),
+        *llm_call,
     ]
     table = invoke("--db", str(demo_db), "events", CUSTOMER, "--feature", "code_exec")
     assert table.exit_code == 0, table.output
     assert "Events of cus_demo (3)" in table.stdout
     assert "refund" in table.stdout
-    last = invoke("--db", str(demo_db), "events", CUSTOMER, "--limit", "1", "--json")
-    assert [e["value"] for e in json.loads(last.stdout)] == [400]
+    last = invoke("--db", str(demo_db), "events", CUSTOMER, "--limit", "2", "--json")
+    assert sum(e["value"] for e in json.loads(last.stdout)) == 400  # the last LLM call
 
 
 def test_events_since_a_time(demo_db: Path) -> None:
     future = invoke("--db", str(demo_db), "events", CUSTOMER, "--since", "2999-01-01", "--json")
     assert json.loads(future.stdout) == []
     recent = invoke("--db", str(demo_db), "events", CUSTOMER, "--since", "1d", "--json")
-    assert len(json.loads(recent.stdout)) == 10
+    assert len(json.loads(recent.stdout)) == 15
 
 
 def test_events_refuse_a_bad_since_an_unknown_feature_and_customer(demo_db: Path) -> None:

@@ -22,8 +22,12 @@ def test_demo_bills_successes_refunds_failures_and_denies_at_zero(tmp_path: Path
     backend = SQLiteBackend(db)
     # 7 - 3.6 (3,600 tokens) - 1 (one search) - 2 (one code run); the failed run is refunded
     assert backend.balances(CUSTOMER)["credits"] == 0.4
-    tokens = [e for e in backend.events(CUSTOMER) if e.feature_id == "llm_tokens"]
-    assert [e.value for e in tokens] == [1200, 900, 600, 500, 400]
+    # each LLM call: its reservation and its settlement, keyed by the run
+    per_call: dict[str, float] = {}
+    for event in backend.events(CUSTOMER, feature_id="llm_tokens"):
+        call = (event.idempotency_key or "").rsplit(":", 1)[0]
+        per_call[call] = per_call.get(call, 0.0) + event.value
+    assert list(per_call.values()) == [1200, 900, 600, 500, 400]
     # stopped before any usage; the refusal is kept for reports
     assert [e.kind for e in backend.events(BROKE_CUSTOMER)] == ["denied"]
     assert [e.feature_id for e in backend.events(CUSTOMER) if e.kind == "denied"] == ["web_search"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -52,7 +53,14 @@ def meter(backend: MemoryBackend) -> Meter:
 
 
 def tracks(backend: MemoryBackend) -> list[tuple[str, float]]:
-    return [(c.feature_id, c.kwargs["value"]) for c in backend.calls if c.method == "track"]
+    """What stayed billed per LLM call and feature: its reservation with its settlement."""
+    net: dict[tuple[str, str], float] = {}
+    for event in backend.events():
+        if event.kind in ("reserve", "track"):
+            # the hold, adjust and refund keys of one call (a refund names its attempt)
+            call = re.sub(r"\.r[0-9a-f]{12}$", "", (event.idempotency_key or "").rsplit(":", 1)[0])
+            net[call, event.feature_id] = net.get((call, event.feature_id), 0.0) + event.value
+    return [(feature, value) for (_, feature), value in net.items() if value]
 
 
 def run_config(handler: MeteringCallbackHandler, **extra: Any) -> RunnableConfig:
@@ -244,14 +252,14 @@ def test_usage_that_meets_an_outage_waits_and_is_billed_once(meter: Meter, backe
     backend.fail(method="track")
     model = ScriptedChatModel(replies=[reply()])
 
-    model.invoke("hi", config=run_config(meter.callback_handler()))
+    model.invoke("hi", config=run_config(meter.callback_handler(estimate=1000)))
 
+    # the 958 unused tokens of the reservation wait to be given back
     assert meter.outbox.pending(CUSTOMER) == 1
-    assert backend.balances(CUSTOMER)["credits"] == 100
+    assert backend.balances(CUSTOMER)["credits"] == 99
     backend.heal()
     assert meter.flush(timeout=5) == 0
-    billed = [e for e in backend.events(CUSTOMER) if e.kind == "track"]
-    assert [(e.feature_id, e.value) for e in billed] == [("llm_tokens", 42)]
+    assert tracks(backend) == [("llm_tokens", 42)]
     assert backend.balances(CUSTOMER)["credits"] == credits_left(100, 42 * TOKEN_RATE)
 
 
@@ -268,9 +276,9 @@ def test_input_and_output_tokens_go_to_their_own_features(meter: Meter, backend:
     spent = 1000 * INPUT_RATE + 250 * OUTPUT_RATE
     assert backend.balances(CUSTOMER)["credits"] == credits_left(100, spent)
     assert handler.summary.total.credits == float(spent)
-    # The gate asks about the input feature.
+    # Each side is reserved on its own feature before the call.
     checks = [c for c in backend.calls if c.method == "check"]
-    assert [c.feature_id for c in checks] == ["llm_input"]
+    assert [c.feature_id for c in checks] == ["llm_input", "llm_output"]
 
 
 async def test_input_and_output_tokens_split_async(meter: Meter, backend: MemoryBackend):
@@ -368,7 +376,7 @@ def test_the_run_id_keys_the_track_across_handlers(meter: Meter, backend: Memory
         handler = meter.callback_handler(customer_id=CUSTOMER)
         handler.on_llm_end(_result((300, 200)), run_id=run_id)
 
-    assert len(tracks(backend)) == 2  # both reached the backend ...
+    assert len([c for c in backend.calls if c.method == "track"]) == 2  # both reached it ...
     assert backend.balances(CUSTOMER)["credits"] == credits_left(100, 500 * TOKEN_RATE)  # once
 
 
@@ -542,9 +550,9 @@ def test_agent_run_with_configurable_customer(meter: Meter, backend: MemoryBacke
 
 
 async def test_agent_run_stops_when_credit_runs_out_async(meter: Meter, backend: MemoryBackend):
-    backend.set_balance("cus_agent", "credits", 0.02)  # 20 tokens: the first call uses 30
+    backend.set_balance("cus_agent", "credits", 0.05)  # 50 tokens; each call reserves 30
     model = _lookup_then_answer()
-    handler = meter.callback_handler()
+    handler = meter.callback_handler(estimate=30)
 
     with pytest.raises(UsageLimitExceeded):
         await _agent(model).ainvoke(
@@ -553,7 +561,7 @@ async def test_agent_run_stops_when_credit_runs_out_async(meter: Meter, backend:
         )
 
     assert model.calls == 1  # the second call was refused before it started
-    assert backend.balances("cus_agent")["credits"] == 0  # 30 tokens tracked, capped at 0
+    assert backend.balances("cus_agent")["credits"] == 0.02  # the first call's 30 tokens
 
 
 def run_example(name: str) -> subprocess.CompletedProcess[str]:

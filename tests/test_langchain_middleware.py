@@ -167,7 +167,8 @@ def test_denied_tool_becomes_an_error_tool_message(web_search, searches) -> None
     backend.set_balance(CUSTOMER, "credits", 0.5)  # tokens yes, a 1-credit search no
     model = search_then_answer()
 
-    result = agent_for(Meter(backend), model, [web_search]).invoke(
+    # each model call reserves 30 tokens (the scripted model's first reply is that size)
+    result = agent_for(Meter(backend), model, [web_search], estimate=30).invoke(
         {"messages": [("user", "x")]}, config=CONFIG
     )
 

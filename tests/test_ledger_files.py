@@ -264,3 +264,28 @@ def test_two_openers_race_to_create_one_ledger(tmp_path: Path, pricing: Pricing)
     assert len(prices) == 1  # every opener that got in bills by the same pricing
     assert len(opened) + len(errors) == 8
     assert all("bills by a different pricing" in str(error) for error in errors)
+
+
+def test_a_refused_opener_never_removes_a_ledger_another_one_just_created(
+    tmp_path: Path, pricing: Pricing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file did not exist when this opener looked; another one created it meanwhile."""
+    path = tmp_path / "race.db"
+    others: list[SQLiteBackend] = []
+    raced: list[bool] = []
+    original = SQLiteBackend._open
+
+    def another_opener_first(self: SQLiteBackend, given: Pricing | None, **kw: bool) -> Pricing:
+        if not raced:
+            raced.append(True)
+            others.append(SQLiteBackend(path, pricing=pricing))
+        return original(self, given, **kw)
+
+    monkeypatch.setattr(SQLiteBackend, "_open", another_opener_first)
+    with pytest.raises(ConfigError, match="bills by a different pricing"):
+        SQLiteBackend(path, pricing=OTHER)
+    theirs = others[0]
+    theirs.track(TrackRequest("cus_1", "web_search", 2, "k1"))  # their ledger still works
+    assert theirs.balances("cus_1")["credits"] == 98
+    theirs.close()
+    assert SQLiteBackend(path, read_only=True).pricing == pricing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,15 @@ def async_client(api: ScriptedAPI) -> AsyncOpenAI:
     )
 
 
-def tracks(backend: MemoryBackend) -> list[Any]:
-    return [call for call in backend.calls if call.method == "track"]
+def tracks(backend: MemoryBackend) -> list[tuple[str, float]]:
+    """What stayed billed per request and feature: its reservation with its settlement."""
+    net: dict[tuple[str, str], float] = {}
+    for event in backend.events():
+        if event.kind in ("reserve", "track"):
+            # the hold, adjust and refund keys of one call (a refund names its attempt)
+            call = re.sub(r"\.r[0-9a-f]{12}$", "", (event.idempotency_key or "").rsplit(":", 1)[0])
+            net[call, event.feature_id] = net.get((call, event.feature_id), 0.0) + event.value
+    return [(feature, value) for (_, feature), value in net.items() if value]
 
 
 # -- usage readers -------------------------------------------------------------------------
@@ -116,7 +124,9 @@ def test_a_completion_bills_its_total_tokens(meter: Meter, backend: Any) -> None
     assert len(api.requests) == 1
 
 
-def test_the_same_response_id_is_billed_once(meter: Meter, backend: Any) -> None:
+def test_two_requests_answered_with_the_same_id_are_two_calls(meter: Meter, backend: Any) -> None:
+    # Each request holds its own reservation, settled once: a server that reuses response
+    # ids served (and its ledger counts) two calls, so both are billed.
     reply = chat_completion("chatcmpl-same", usage=(500, 500))
     api = ScriptedAPI(json_reply(reply), json_reply(reply))
     client = wrap_client(sync_client(api), meter, customer_id=CUSTOMER)
@@ -125,7 +135,7 @@ def test_the_same_response_id_is_billed_once(meter: Meter, backend: Any) -> None
     client.chat.completions.create(model=MODEL, messages=MESSAGES)
 
     assert len(api.requests) == 2
-    assert credits(backend) == 99
+    assert credits(backend) == 98
 
 
 def test_a_stream_without_include_usage_asks_for_it_and_hides_the_usage_chunk(
@@ -133,11 +143,11 @@ def test_a_stream_without_include_usage_asks_for_it_and_hides_the_usage_chunk(
 ) -> None:
     content, last = chunks("chatcmpl-s1", usage=(900, 100))
     api = ScriptedAPI(sse_reply(sse([*content, last])))
-    client = wrap_client(sync_client(api), meter, customer_id=CUSTOMER)
+    client = wrap_client(sync_client(api), meter, customer_id=CUSTOMER, estimate=1500)
 
     stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
     assert isinstance(stream, Stream)
-    assert credits(backend) == 100  # nothing billed before the usage arrives
+    assert credits(backend) == 98.5  # the estimate is held until the usage arrives
     seen = list(stream)
 
     assert api.bodies[0]["stream_options"] == {"include_usage": True}
@@ -205,10 +215,10 @@ def test_a_stream_closed_before_its_usage_is_billed_once_at_close() -> None:
 
     with client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True) as stream:
         first = next(iter(stream))
-        assert tracks(backend) == []  # nothing yet: the usage comes last
+        assert backend.holds()  # only the reservation yet: the usage comes last
 
     assert first.choices[0].delta.content == "Hel"
-    assert [t.kwargs["value"] for t in tracks(backend)] == [1000]  # billed at exit, once
+    assert tracks(backend) == [("llm_tokens", 1000)]  # billed at exit, once
     stream.close()
     assert len(tracks(backend)) == 1
 
@@ -223,7 +233,9 @@ def test_a_stream_broken_off_before_any_usage_bills_nothing() -> None:
         first = next(iter(stream))
 
     assert first.choices[0].delta.content == "Hel"
-    assert tracks(backend) == []
+    assert tracks(backend) == []  # the reservation was given back when the stream closed
+    assert credits(backend) == 100
+    assert backend.holds() == []
 
 
 def test_a_server_repeating_cumulative_usage_is_billed_its_last_count_once() -> None:
@@ -241,7 +253,7 @@ def test_a_server_repeating_cumulative_usage_is_billed_its_last_count_once() -> 
     )
 
     assert len(seen) == len(content)
-    assert [call.kwargs["value"] for call in tracks(backend)] == [100 + len(content)]
+    assert tracks(backend) == [("llm_tokens", 100 + len(content))]
 
 
 def test_a_customer_without_credit_sends_no_request(meter: Meter, backend: Any) -> None:
@@ -385,7 +397,7 @@ def test_split_input_and_output_features() -> None:
 
     client.chat.completions.create(model=MODEL, messages=MESSAGES)
 
-    assert {(call.feature_id, call.kwargs["value"]) for call in tracks(backend)} == {
+    assert set(tracks(backend)) == {
         ("llm_input_tokens", 1000),
         ("llm_output_tokens", 1000),
     }
@@ -430,8 +442,8 @@ def test_usage_the_backend_cannot_take_now_waits_in_the_outbox_and_is_billed_onc
 
     assert completion.id == "chatcmpl-late"
     assert meter.flush(timeout=5) == 0
-    billed = [e for e in backend.events(CUSTOMER) if e.kind == "track"]
-    assert [(e.feature_id, e.value) for e in billed] == [("llm_tokens", 20)]
+    assert tracks(backend) == [("llm_tokens", 20)]
+    assert credits(backend) == 100 - 0.02
 
 
 # -- async client ------------------------------------------------------------------------
@@ -574,7 +586,7 @@ def test_a_cumulative_stream_left_at_finish_reason_is_billed_at_once() -> None:
     for chunk in stream:
         if chunk.choices[0].finish_reason:
             break  # the stream is left open, and kept alive: no GC can bill it
-    assert [call.kwargs["value"] for call in tracks(backend)] == [100 + len(content)]
+    assert tracks(backend) == [("llm_tokens", 100 + len(content))]
     stream.close()
     assert len(tracks(backend)) == 1
 
@@ -590,7 +602,7 @@ def test_close_bills_a_stream_read_halfway_once() -> None:
     stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
     next(iter(stream))
     stream.close()
-    assert [call.kwargs["value"] for call in tracks(backend)] == [1000]
+    assert tracks(backend) == [("llm_tokens", 1000)]
     stream.close()
     assert len(tracks(backend)) == 1
 
@@ -606,8 +618,8 @@ def test_the_stream_helper_bills_at_exit_when_left_early() -> None:
     with client.chat.completions.stream(model=MODEL, messages=MESSAGES) as stream:
         for _event in stream:
             break
-        assert tracks(backend) == []
-    assert [call.kwargs["value"] for call in tracks(backend)] == [1000]
+        assert backend.holds()  # only the reservation yet
+    assert tracks(backend) == [("llm_tokens", 1000)]
 
 
 async def test_async_close_bills_a_stream_read_halfway_once() -> None:
@@ -621,9 +633,9 @@ async def test_async_close_bills_a_stream_read_halfway_once() -> None:
     stream = await client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
     async for _chunk in stream:
         break
-    assert tracks(backend) == []
+    assert backend.holds()  # only the reservation yet
     await stream.close()
-    assert [call.kwargs["value"] for call in tracks(backend)] == [1000]
+    assert tracks(backend) == [("llm_tokens", 1000)]
 
 
 async def test_async_stream_context_exit_bills_once() -> None:
@@ -639,7 +651,7 @@ async def test_async_stream_context_exit_bills_once() -> None:
     ) as stream:
         async for _chunk in stream:
             break
-    assert [call.kwargs["value"] for call in tracks(backend)] == [1000]
+    assert tracks(backend) == [("llm_tokens", 1000)]
 
 
 def test_split_token_features_need_no_total_feature() -> None:
@@ -661,4 +673,4 @@ def test_split_token_features_need_no_total_feature() -> None:
         output_feature_id="tokens_out",
     )
     client.chat.completions.create(model=MODEL, messages=MESSAGES)
-    assert {call.feature_id for call in tracks(backend)} == {"tokens_in", "tokens_out"}
+    assert {feature for feature, _ in tracks(backend)} == {"tokens_in", "tokens_out"}

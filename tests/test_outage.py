@@ -3,7 +3,9 @@
 Everything runs against :class:`outage_helpers.AutumnServer`, a local server on 127.0.0.1
 that answers like Autumn (v1.2 shapes, pool semantics, 409 on a repeated key) and can be
 switched to refuse connections, answer 503 or hang. The meter talks to it through the real
-:class:`AutumnBackend` with a tiny timeout and back-off.
+:class:`AutumnBackend` with a tiny timeout and back-off. The guarded-call tests run on
+both reserving strategies: ``reserve`` (v1 ``check(send_event=True)``) and ``lock``
+(v2 lock → finalize, the default on Autumn).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pytest
 
 from agent_meter import BackendUnavailable, ConfigError, Meter, UsageLimitExceeded
 from agent_meter.backends.autumn import AutumnBackend
-from agent_meter.engine import FailPolicy
+from agent_meter.engine import FailPolicy, Strategy
 from agent_meter.tokens import TokenFeatures, TokenUsage
 from tests.outage_helpers import SECRET, AutumnServer, Mode, pricing
 
@@ -40,16 +42,32 @@ def server() -> Iterator[AutumnServer]:
         yield running
 
 
+@pytest.fixture(params=["reserve", "lock"])
+def strategy(request: pytest.FixtureRequest) -> Strategy:
+    return request.param  # type: ignore[no-any-return]
+
+
 def make_meter(
-    server: AutumnServer, tmp_path: Path, policy: FailPolicy = "deny", **options: object
+    server: AutumnServer,
+    tmp_path: Path,
+    policy: FailPolicy = "deny",
+    strategy: Strategy = "reserve",
+    **options: object,
 ) -> Meter:
     return Meter(
         autumn(server.url),
         pricing=pricing(),
         outbox=tmp_path / "outbox.db",
         on_backend_error=policy,
+        strategy=strategy,
         **options,  # type: ignore[arg-type]
     )
+
+
+def settled(meter: Meter, server: AutumnServer) -> None:
+    """Deliver what the meter queued and check that no lock is left holding credits."""
+    assert meter.flush(timeout=10) == 0
+    assert server.open_locks() == {}
 
 
 def run_guarded(meter: Meter, customer: str, call_id: str) -> str:
@@ -67,9 +85,9 @@ async def arun_guarded(meter: Meter, customer: str, call_id: str) -> str:
 
 @pytest.mark.parametrize("mode", OUTAGES)
 def test_deny_refuses_within_the_timeout_and_says_billing_is_unreachable(
-    server: AutumnServer, tmp_path: Path, mode: Mode
+    server: AutumnServer, tmp_path: Path, mode: Mode, strategy: Strategy
 ) -> None:
-    meter = make_meter(server, tmp_path, "deny")
+    meter = make_meter(server, tmp_path, "deny", strategy)
     assert run_guarded(meter, "cus_d", "before") == "ran"
     server.set_mode(mode)
     ran = []
@@ -82,25 +100,31 @@ def test_deny_refuses_within_the_timeout_and_says_billing_is_unreachable(
     message = str(info.value)
     assert "billing service is unreachable" in message
     assert "credits left" not in message
-    # a deducting check is not retried after a timeout: one timeout, plus a little slack
-    assert elapsed < 2 * TIMEOUT + 0.5, elapsed
+    # an unkeyed deducting check is not retried after a timeout: one timeout, plus a
+    # little slack; a lock is retried under its own id (max_retries=1): two
+    tries = 2 if strategy == "lock" else 1
+    assert elapsed < (tries + 1) * TIMEOUT + 0.5, elapsed
     server.set_mode("up")
+    settled(meter, server)
     assert server.balance("cus_d") == 99  # the refused call cost nothing
     meter.close(timeout=2)
 
 
 @pytest.mark.parametrize("mode", OUTAGES)
 async def test_deny_refuses_within_the_timeout_and_says_billing_is_unreachable_async(
-    server: AutumnServer, tmp_path: Path, mode: Mode
+    server: AutumnServer, tmp_path: Path, mode: Mode, strategy: Strategy
 ) -> None:
-    meter = make_meter(server, tmp_path, "deny")
+    meter = make_meter(server, tmp_path, "deny", strategy)
     assert await arun_guarded(meter, "cus_d", "before") == "ran"
     server.set_mode(mode)
     start = time.perf_counter()
     with pytest.raises(BackendUnavailable, match="billing service is unreachable"):
         await arun_guarded(meter, "cus_d", "during")
-    assert time.perf_counter() - start < 2 * TIMEOUT + 0.5
+    tries = 2 if strategy == "lock" else 1
+    assert time.perf_counter() - start < (tries + 1) * TIMEOUT + 0.5
     server.set_mode("up")
+    await meter.aflush(timeout=10)
+    assert server.open_locks() == {}
     assert server.balance("cus_d") == 99
     await meter.aclose(timeout=2)
 
@@ -110,10 +134,11 @@ async def test_deny_refuses_within_the_timeout_and_says_billing_is_unreachable_a
 
 @pytest.mark.parametrize("mode", ["refuse", "503"])
 def test_allow_runs_calls_and_delivers_each_track_once_after_the_outage(
-    server: AutumnServer, tmp_path: Path, mode: Mode
+    server: AutumnServer, tmp_path: Path, mode: Mode, strategy: Strategy
 ) -> None:
-    meter = make_meter(server, tmp_path, "allow")
+    meter = make_meter(server, tmp_path, "allow", strategy)
     assert run_guarded(meter, "cus_a", "up-1") == "ran"
+    assert meter.flush(timeout=5) == 0  # the lock's confirm, if any, is delivered
     server.set_mode(mode)
     ids = [f"down-{n}" for n in range(4)]
     assert [run_guarded(meter, "cus_a", call_id) for call_id in ids] == ["ran"] * 4
@@ -124,6 +149,7 @@ def test_allow_runs_calls_and_delivers_each_track_once_after_the_outage(
     assert all(server.stats.tracks_applied[key] == 1 for key in keys), server.stats
     assert sum(server.stats.tracks_applied.values()) == 4  # the reserved call needed no track
     assert server.balance("cus_a") == 95
+    assert server.open_locks() == {}
     meter.close(timeout=2)
 
 
@@ -141,6 +167,40 @@ def test_allow_never_runs_a_call_whose_reserving_check_may_have_landed(
     meter.close(timeout=2)
 
 
+def test_allow_runs_a_call_whose_lock_may_have_landed_once_its_release_is_queued(
+    server: AutumnServer, tmp_path: Path
+) -> None:
+    """A lock is released by id whether or not it was made: nothing can stand, so the
+    call runs unverified and is billed by a track, once."""
+    meter = make_meter(server, tmp_path, "allow", "lock")
+    assert run_guarded(meter, "cus_h", "before") == "ran"  # the customer exists
+    assert meter.flush(timeout=5) == 0
+    server.set_mode("hang", after_apply=True)  # the lock is made, its answer lost
+    assert run_guarded(meter, "cus_h", "lost-1") == "ran"
+    server.set_mode("up")
+    settled(meter, server)
+    assert server.stats.finalized["release"] == 1
+    assert server.balance("cus_h") == 98  # the lock given back, the call tracked once
+    assert sum(server.stats.tracks_applied.values()) == 1
+    meter.close(timeout=2)
+
+
+def test_deny_refuses_a_hung_lock_and_never_bills_it_when_the_server_returns(
+    server: AutumnServer, tmp_path: Path
+) -> None:
+    """Issue 13, point 6: a reserve that timed out was applied when the server came back,
+    so a refused call was billed. A lock in doubt is released by id."""
+    meter = make_meter(server, tmp_path, "deny", "lock")
+    assert run_guarded(meter, "cus_h6", "before") == "ran"
+    server.set_mode("hang", after_apply=True)
+    with pytest.raises(BackendUnavailable, match="billing service is unreachable"):
+        run_guarded(meter, "cus_h6", "refused")
+    server.set_mode("up")
+    settled(meter, server)
+    assert server.balance("cus_h6") == 99  # only the call that ran is billed
+    meter.close(timeout=2)
+
+
 async def test_allow_runs_calls_and_delivers_each_track_once_after_the_outage_async(
     server: AutumnServer, tmp_path: Path
 ) -> None:
@@ -155,8 +215,10 @@ async def test_allow_runs_calls_and_delivers_each_track_once_after_the_outage_as
     await meter.aclose(timeout=2)
 
 
-def test_a_failed_call_during_an_outage_is_not_billed(server: AutumnServer, tmp_path: Path) -> None:
-    meter = make_meter(server, tmp_path, "allow")
+def test_a_failed_call_during_an_outage_is_not_billed(
+    server: AutumnServer, tmp_path: Path, strategy: Strategy
+) -> None:
+    meter = make_meter(server, tmp_path, "allow", strategy)
     server.set_mode("refuse")
     with pytest.raises(RuntimeError), meter.guard("cus_f", "code_exec", call_id="boom"):
         raise RuntimeError("tool failed")
@@ -207,8 +269,10 @@ def test_a_plain_track_during_an_outage_is_queued_then_delivered_once(
 # -- the per-customer cap on unverified calls ------------------------------------------------
 
 
-def test_the_unverified_cap_stops_calls_per_customer(server: AutumnServer, tmp_path: Path) -> None:
-    meter = make_meter(server, tmp_path, "allow", unverified_limit=3)
+def test_the_unverified_cap_stops_calls_per_customer(
+    server: AutumnServer, tmp_path: Path, strategy: Strategy
+) -> None:
+    meter = make_meter(server, tmp_path, "allow", strategy, unverified_limit=3)
     server.set_mode("refuse")
     for n in range(3):
         assert run_guarded(meter, "cus_cap", f"c{n}") == "ran"
@@ -218,7 +282,7 @@ def test_the_unverified_cap_stops_calls_per_customer(server: AutumnServer, tmp_p
     # another customer has a cap of its own
     assert run_guarded(meter, "cus_other", "o1") == "ran"
     server.set_mode("up")
-    assert meter.flush(timeout=10) == 0
+    settled(meter, server)
     assert server.balance("cus_cap") == 97  # three ran, the fourth was refused and is free
     # a verified call resets the count: the next outage has the full cap again
     assert run_guarded(meter, "cus_cap", "verified") == "ran"
@@ -231,9 +295,9 @@ def test_the_unverified_cap_stops_calls_per_customer(server: AutumnServer, tmp_p
 
 
 async def test_the_unverified_cap_stops_calls_per_customer_async(
-    server: AutumnServer, tmp_path: Path
+    server: AutumnServer, tmp_path: Path, strategy: Strategy
 ) -> None:
-    meter = make_meter(server, tmp_path, "allow", unverified_limit=2)
+    meter = make_meter(server, tmp_path, "allow", strategy, unverified_limit=2)
     server.set_mode("503")
     assert await arun_guarded(meter, "cus_cap", "a0") == "ran"
     assert await arun_guarded(meter, "cus_cap", "a1") == "ran"

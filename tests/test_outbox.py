@@ -22,7 +22,7 @@ from agent_meter import (
 from agent_meter.delivery import Deliverer, backoff_delay
 from agent_meter.engine import Hold, TrackRequest
 from agent_meter.meter import default_outbox_path
-from agent_meter.outbox import Outbox
+from agent_meter.outbox import Outbox, Queued
 from agent_meter.results import TrackResult
 from agent_meter.testing import MemoryBackend
 
@@ -41,7 +41,7 @@ class FlakySend:
         self.sent: list[str] = []
         self.attempts = 0
 
-    def __call__(self, track: TrackRequest) -> TrackResult:
+    def __call__(self, track: Queued) -> TrackResult:
         self.attempts += 1
         if self.failures:
             raise self.failures.pop(0)

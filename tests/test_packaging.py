@@ -37,6 +37,7 @@ NEEDS = {
     "agent_meter.demo": "langchain",
     "agent_meter.openai": "openai",
     "agent_meter.backends.autumn": "autumn",
+    "agent_meter.backends.autumn_locks": "autumn",
     "agent_meter.mcp": "mcp",
     "agent_meter.otel": "otel",
 }

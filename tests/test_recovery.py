@@ -50,7 +50,8 @@ LOOP_CHILD = textwrap.dedent(
         meter = Meter(SQLiteBackend(target))      # recovers earlier children on start
     else:
         backend = AutumnBackend(SECRET, base_url=target, timeout=2, max_retries=0)
-        meter = Meter(backend, pricing=pricing(), outbox=outbox)
+        strategy = "lock" if kind == "autumn-lock" else "reserve"
+        meter = Meter(backend, pricing=pricing(), outbox=outbox, strategy=strategy)
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     n = 0
     while True:
@@ -84,7 +85,9 @@ HOLDING_CHILD = textwrap.dedent(
         meter = Meter(SQLiteBackend(target), recover_on_start=False)
     else:
         backend = AutumnBackend(SECRET, base_url=target, timeout=2, max_retries=0)
-        meter = Meter(backend, pricing=pricing(), outbox=outbox, recover_on_start=False)
+        meter = Meter(
+            backend, pricing=pricing(), outbox=outbox, recover_on_start=False, strategy="reserve"
+        )
     with meter.guard("cus_crash", "code_exec", call_id=call_id):
         print("holding", flush=True)
         sys.stdin.readline()
@@ -205,7 +208,9 @@ def test_sigkill_at_random_moments_conserves_credits_on_autumn(tmp_path: Path) -
         kill_repeatedly("autumn", server.url, outbox, log, kills, seed=7)
 
         backend = AutumnBackend(SECRET, base_url=server.url, timeout=2, max_retries=1)
-        meter = Meter(backend, pricing=pricing(), outbox=outbox, recover_on_start=False)
+        meter = Meter(
+            backend, pricing=pricing(), outbox=outbox, recover_on_start=False, strategy="reserve"
+        )
         report = meter.recover()
         assert report.refunded + report.uncertain <= kills
         assert meter.outbox.holds() == []
@@ -223,6 +228,47 @@ def test_sigkill_at_random_moments_conserves_credits_on_autumn(tmp_path: Path) -
     assert failed <= refunded  # every failed call was refunded (some by a later process)
     assert not succeeded & refunded
     assert len(refunded - failed) <= kills  # refunds of calls cut by a kill
+    assert len(succeeded) <= spent <= len(succeeded) + kills
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_conserves_credits_on_autumn_locks(tmp_path: Path) -> None:
+    """The same on the lock strategy: finalizes queued, dead processes' locks released."""
+    outbox, log = tmp_path / "outbox.db", tmp_path / "calls.log"
+    kills = 15
+    with AutumnServer() as server:
+        server.set_balance(CUSTOMER, START_CREDITS)
+
+        kill_repeatedly("autumn-lock", server.url, outbox, log, kills, seed=8)
+
+        backend = AutumnBackend(SECRET, base_url=server.url, timeout=2, max_retries=1)
+        meter = Meter(
+            backend, pricing=pricing(), outbox=outbox, recover_on_start=False, strategy="lock"
+        )
+        report = meter.recover()
+        assert report.refunded <= kills  # locks of killed calls, released by id
+        assert meter.outbox.holds() == []
+        assert meter.flush(timeout=10) == 0
+        assert server.open_locks() == {}  # no lock is left holding credits
+        assert meter.recover().refunded == 0  # a second recovery finds nothing
+        spent = START_CREDITS - server.balance(CUSTOMER)
+        finalized = list(server.stats.finalize_log)
+        tracks = dict(server.stats.tracks_applied)
+        meter.close(timeout=2)
+
+    succeeded, failed = completed_calls(log)
+    assert len(succeeded) > kills
+    assert failed
+    assert not tracks  # a lock needs no track and no refund
+    lock_ids = [lock_id for lock_id, _ in finalized]
+    assert len(lock_ids) == len(set(lock_ids))  # each lock finalized once
+    confirmed = {call_of(lock_id)[0] for lock_id, action in finalized if action == "confirm"}
+    released = {call_of(lock_id)[0] for lock_id, action in finalized if action == "release"}
+    assert succeeded <= confirmed  # every call seen to succeed is billed, once
+    assert failed <= released  # every failed call was given back exactly
+    assert not succeeded & released
+    assert len(confirmed - succeeded) <= kills  # a kill leaves at most one unseen call billed
+    assert spent == len(confirmed)
     assert len(succeeded) <= spent <= len(succeeded) + kills
 
 

@@ -24,9 +24,21 @@ adds what autumn-py lacks:
 
   Tracks always carry an idempotency key, so a retry of a track that did land answers
   409 ``duplicate_idempotency_key``, which is success. A check with ``send_event=True``
-  deducts and is *not* keyed in Autumn v1.2: after a timeout or a 5xx other than 503 the
-  first attempt may have deducted, and a retry would deduct again. Such a check fails
-  with :class:`BackendUnavailable` instead, and the meter's fail policy decides.
+  deducts; given an ``idempotency_key`` it is sent with Autumn's ``Idempotency-Key``
+  header (honoured by every ``/v1`` route, fact 15 of the cassettes' README) and is then
+  retried like a track: a retry of a reserve that landed answers 409 and deducts nothing
+  more. A 409 on a keyed reserve only says the key was *received* (a fail-open answer
+  keeps its key too), so it leaves the reserve in doubt (``maybe_applied``). An unkeyed
+  reserve is not retried after failures where it may have reached Autumn.
+- **Fail-open answers are not answers.** When Autumn cannot evaluate a check in time it
+  answers ``202 {"allowed": true}`` with no balance and deducts nothing, even with
+  ``send_event=true`` (fact 13). A check answered that way raises
+  :class:`BackendUnavailable` (never a reservation, so it is never refunded); a keyed
+  reserve first retries with a fresh key, since the 202 used its key up.
+- **Refunds stop at the grant.** Autumn never lifts a balance above the plan's grant
+  with a negative track and still answers 200 (fact 16): a refund to a customer whose
+  last seen balance was above its grant is logged. Use the ``lock`` strategy
+  (:mod:`agent_meter.backends.autumn_locks`), whose releases are exact.
 - **One error tree.** Every failure becomes an :class:`~agent_meter.errors.AgentMeterError`
   here, chained with ``from``: 401 → :class:`BackendError` (the server's message echoes
   the key's prefix, so it is never passed on), 404 ``feature_not_found`` →
@@ -56,7 +68,9 @@ from urllib.parse import quote
 
 from agent_meter.extras import require
 
-require("autumn", "autumn", "aiohttp", "requests", integration="agent_meter.backends.autumn")
+require(
+    "autumn", "autumn", "aiohttp", "requests", "httpx", integration="agent_meter.backends.autumn"
+)
 
 import aiohttp
 import autumn
@@ -68,7 +82,8 @@ from autumn.http import _RetryRequestError
 from pydantic import BaseModel, ConfigDict
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
-from agent_meter.engine import CheckRequest, TrackRequest
+from agent_meter.backends.autumn_locks import DEFAULT_API_VERSION, MAX_LOCK_SECONDS, LockClient
+from agent_meter.engine import CheckRequest, FinalizeRequest, Hold, TrackRequest
 from agent_meter.errors import (
     BackendError,
     BackendUnavailable,
@@ -89,6 +104,7 @@ __all__ = ["AutumnBackend"]
 logger = logging.getLogger("agent_meter.autumn")
 
 KEY_ENV = "AUTUMN_SECRET_KEY"
+URL_ENV = "AUTUMN_BASE_URL"
 _SETUP = (
     "pass AutumnBackend(secret_key=...) or set the AUTUMN_SECRET_KEY environment variable "
     "(create a secret key in the Autumn dashboard under Developer > API keys)"
@@ -152,6 +168,33 @@ async def _record_status(
         exchange.status = params.response.status
 
 
+class _KeyHeader(requests.auth.AuthBase):
+    """Adds ``Idempotency-Key`` to one request.
+
+    autumn-py takes no per-request headers, but its ``**kwargs`` reach requests, whose
+    ``auth=`` may edit the prepared request (the cassettes' recorders' notes).
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Idempotency-Key"] = self.key
+        return request
+
+
+def _key_middleware(key: str) -> Any:
+    """The aiohttp twin of :class:`_KeyHeader`: a per-request client middleware."""
+
+    async def add_key(
+        request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        request.headers["Idempotency-Key"] = key
+        return await handler(request)
+
+    return add_key
+
+
 @dataclass(frozen=True, slots=True)
 class _Call:
     """One request to Autumn, and what a retry of it would risk."""
@@ -162,7 +205,8 @@ class _Call:
     body: dict[str, Any] | None
     customer_id: str = ""
     feature_id: str = ""
-    deducts: bool = False  # an unkeyed check that deducts: retried only when surely unsent
+    deducts: bool = False  # a check that deducts: unkeyed, retried only when surely unsent
+    key: str | None = None  # the Idempotency-Key header of a keyed reserve
 
     def describe(self) -> str:
         if self.op == "catalogue":
@@ -189,6 +233,30 @@ class _Failure:
     cause: BaseException | None = None
 
 
+_FAILED_OPEN = _Failure("failopen", 202, transient=True, unsent=True)
+"""Autumn answered ``202 allowed`` without evaluating the check: it deducted nothing."""
+
+
+def _failed_open(call: _Call, status: int | None, raw: Mapping[str, Any]) -> bool:
+    """Whether a check's answer is Autumn's fail-open 202 rather than a decision.
+
+    The status is the sure sign; where a transport hides it, the v1.2 shape is: a metered
+    feature answered ``allowed`` with no ``balance`` (a granted boolean reads balance 0).
+    """
+    if call.op != "check":
+        return False
+    if status == 202:
+        return True
+    return raw.get("allowed") is True and "balance" not in raw and raw.get("unlimited") is not True
+
+
+def _next_key(call: _Call, key: str | None, failure: _Failure, attempt: int) -> str | None:
+    """The key of the next attempt: the same, except after a 202, which used it up."""
+    if key is None or call.key is None or failure.kind != "failopen":
+        return key
+    return f"{call.key}:fo{attempt + 1}"
+
+
 class AutumnBackend:
     """Autumn (https://useautumn.com) as the billing backend, through autumn-py.
 
@@ -197,8 +265,8 @@ class AutumnBackend:
 
     Args:
         secret_key: Autumn secret key; defaults to ``AUTUMN_SECRET_KEY``. Never printed.
-        base_url: The Autumn server (a self-hosted one); defaults to autumn-py's
-            ``https://api.useautumn.com``.
+        base_url: The Autumn server (a self-hosted one); defaults to ``AUTUMN_BASE_URL``,
+            else autumn-py's ``https://api.useautumn.com``.
         timeout: Seconds each attempt may take, on both transports.
         max_retries: Retries after the first attempt for failures that a retry may cure
             (5xx, 429, timeouts, connection errors); see the module docstring for which
@@ -206,6 +274,10 @@ class AutumnBackend:
         backoff: Base delay in seconds: attempt ``n`` waits about ``backoff * 2**n``
             (with jitter, at most ``max_backoff``).
         max_backoff: The longest wait between two attempts.
+        api_version: The Autumn API version of the v2 lock routes (strategy ``lock``).
+        lock_expiry: Seconds after which Autumn releases a lock its process never
+            finalized (a safety net; ``meter.recover()`` releases dead processes' locks
+            first). At most one day, Autumn's limit; None sets no expiry.
 
     Raises:
         ConfigError: No key was given or found, or an option is out of range.
@@ -217,6 +289,8 @@ class AutumnBackend:
     """
 
     service_name = "Autumn"
+    keyed_reserves = True
+    locks_by_default = True
 
     def __init__(
         self,
@@ -227,6 +301,8 @@ class AutumnBackend:
         *,
         backoff: float = 0.25,
         max_backoff: float = 8.0,
+        api_version: str = DEFAULT_API_VERSION,
+        lock_expiry: float | None = 3600.0,
     ) -> None:
         key = secret_key if secret_key is not None else os.environ.get(KEY_ENV)
         if not key or not key.strip():
@@ -241,8 +317,14 @@ class AutumnBackend:
         if backoff < 0 or max_backoff < 0:
             msg = "AutumnBackend backoff and max_backoff must not be negative"
             raise ConfigError(msg)
+        if lock_expiry is not None and not 0 < lock_expiry <= MAX_LOCK_SECONDS - 60:
+            msg = (
+                f"AutumnBackend lock_expiry must be between 0 and {MAX_LOCK_SECONDS - 60:.0f} "
+                f"seconds (Autumn refuses more than one day ahead), not {lock_expiry!r}"
+            )
+            raise ConfigError(msg)
         self._key = _SecretKey(key.strip())
-        self.base_url = (base_url or autumn.BASE_URL).rstrip("/")
+        self.base_url = (base_url or os.environ.get(URL_ENV) or autumn.BASE_URL).rstrip("/")
         self.timeout = float(timeout)
         self.max_retries = max_retries
         self.backoff = float(backoff)
@@ -252,6 +334,21 @@ class AutumnBackend:
         self._async: AsyncClient | None = None
         self._async_loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._above_grant: dict[str, bool] = {}  # customer -> last seen balance > grant
+        self.api_version = api_version
+        self.lock_expiry = lock_expiry
+        secret = self._key.reveal
+        self.locks = LockClient(
+            secret,
+            self.base_url,
+            api_version=api_version,
+            timeout=self.timeout,
+            max_retries=max_retries,
+            backoff=self.backoff,
+            max_backoff=self.max_backoff,
+            redact=lambda exc: _safe_cause(exc, secret()),
+        )
+        """The v2 lock routes (see :mod:`agent_meter.backends.autumn_locks`)."""
 
     @property
     def outbox_id(self) -> str:
@@ -315,8 +412,10 @@ class AutumnBackend:
         self._ensure_open()
         client = self._sync_client()
         attempts = self.max_retries + 1
+        key = call.key
         for attempt in range(attempts):
             exchange = _Exchange()
+            extra: dict[str, Any] = {} if key is None else {"auth": _KeyHeader(key)}
             try:
                 answer = client.http.request(
                     call.method,
@@ -325,13 +424,18 @@ class AutumnBackend:
                     json=call.body,
                     timeout=self.timeout,
                     hooks={"response": [exchange.requests_hook]},
+                    **extra,
                 )
             except Exception as exc:  # noqa: BLE001 - every foreign error is mapped below
                 failure = _classify(exc, exchange.status, self._key.reveal())
             else:
-                return answer.fields()
+                fields = answer.fields()
+                if not _failed_open(call, exchange.status, fields):
+                    return fields
+                failure = _FAILED_OPEN
             if not self._should_retry(call, failure, attempt):
                 break
+            key = _next_key(call, key, failure, attempt)
             time.sleep(self._delay(call, failure, attempt))
         raise _error(call, failure, attempt + 1, self.base_url) from failure.cause
 
@@ -340,25 +444,37 @@ class AutumnBackend:
         # AsyncClient inherits Client's annotation of .http; it holds the async one.
         http = cast("AsyncHTTPClient", self._async_client().http)
         attempts = self.max_retries + 1
+        key = call.key
         for attempt in range(attempts):
             exchange = _Exchange()
+            extra: dict[str, Any] = {} if key is None else {"middlewares": (_key_middleware(key),)}
             try:
                 answer = await http.request(
-                    call.method, call.path, _RawAnswer, json=call.body, trace_request_ctx=exchange
+                    call.method,
+                    call.path,
+                    _RawAnswer,
+                    json=call.body,
+                    trace_request_ctx=exchange,
+                    **extra,
                 )
             except Exception as exc:  # noqa: BLE001 - every foreign error is mapped below
                 failure = _classify(exc, exchange.status, self._key.reveal())
             else:
-                return answer.fields()
+                fields = answer.fields()
+                if not _failed_open(call, exchange.status, fields):
+                    return fields
+                failure = _FAILED_OPEN
             if not self._should_retry(call, failure, attempt):
                 break
+            key = _next_key(call, key, failure, attempt)
             await asyncio.sleep(self._delay(call, failure, attempt))
         raise _error(call, failure, attempt + 1, self.base_url) from failure.cause
 
     def _should_retry(self, call: _Call, failure: _Failure, attempt: int) -> bool:
         if attempt >= self.max_retries or not failure.transient:
             return False
-        return failure.unsent or not call.deducts
+        # a keyed reserve is deducted once however often it is sent
+        return failure.unsent or not call.deducts or call.key is not None
 
     def _delay(self, call: _Call, failure: _Failure, attempt: int) -> float:
         ceiling = min(self.max_backoff, self.backoff * 2.0**attempt)
@@ -378,25 +494,48 @@ class AutumnBackend:
     def check(self, request: CheckRequest) -> CheckResult:
         """Ask Autumn whether the customer may use ``required_balance`` units (one request).
 
-        With ``send_event=True`` Autumn deducts atomically when it allows; that check is
-        not retried after failures where it may have reached Autumn.
+        With ``send_event=True`` Autumn deducts atomically when it allows. Given an
+        ``idempotency_key`` (unique across customers: Autumn scopes keys to the
+        organisation) the reserve is sent with that ``Idempotency-Key`` header and retried
+        like a track; without one it is not retried after failures where it may have
+        reached Autumn. A fail-open answer (HTTP 202, no balance) is never taken for a
+        decision: it raises :class:`BackendUnavailable`, after retries.
 
         Raises:
             InvalidUsage: An id or ``required_balance`` is malformed.
             ConfigError: Autumn does not know ``feature_id``.
             CustomerNotFound: Autumn does not know the customer (API versions that do not
                 create customers on first use).
-            BackendUnavailable: Autumn could not be reached, or stayed overloaded.
+            BackendUnavailable: Autumn could not be reached, stayed overloaded, failed
+                open, or a keyed reserve's outcome is unknown (``maybe_applied``).
             BackendError: Autumn refused the request (a wrong key, bad input).
         """
         call = _check_call(*_check_fields(request))
-        return _check_result(call, self._request(call), request.required_balance, request.entity_id)
+        answer = self._request(call)
+        return self._seen(_check_result(call, answer, request.required_balance, request.entity_id))
 
     async def acheck(self, request: CheckRequest) -> CheckResult:
         """Async :meth:`check`, over aiohttp."""
         call = _check_call(*_check_fields(request))
         answer = await self._arequest(call)
-        return _check_result(call, answer, request.required_balance, request.entity_id)
+        return self._seen(_check_result(call, answer, request.required_balance, request.entity_id))
+
+    def _seen(self, result: CheckResult) -> CheckResult:
+        """Remember whether the customer's balance stood above its grant (refunds stop there)."""
+        if result.balance is not None and result.included_usage is not None:
+            self._above_grant[result.customer_id] = result.balance > result.included_usage
+        return result
+
+    def _note_refund(self, customer_id: str, feature_id: str, value: float) -> None:
+        if value < 0 and self._above_grant.get(customer_id):
+            logger.warning(
+                "agent_meter: refund of %s %s to %r sent while its balance stood above its "
+                "plan's grant: Autumn caps refunds at the grant and answers 200 anyway, so it "
+                "may be dropped (use strategy='lock' for exact releases)",
+                -value,
+                feature_id,
+                customer_id,
+            )
 
     def track(self, request: TrackRequest) -> TrackResult:
         """Record usage in Autumn (one request), once per idempotency key.
@@ -419,6 +558,7 @@ class AutumnBackend:
             entity_id=request.entity_id,
             properties=request.properties,
         )
+        self._note_refund(result.customer_id, result.feature_id, result.value)
         try:
             self._request(call)
         except _Duplicate:
@@ -435,11 +575,64 @@ class AutumnBackend:
             entity_id=request.entity_id,
             properties=request.properties,
         )
+        self._note_refund(result.customer_id, result.feature_id, result.value)
         try:
             await self._arequest(call)
         except _Duplicate:
             return _as_duplicate(result)
         return result
+
+    # -- locks (strategy "lock", Autumn API v2) -----------------------------------------
+
+    def _expires_at(self) -> float | None:
+        return None if self.lock_expiry is None else time.time() + self.lock_expiry
+
+    def lock(self, hold: Hold) -> CheckResult:
+        """Hold ``hold.units`` under the lock id ``hold.key`` (``balances.check`` + ``lock``).
+
+        The customer is created first, once per process. The lock carries an
+        ``expires_at`` of ``lock_expiry`` seconds.
+
+        Raises:
+            BackendUnavailable: Autumn failed open (no lock) or could not be reached
+                (``maybe_applied``: release the id to be sure nothing stays held).
+        """
+        self._ensure_open()
+        return self.locks.lock(
+            hold.customer_id,
+            hold.feature_id,
+            hold.units,
+            hold.key,
+            expires_at=self._expires_at(),
+            entity_id=hold.entity_id,
+        )
+
+    async def alock(self, hold: Hold) -> CheckResult:
+        """Async :meth:`lock`."""
+        self._ensure_open()
+        return await self.locks.alock(
+            hold.customer_id,
+            hold.feature_id,
+            hold.units,
+            hold.key,
+            expires_at=self._expires_at(),
+            entity_id=hold.entity_id,
+        )
+
+    def finalize(self, request: FinalizeRequest) -> bool:
+        """Confirm (with ``override_value`` when given) or release a lock.
+
+        Returns:
+            False when Autumn holds nothing under the id (finalized before, never made,
+            expired): nothing more to do.
+        """
+        self._ensure_open()
+        return self.locks.finalize(request.lock_id, request.action, request.override_value)
+
+    async def afinalize(self, request: FinalizeRequest) -> bool:
+        """Async :meth:`finalize`."""
+        self._ensure_open()
+        return await self.locks.afinalize(request.lock_id, request.action, request.override_value)
 
     def close(self) -> None:
         """Close the sync client; the backend may not be used afterwards.
@@ -448,12 +641,14 @@ class AutumnBackend:
         the async methods were used.
         """
         self._close_sync()
+        self.locks.close()
         if self._async is not None:
             logger.warning("agent_meter: AutumnBackend.close() left an aiohttp session open")
 
     async def aclose(self) -> None:
         """Close both clients; the backend may not be used afterwards."""
         self._close_sync()
+        await self.locks.aclose()
         client, self._async = self._async, None
         if client is not None:
             await client.close()  # type: ignore[no-untyped-call]
@@ -505,22 +700,26 @@ def _wire(number: float) -> int | float:
     return int(number) if number.is_integer() else number
 
 
-def _check_fields(request: CheckRequest) -> tuple[str, str, float, bool, str | None]:
+def _check_fields(
+    request: CheckRequest,
+) -> tuple[str, str, float, bool, str | None, str | None]:
     return (
         request.customer_id,
         request.feature_id,
         request.required_balance,
         request.send_event,
         request.entity_id,
+        request.idempotency_key,
     )
 
 
-def _check_call(
+def _check_call(  # noqa: PLR0917 - private; mirrors CheckRequest's fields in order
     customer_id: str,
     feature_id: str,
     required_balance: float,
     send_event: bool,
     entity_id: str | None,
+    idempotency_key: str | None = None,
 ) -> _Call:
     customer_id = check_customer_id(customer_id)
     feature_id = check_feature_id(feature_id)
@@ -536,7 +735,13 @@ def _check_call(
     }
     if entity_id is not None:
         body["entity_id"] = entity_id
-    return _Call("check", "POST", "/check", body, customer_id, feature_id, bool(send_event))
+    key = None
+    if send_event and idempotency_key is not None:
+        if not isinstance(idempotency_key, str) or not idempotency_key.strip():
+            msg = f"reserve of {feature_id!r} for {customer_id!r} needs a non-empty idempotency_key"
+            raise InvalidUsage(msg)
+        key = idempotency_key
+    return _Call("check", "POST", "/check", body, customer_id, feature_id, bool(send_event), key)
 
 
 def _track_call(
@@ -750,8 +955,10 @@ def _classify(  # noqa: PLR0911, PLR0912 - one branch per family of failures, in
     return _Failure("unexpected", cause=cause)
 
 
-def _what(failure: _Failure) -> str:
+def _what(failure: _Failure) -> str:  # noqa: PLR0911 - one phrase per kind of failure
     """A short phrase for what went wrong, safe to log."""
+    if failure.kind == "failopen":
+        return "failed open (HTTP 202: Autumn did not evaluate the check; nothing deducted)"
     if failure.kind in ("overloaded", "http") and failure.status is not None:
         code = f" {failure.code}" if failure.code else ""
         return f"HTTP {failure.status}{code}"
@@ -774,6 +981,14 @@ def _error(  # noqa: PLR0911 - one error per kind of failure
     """The error of ours that a final failure becomes."""
     if failure.kind == "duplicate" and call.op == "track":
         return _Duplicate()
+    if failure.kind == "duplicate" and call.key is not None:
+        # The key was received before; a fail-open answer keeps its key too (fact 15), so
+        # this says nothing about whether that reserve deducted.
+        return BackendUnavailable(
+            f"Autumn had already received this reserve's key (409 duplicate_idempotency_key, "
+            f"{call.describe()}); whether it deducted is unknown",
+            maybe_applied=True,
+        )
     if failure.kind == "auth":
         return BackendError(
             f"Autumn rejected the secret key (HTTP 401 invalid_secret_key) on the "
@@ -794,7 +1009,11 @@ def _error(  # noqa: PLR0911 - one error per kind of failure
     if failure.transient:
         note = ""
         if call.deducts and not failure.unsent:
-            note = "; not retried: this check deducts and may have reached Autumn"
+            note = (
+                "; this keyed reserve may have reached Autumn"
+                if call.key is not None
+                else "; not retried: this check deducts and may have reached Autumn"
+            )
         return BackendUnavailable(
             f"Autumn is unavailable: {_what(failure)} {tries} ({call.describe()}{note})",
             maybe_applied=bool(note),

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from agent_meter.engine import CheckRequest, Hold, TrackRequest
+from agent_meter.engine import CheckRequest, FinalizeRequest, Hold, TrackRequest
 from agent_meter.pricing import Pricing
 from agent_meter.results import Catalogue, CheckResult, TrackResult
 
@@ -19,10 +19,13 @@ __all__ = [
     "AsyncBackend",
     "Backend",
     "CatalogueBackend",
+    "DefaultsToLocks",
     "DenialRecorder",
     "FullBackend",
+    "KeyedReserves",
     "LedgerFile",
     "LocalBackend",
+    "LockingBackend",
     "RemoteBackend",
     "RemoteCatalogue",
     "ReservingBackend",
@@ -160,6 +163,55 @@ class ReservingBackend(Protocol):
 
     async def arelease(self, key: str, refund: TrackRequest | None = None) -> bool:
         """Async :meth:`release`."""
+        ...
+
+
+@runtime_checkable
+class DefaultsToLocks(Protocol):
+    """A remote backend whose locks are the safest reservation: the meter's default there.
+
+    Autumn's: a lock's release is exact where a refund is capped at the grant, and a lock
+    is released by id when its answer was lost, where a v1 reserve stays in doubt.
+    """
+
+    locks_by_default: bool
+
+
+@runtime_checkable
+class KeyedReserves(Protocol):
+    """A backend whose reserving checks take an ``idempotency_key`` (Autumn's header).
+
+    The meter then passes each reservation's hold key: a reserve whose answer was lost is
+    retried with it and deducted once.
+    """
+
+    keyed_reserves: bool
+
+
+@runtime_checkable
+class LockingBackend(Protocol):
+    """A backend with Autumn's lock → finalize (the ``lock`` strategy).
+
+    A lock holds units under a unique id (the hold's key); finalize confirms it (charging
+    the hold, or ``override_value`` above or below it) or releases it exactly, above the
+    plan's grant too. Autumn does it over its v2 API; the embedded ledgers keep the same
+    semantics in one commit (:func:`agent_meter.engine.lock_adjustment`).
+    """
+
+    def lock(self, hold: Hold) -> CheckResult:
+        """Hold ``hold.units`` under the lock id ``hold.key`` if the balance allows."""
+        ...
+
+    def finalize(self, request: FinalizeRequest) -> bool:
+        """Confirm or release a lock; False when nothing is held under its id."""
+        ...
+
+    async def alock(self, hold: Hold) -> CheckResult:
+        """Async :meth:`lock`."""
+        ...
+
+    async def afinalize(self, request: FinalizeRequest) -> bool:
+        """Async :meth:`finalize`."""
         ...
 
 

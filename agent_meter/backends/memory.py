@@ -20,9 +20,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent_meter import ledger
-from agent_meter.engine import CheckRequest, Hold, TrackRequest
+from agent_meter.engine import CheckRequest, FinalizeRequest, Hold, TrackRequest
 from agent_meter.errors import BackendUnavailable, CustomerNotFound
-from agent_meter.ledger import Balance
+from agent_meter.ledger import Balance, lock_adjustment
 from agent_meter.pricing import Pricing
 from agent_meter.results import CheckResult, TrackResult, UsageEvent
 from agent_meter.validation import check_customer_id
@@ -188,8 +188,9 @@ class MemoryBackend:
         send_event: bool,
         *,
         validated: bool = False,
+        key: str | None = None,
     ) -> CheckResult:
-        """A check under the lock; records the reservation it makes."""
+        """A check under the lock; records the reservation it makes (under ``key``)."""
         if validated:  # a hold, built by the meter from a validated call
             charge = ledger.charge_for(self._pricing, customer_id, feature_id, units)
         else:
@@ -219,7 +220,7 @@ class MemoryBackend:
                     charge.value,
                     credits,
                     -credits,
-                    None,
+                    key,
                 )
             )
         return result
@@ -338,7 +339,13 @@ class MemoryBackend:
                     hold.customer_id, charge, stored, now, entity_id=hold.entity_id
                 )
             result = self._check(
-                hold.customer_id, hold.feature_id, hold.units, hold.entity_id, True, validated=True
+                hold.customer_id,
+                hold.feature_id,
+                hold.units,
+                hold.entity_id,
+                True,
+                validated=True,
+                key=hold.key,  # as the SQLite ledger records it
             )
             if result.deducted:
                 self._holds[hold.key] = hold
@@ -373,6 +380,30 @@ class MemoryBackend:
                     refund.entity_id,
                 )
             return True
+
+    def lock(self, hold: Hold) -> CheckResult:
+        """Autumn's lock: a reservation held under the lock id ``hold.key``."""
+        return self.reserve(hold)
+
+    def finalize(self, request: FinalizeRequest) -> bool:
+        """Confirm or release a lock, closing its hold in the same step.
+
+        Release returns the hold exactly and a confirm with ``override_value`` charges that
+        value instead, above or below the hold (:func:`agent_meter.ledger.lock_adjustment`);
+        neither is capped at the grant, as on Autumn.
+
+        Returns:
+            False when no lock is held under the id (finalized before, or never made).
+        """
+        return self.release(request.lock_id, lock_adjustment(request))
+
+    async def alock(self, hold: Hold) -> CheckResult:
+        """Async :meth:`lock` (runs inline)."""
+        return await self.areserve(hold)
+
+    async def afinalize(self, request: FinalizeRequest) -> bool:
+        """Async :meth:`finalize` (runs inline)."""
+        return await self.arelease(request.lock_id, lock_adjustment(request))
 
     def holds(self) -> list[Hold]:
         """Every open hold, oldest first."""

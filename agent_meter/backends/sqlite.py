@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from agent_meter import ledger
-from agent_meter.engine import CheckRequest, Hold, TrackRequest
+from agent_meter.engine import CheckRequest, FinalizeRequest, Hold, TrackRequest
 from agent_meter.errors import (
     BackendError,
     BackendUnavailable,
     ConfigError,
     CustomerNotFound,
 )
-from agent_meter.ledger import Balance
+from agent_meter.ledger import Balance, lock_adjustment
 from agent_meter.pricing import Pricing
 from agent_meter.results import CheckResult, TrackResult, UsageEvent
 from agent_meter.validation import check_customer_id
@@ -102,6 +102,20 @@ _HELD = "SELECT 1 FROM events WHERE idempotency_key = ?"
 
 LEDGER_APPLICATION_ID = 0x616D6C67
 """``PRAGMA application_id`` of an agent_meter ledger ("amlg"): marks the file as ours."""
+
+
+def _holds_tables(path: Path) -> bool:
+    """Whether the SQLite file at ``path`` has any table (read without changing it)."""
+    try:
+        if not path.exists() or path.stat().st_size == 0:
+            return False
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+        try:
+            return bool(conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0)
+        finally:
+            conn.close()
+    except (OSError, sqlite3.Error):
+        return True  # cannot tell: keep the file
 
 
 def _create_schema(conn: sqlite3.Connection) -> None:
@@ -192,7 +206,9 @@ class SQLiteBackend:
             self._pricing = self._open(pricing, replace_pricing=replace_pricing)
         except BaseException:
             self.close()
-            if not existed:  # a failed open leaves nothing behind
+            if not existed and not _holds_tables(self.path):
+                # A failed open leaves nothing behind; but a ledger another opener created
+                # meanwhile (this one was refused its pricing) is theirs, never removed.
                 for suffix in ("", "-wal", "-shm", "-journal"):
                     Path(f"{self.path}{suffix}").unlink(missing_ok=True)
             raise
@@ -699,6 +715,30 @@ class SQLiteBackend:
                     conn, customer_id, charge, entity_id, refund.idempotency_key, None, now
                 )
                 return True
+
+    def lock(self, hold: Hold) -> CheckResult:
+        """Autumn's lock: a reservation held under the lock id ``hold.key``."""
+        return self.reserve(hold)
+
+    def finalize(self, request: FinalizeRequest) -> bool:
+        """Confirm or release a lock, closing its hold in the same commit.
+
+        Release returns the hold exactly and a confirm with ``override_value`` charges that
+        value instead, above or below the hold (:func:`agent_meter.engine.lock_adjustment`);
+        neither is capped at the grant, as on Autumn.
+
+        Returns:
+            False when no lock is held under the id (finalized before, or never made).
+        """
+        return self.release(request.lock_id, lock_adjustment(request))
+
+    async def alock(self, hold: Hold) -> CheckResult:
+        """Async :meth:`lock` (in a worker thread)."""
+        return await self.areserve(hold)
+
+    async def afinalize(self, request: FinalizeRequest) -> bool:
+        """Async :meth:`finalize` (in a worker thread)."""
+        return await self.arelease(request.lock_id, lock_adjustment(request))
 
     def holds(self) -> list[Hold]:
         """Every open hold, oldest first."""

@@ -3,13 +3,15 @@
 :class:`MeteringCallbackHandler` is passed in a run's ``callbacks`` and sees every chat
 model and LLM call of that run, agents included:
 
-- before each call (``on_chat_model_start`` / ``on_llm_start``) it checks that the customer
-  has credit for at least ``gate_estimate`` tokens (:meth:`agent_meter.Meter.gate`); a
-  denial raises :class:`~agent_meter.UsageLimitExceeded` and the model is never called;
-- after each call (``on_llm_end``) it bills the tokens the reply reports, as one batch
-  track keyed by the LLM run id (:meth:`agent_meter.Meter.track_tokens`), so the same
-  call is billed once however often its end is reported. A streamed call ends once, with
-  the merged reply, so usage sent on the last chunk is billed exactly once;
+- before each call (``on_chat_model_start`` / ``on_llm_start``) it reserves the call's
+  estimate: the prompt's tokens plus the completion limit from the invocation parameters
+  (see :mod:`agent_meter.llm_billing` for ``estimate``, ``default_max_tokens``,
+  ``on_denied``); a customer who cannot pay it gets
+  :class:`~agent_meter.UsageLimitExceeded` and the model is never called;
+- after each call (``on_llm_end``) it settles the reservation to the tokens the reply
+  reports, keyed by the LLM run id, once however often the end is reported. A streamed
+  call ends once, with the merged reply, so usage sent on the last chunk is billed
+  exactly once; a failed call (``on_llm_error``) gives the reservation back;
 - a reply that reports no usage is logged as a warning and counted as unmetered in
   :attr:`MeteringCallbackHandler.summary`, never silently free.
 
@@ -35,8 +37,10 @@ from langchain_core.runnables.config import var_child_runnable_config
 from rich.text import Text
 
 from agent_meter.context import NO_CUSTOMER_HELP, CustomerRef
+from agent_meter.estimate import DEFAULT_MAX_TOKENS, Estimator, TokenCounter, completion_limit
 from agent_meter.integration import check_features, default_customer, resolve_customer
 from agent_meter.langchain.usage import usage_from_result
+from agent_meter.llm_billing import LLMCall, _Unreserved, llm_billing
 from agent_meter.tables import PrintableTable
 from agent_meter.tokens import TokenFeatures, TokenUsage, check_gate_estimate
 from agent_meter.wording import number
@@ -211,6 +215,7 @@ class _Tally:
 class _Run:
     customer: CustomerRef
     model: str | None
+    billing: LLMCall
 
 
 class MeteringCallbackHandler(BaseCallbackHandler):
@@ -235,9 +240,18 @@ class MeteringCallbackHandler(BaseCallbackHandler):
         input_feature_id: The feature that receives input tokens, to split the bill;
             set together with ``output_feature_id``.
         output_feature_id: The feature that receives output tokens.
-        gate: Check the customer's credit before each call.
-        gate_estimate: Tokens the customer must have credit for before a call starts
-            (default 1: any credit left lets a call start).
+        gate: Reserve (or check) the customer's credit before each call; False bills
+            after the call only.
+        estimate: How a call is estimated before it runs: None (count the prompt, add
+            the completion limit), your tokenizer (a function of a text), or a number of
+            tokens per call (see :mod:`agent_meter.estimate`).
+        default_max_tokens: Output tokens reserved for a call that sets no
+            ``max_tokens`` / ``max_completion_tokens`` / ``max_output_tokens``.
+        on_denied: ``"raise"``: a refused call raises ``UsageLimitExceeded`` (a callback
+            cannot answer for the model, so it is the only choice here).
+        reserve: True reserves the estimate until the call ends; False only checks that
+            the balance covers it (concurrent calls may then overspend).
+        gate_estimate: The older name of a fixed ``estimate``.
         customer_id: Bill this customer when the run names none.
         entity_id: The entity of ``customer_id``.
 
@@ -263,7 +277,11 @@ class MeteringCallbackHandler(BaseCallbackHandler):
         input_feature_id: str | None = None,
         output_feature_id: str | None = None,
         gate: bool = True,
-        gate_estimate: float = 1,
+        estimate: Estimator | TokenCounter | float | None = None,
+        default_max_tokens: int = DEFAULT_MAX_TOKENS,
+        on_denied: str = "raise",
+        reserve: bool = True,
+        gate_estimate: float | None = None,
         customer_id: str | None = None,
         entity_id: str | None = None,
     ) -> None:
@@ -275,7 +293,18 @@ class MeteringCallbackHandler(BaseCallbackHandler):
             _HANDLERS.add(type(self).__name__)
             logging.getLogger("langchain_core.callbacks.manager").addFilter(_FILTER)
         self.gate = gate
-        self.gate_estimate = check_gate_estimate(gate_estimate)
+        if gate_estimate is not None:
+            estimate = check_gate_estimate(gate_estimate)
+        self.billing = llm_billing(
+            meter,
+            self.features,
+            estimate=estimate,
+            default_max_tokens=default_max_tokens,
+            reserve=reserve,
+            gate=gate,
+            on_denied=on_denied,
+            allowed_on_denied=("raise",),
+        )
         self.customer = default_customer(customer_id, entity_id)
         self._rates, self._credit_system = self._credit_rates()
         self._lock = threading.Lock()
@@ -284,7 +313,10 @@ class MeteringCallbackHandler(BaseCallbackHandler):
         self._tallies: dict[str, _Tally] = {}
 
     def __repr__(self) -> str:
-        return f"MeteringCallbackHandler({self.features!r}, gate={self.gate})"
+        return (
+            f"MeteringCallbackHandler({self.features!r}, gate={self.gate}, "
+            f"reserve={self.billing.reserve})"
+        )
 
     def _credit_rates(self) -> tuple[dict[str, Decimal] | None, str | None]:
         """Credits per token for each billed feature, when all draw from one known pool."""
@@ -324,16 +356,15 @@ class MeteringCallbackHandler(BaseCallbackHandler):
         serialized: Mapping[str, Any] | None,
         metadata: Mapping[str, Any] | None,
         invocation_params: Mapping[str, Any] | None,
+        prompt: object,
     ) -> None:
         customer = self._customer_of(metadata)
-        if self.gate:
-            self.meter.gate(
-                customer.customer_id,
-                self.features.gate_feature,
-                self.gate_estimate,
-                entity_id=customer.entity_id,
-            )
-        run = _Run(customer, _model_of(serialized, metadata, invocation_params))
+        params = invocation_params or {}
+        limit = completion_limit(params, {"max_tokens": (metadata or {}).get("ls_max_tokens")})
+        billing = self.billing.begin(
+            customer, (prompt, params.get("tools")), limit, call_id=str(run_id)
+        )
+        run = _Run(customer, _model_of(serialized, metadata, invocation_params), billing)
         with self._lock:
             self._runs[run_id] = run
 
@@ -348,13 +379,13 @@ class MeteringCallbackHandler(BaseCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Find who pays and, with ``gate=True``, refuse the call if they have no credit.
+        """Find who pays and reserve the call's estimate (with ``gate=True``).
 
         Raises:
-            UsageLimitExceeded: The customer has less than ``gate_estimate`` tokens left.
+            UsageLimitExceeded: The customer cannot pay the call's estimate.
             AgentMeterError: No customer for the run.
         """
-        self._start(run_id, serialized, metadata, kwargs.get("invocation_params"))
+        self._start(run_id, serialized, metadata, kwargs.get("invocation_params"), messages)
 
     def on_llm_start(
         self,
@@ -368,7 +399,7 @@ class MeteringCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """:meth:`on_chat_model_start` for completion-style LLMs."""
-        self._start(run_id, serialized, metadata, kwargs.get("invocation_params"))
+        self._start(run_id, serialized, metadata, kwargs.get("invocation_params"), prompts)
 
     def on_llm_end(
         self,
@@ -379,17 +410,21 @@ class MeteringCallbackHandler(BaseCallbackHandler):
         tags: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Bill the call's tokens once, keyed by its run id.
+        """Settle the call's reservation to its tokens, once, keyed by its run id.
 
         Raises:
-            BackendError: The track could not be recorded.
+            BackendError: The usage could not be recorded.
         """
         with self._lock:
             if run_id in self._billed:
                 return
             run = self._runs.get(run_id)
-        customer = run.customer if run is not None else self._customer_of(None)
-        model = run.model if run is not None else None
+        if run is None:  # a run this handler did not see start: billed after, keyed by it
+            customer = self._customer_of(None)
+            run = _Run(
+                customer, None, _Unreserved(self.meter, customer, self.features, str(run_id))
+            )
+        model = run.model
         usage = usage_from_result(response, model)
         if usage is None:
             logger.warning(
@@ -399,16 +434,9 @@ class MeteringCallbackHandler(BaseCallbackHandler):
                 model or UNKNOWN_MODEL,
                 run_id,
             )
-        else:
-            # The key comes from the run id: a repeated on_llm_end, even racing this one
-            # from another thread, is recorded once by the backend.
-            self.meter.track_tokens(
-                customer.customer_id,
-                usage,
-                call_id=str(run_id),
-                features=self.features,
-                entity_id=customer.entity_id,
-            )
+        # Closed once: a repeated on_llm_end, even racing this one from another thread, is
+        # billed once (the reservation settles once; keys come from the run id).
+        run.billing.settle(usage)
         with self._lock:
             self._runs.pop(run_id, None)
             if run_id in self._billed:
@@ -427,9 +455,11 @@ class MeteringCallbackHandler(BaseCallbackHandler):
         tags: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Forget a failed call: it reported no usage and is not billed."""
+        """A failed call is not billed: its reservation is given back."""
         with self._lock:
-            self._runs.pop(run_id, None)
+            run = self._runs.pop(run_id, None)
+        if run is not None:
+            run.billing.release(f"the call failed: {type(error).__name__}")
 
     # -- the summary ---------------------------------------------------------------------
 

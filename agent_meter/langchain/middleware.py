@@ -8,9 +8,13 @@
   error ``ToolMessage`` that says why (``"web_search is unavailable: 0 credits left, 1
   needed"``) and can tell the user. An exception, or a ``ToolMessage`` with
   ``status="error"``, is a failure and is not billed;
-- each **model call**: refused before it starts when the customer has no credit for
-  ``gate_estimate`` tokens (:class:`~agent_meter.UsageLimitExceeded` ends the run), and
-  billed afterwards with the tokens its ``AIMessage.usage_metadata`` reports.
+- each **model call**: its estimate (the prompt's tokens plus the completion limit set in
+  ``model_settings`` or on the model) is reserved before it starts and settled to the
+  tokens its ``AIMessage.usage_metadata`` reports; a failed call gives it back. A
+  customer who cannot pay the estimate is refused before the model is called:
+  :class:`~agent_meter.UsageLimitExceeded` ends the run, or with ``on_denied="message"``
+  the refusal becomes the model's answer. See :mod:`agent_meter.llm_billing` for
+  ``estimate``, ``default_max_tokens``, ``on_denied`` and ``reserve``.
 
 Use it instead of the tool wrapper and the callback handler on the same agent, not with
 them: each of the three bills what it sees.
@@ -33,12 +37,20 @@ require("langchain", "langchain", "langgraph", integration="agent_meter.langchai
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
 from langchain.agents.middleware.types import ExtendedModelResponse
 from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.config import get_config
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
 from agent_meter.context import CustomerRef
 from agent_meter.errors import BackendError, UsageLimitExceeded
+from agent_meter.estimate import (
+    DEFAULT_MAX_TOKENS,
+    LIMIT_PARAMS,
+    Estimator,
+    TokenCounter,
+    completion_limit,
+)
 from agent_meter.integration import (
     call_key,
     check_features,
@@ -50,6 +62,7 @@ from agent_meter.integration import (
 )
 from agent_meter.keys import new_call_id
 from agent_meter.langchain.usage import usage_from_message
+from agent_meter.llm_billing import LLMBilling, llm_billing
 from agent_meter.meter import GuardedCall, Meter
 from agent_meter.tokens import TokenFeatures, TokenUsage, check_gate_estimate
 
@@ -81,7 +94,15 @@ class MeteringMiddleware(AgentMiddleware):
         input_feature_id: The feature for input tokens, to split the bill (set with
             ``output_feature_id``).
         output_feature_id: The feature for output tokens.
-        gate_estimate: Tokens the customer must have credit for before a model call.
+        estimate: How a model call is estimated before it runs: None (count the prompt,
+            add the completion limit), your tokenizer (a function of a text), or a
+            number of tokens per call.
+        default_max_tokens: Output tokens reserved for a call that sets no limit.
+        on_denied: ``"raise"`` (``UsageLimitExceeded`` ends the run) or ``"message"``
+            (the refusal is returned as the model's answer, and the run ends there).
+        reserve: True reserves the estimate until the call ends; False only checks
+            that the balance covers it.
+        gate_estimate: The older name of a fixed ``estimate``.
         customer_id: Who pays when the run names nobody.
         entity_id: The entity of ``customer_id``.
 
@@ -102,7 +123,11 @@ class MeteringMiddleware(AgentMiddleware):
         *,
         input_feature_id: str | None = None,
         output_feature_id: str | None = None,
-        gate_estimate: float = 1,
+        estimate: Estimator | TokenCounter | float | None = None,
+        default_max_tokens: int = DEFAULT_MAX_TOKENS,
+        on_denied: str = "raise",
+        reserve: bool = True,
+        gate_estimate: float | None = None,
         customer_id: str | None = None,
         entity_id: str | None = None,
     ) -> None:
@@ -112,11 +137,19 @@ class MeteringMiddleware(AgentMiddleware):
         check_features(meter, self.features)  # a typo fails here, not on the first tool call
         self.customer = default_customer(customer_id, entity_id)
         self.tokens: TokenFeatures | None = None
+        self.billing: LLMBilling | None = None
+        if gate_estimate is not None:
+            estimate = check_gate_estimate(gate_estimate)
         if token_feature_id is not None or input_feature_id is not None:
             self.tokens = TokenFeatures(token_feature_id, input_feature_id, output_feature_id)
-            for feature in self.tokens.billed:
-                meter.feature_type(feature)
-        self.gate_estimate = check_gate_estimate(gate_estimate)
+            self.billing = llm_billing(
+                meter,
+                self.tokens,
+                estimate=estimate,
+                default_max_tokens=default_max_tokens,
+                reserve=reserve,
+                on_denied=on_denied,
+            )
 
     def __repr__(self) -> str:
         return f"MeteringMiddleware(features={self.features!r}, tokens={self.tokens!r})"
@@ -247,35 +280,61 @@ class MeteringMiddleware(AgentMiddleware):
         # gives no id, so the key is stable for one model call and unique across calls.
         return (reply.id if reply is not None and reply.id else new_call_id()), usage
 
+    @staticmethod
+    def _prompt(request: ModelRequest[Any]) -> object:
+        tools = []
+        for tool in request.tools:
+            try:
+                tools.append(convert_to_openai_tool(tool))
+            except (TypeError, ValueError):  # a provider's built-in tool: counted by name
+                tools.append({"description": str(getattr(tool, "name", ""))})
+        return (request.system_message, request.messages, tools)
+
+    @staticmethod
+    def _limit(request: ModelRequest[Any]) -> int | None:
+        model = request.model
+        bound = getattr(model, "kwargs", None)  # a model.bind(max_tokens=...)
+        own = {name: getattr(model, name, None) for name in LIMIT_PARAMS}
+        return completion_limit(
+            request.model_settings, bound if isinstance(bound, Mapping) else None, own
+        )
+
+    def _refused(self, exc: UsageLimitExceeded) -> AIMessage:
+        assert self.billing is not None  # noqa: S101 - only called with billing
+        if self.billing.on_denied != "message":
+            raise exc
+        feature = exc.feature_id or "the model"
+        return AIMessage(
+            content=refusal_text(exc, feature), response_metadata={"agent_meter": "refused"}
+        )
+
     def wrap_model_call(
         self,
         request: ModelRequest[Any],
         handler: Callable[[ModelRequest[Any]], ModelResponse[Any]],
     ) -> ModelResult:
-        """Refuse the call without credit; bill the tokens its reply reports.
+        """Reserve the call's estimate, call the model, settle to the tokens it reports.
 
         Raises:
-            UsageLimitExceeded: The customer has less than ``gate_estimate`` tokens left.
+            UsageLimitExceeded: The customer cannot pay the call's estimate (with
+                ``on_denied="raise"``); the model was not called.
         """
-        if self.tokens is None:
+        if self.billing is None:
             return handler(request)
         customer = self._model_customer(request)
-        self.meter.gate(
-            customer.customer_id,
-            self.tokens.gate_feature,
-            self.gate_estimate,
-            entity_id=customer.entity_id,
-        )
-        result = handler(request)
-        billed = self._usage(request, result)
-        if billed is not None:
-            self.meter.track_tokens(
-                customer.customer_id,
-                billed[1],
-                call_id=billed[0],
-                features=self.tokens,
-                entity_id=customer.entity_id,
+        try:
+            call = self.billing.begin(
+                customer, self._prompt(request), self._limit(request), call_id=new_call_id()
             )
+        except UsageLimitExceeded as exc:
+            return self._refused(exc)
+        try:
+            result = handler(request)
+        except BaseException as exc:
+            call.release(f"the call failed: {type(exc).__name__}")
+            raise
+        billed = self._usage(request, result)
+        call.settle(None if billed is None else billed[1])
         return result
 
     async def awrap_model_call(
@@ -284,23 +343,20 @@ class MeteringMiddleware(AgentMiddleware):
         handler: Callable[[ModelRequest[Any]], Awaitable[ModelResponse[Any]]],
     ) -> ModelResult:
         """Async :meth:`wrap_model_call`."""
-        if self.tokens is None:
+        if self.billing is None:
             return await handler(request)
         customer = self._model_customer(request)
-        await self.meter.agate(
-            customer.customer_id,
-            self.tokens.gate_feature,
-            self.gate_estimate,
-            entity_id=customer.entity_id,
-        )
-        result = await handler(request)
-        billed = self._usage(request, result)
-        if billed is not None:
-            await self.meter.atrack_tokens(
-                customer.customer_id,
-                billed[1],
-                call_id=billed[0],
-                features=self.tokens,
-                entity_id=customer.entity_id,
+        try:
+            call = await self.billing.abegin(
+                customer, self._prompt(request), self._limit(request), call_id=new_call_id()
             )
+        except UsageLimitExceeded as exc:
+            return self._refused(exc)
+        try:
+            result = await handler(request)
+        except BaseException as exc:
+            await call.arelease(f"the call failed: {type(exc).__name__}")
+            raise
+        billed = self._usage(request, result)
+        await call.asettle(None if billed is None else billed[1])
         return result

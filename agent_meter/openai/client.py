@@ -2,17 +2,20 @@
 
 :func:`wrap_client` returns a proxy of the client. ``chat.completions.create`` / ``parse``
 / ``stream`` and ``responses.create`` / ``parse`` / ``stream`` (also through
-``with_raw_response``) are gated before the request leaves: a customer without credit gets
-:class:`~agent_meter.UsageLimitExceeded` and nothing reaches OpenAI. After the answer, the
-usage it reports is billed with :meth:`agent_meter.Meter.track_tokens`, keyed by the
-response id, so a response is never billed twice. Every other attribute is the client's
-own: return types, errors, retries and options are unchanged.
+``with_raw_response``) reserve the request's estimate before it leaves (the prompt's
+tokens plus its ``max_tokens`` / ``max_completion_tokens`` / ``max_output_tokens``, see
+:mod:`agent_meter.llm_billing`): a customer who cannot pay it gets
+:class:`~agent_meter.UsageLimitExceeded` and nothing reaches OpenAI. The reservation is
+settled once to the usage the answer reports, and given back when the request fails.
+Every other attribute is the client's own: return types, errors, retries and options are
+unchanged.
 
-Streams are billed when their usage arrives. A chat stream reports usage only when asked
-(``stream_options={"include_usage": True}``); when the caller did not ask, the proxy asks
-for it and hides the extra usage-only chunk (``choices == []``), so the caller's loop sees
-exactly the chunks it would have seen. The stream object returned is the SDK's own
-``Stream`` / ``AsyncStream``, metered in place.
+Streams are settled when their usage arrives (a stream closed early is read to its usage
+first), and released (logged) when they fail or end without usage. A chat stream reports
+usage only when asked (``stream_options={"include_usage": True}``); when the caller did
+not ask, the proxy asks for it and hides the extra usage-only chunk (``choices == []``),
+so the caller's loop sees exactly the chunks it would have seen. The stream object
+returned is the SDK's own ``Stream`` / ``AsyncStream``, metered in place.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from openai import AsyncOpenAI, AsyncStream, OpenAI, Stream
 
 from agent_meter.context import CustomerRef
 from agent_meter.errors import BackendError
-from agent_meter.integration import check_features, default_customer, resolve_customer
+from agent_meter.estimate import DEFAULT_MAX_TOKENS, Estimator, TokenCounter, completion_limit
+from agent_meter.integration import default_customer, resolve_customer
 from agent_meter.keys import new_call_id
+from agent_meter.llm_billing import LLMBilling, LLMCall, llm_billing
 from agent_meter.meter import Meter
 from agent_meter.openai.usage import (
     field,
@@ -48,9 +53,8 @@ Found = tuple[str, TokenUsage]
 
 # Stream events of the Responses API that carry the finished response and its usage.
 _FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
-# Tokens a request must be able to pay for before it is sent: its size is unknown until
-# the answer, so the gate asks only that the balance is not exhausted.
-_GATE_TOKENS = 1
+# What a request sends the model as text: chat messages, Responses input, tool schemas.
+_PROMPT_PARAMS = ("messages", "instructions", "input", "tools", "functions")
 
 
 def _found(obj: Any, usage: TokenUsage | None) -> Found | None:
@@ -126,11 +130,10 @@ def _ask_for_usage(endpoint: _Endpoint, kwargs: dict[str, Any]) -> tuple[dict[st
 
 @dataclass(frozen=True, slots=True)
 class _Billing:
-    """Who pays and where the tokens go; gates and bills through the meter."""
+    """Who pays and the LLM billing policy; reserves before a request, settles after."""
 
-    meter: Meter
+    policy: LLMBilling
     customer: CustomerRef | None
-    features: TokenFeatures
 
     def _ref(self) -> CustomerRef:
         # imported here: langchain-core is needed only when a LangChain run names the customer
@@ -138,55 +141,45 @@ class _Billing:
 
         return resolve_customer(var_child_runnable_config.get(), default=self.customer)
 
-    def gate(self) -> CustomerRef:
-        ref = self._ref()
-        self.meter.gate(
-            ref.customer_id, self.features.gate_feature, _GATE_TOKENS, entity_id=ref.entity_id
-        )
-        return ref
+    @staticmethod
+    def _request(kwargs: Mapping[str, Any]) -> tuple[object, int | None]:
+        prompt = [kwargs.get(name) for name in _PROMPT_PARAMS]
+        return prompt, completion_limit(kwargs)
 
-    async def agate(self) -> CustomerRef:
-        ref = self._ref()
-        await self.meter.agate(
-            ref.customer_id, self.features.gate_feature, _GATE_TOKENS, entity_id=ref.entity_id
-        )
-        return ref
+    def begin(self, kwargs: Mapping[str, Any]) -> LLMCall:
+        prompt, limit = self._request(kwargs)
+        return self.policy.begin(self._ref(), prompt, limit, call_id=new_call_id())
 
-    def bill(self, ref: CustomerRef, found: Found) -> None:
+    async def abegin(self, kwargs: Mapping[str, Any]) -> LLMCall:
+        prompt, limit = self._request(kwargs)
+        return await self.policy.abegin(self._ref(), prompt, limit, call_id=new_call_id())
+
+    def settle(self, call: LLMCall, found: Found | None) -> None:
         try:
-            self.meter.track_tokens(
-                ref.customer_id,
-                found[1],
-                call_id=found[0],
-                features=self.features,
-                entity_id=ref.entity_id,
-            )
+            call.settle(None if found is None else found[1])
         except BackendError as exc:
             # The answer is already paid for at OpenAI: losing it for the caller would not
             # undo that, so the failure is reported here instead of raised.
-            self._lost(ref, found, exc)
+            self._lost(found, exc)
 
-    async def abill(self, ref: CustomerRef, found: Found) -> None:
+    async def asettle(self, call: LLMCall, found: Found | None) -> None:
         try:
-            await self.meter.atrack_tokens(
-                ref.customer_id,
-                found[1],
-                call_id=found[0],
-                features=self.features,
-                entity_id=ref.entity_id,
-            )
+            await call.asettle(None if found is None else found[1])
         except BackendError as exc:
-            self._lost(ref, found, exc)
+            self._lost(found, exc)
 
     @staticmethod
-    def _lost(ref: CustomerRef, found: Found, exc: BackendError) -> None:
+    def _lost(found: Found | None, exc: BackendError) -> None:
         logger.error(
-            "agent_meter: tokens of %s (%d) for %s not billed: %s",
-            found[0],
-            found[1].total_tokens,
-            ref.customer_id,
+            "agent_meter: tokens of %s (%s) not billed: %s",
+            "?" if found is None else found[0],
+            "?" if found is None else found[1].total_tokens,
             exc,
         )
+
+
+_STREAM_FAILED = "the stream failed before its usage arrived"
+_NO_STREAM_USAGE = "the stream ended without reporting usage"
 
 
 _END = object()
@@ -300,8 +293,9 @@ class _ClosingManager:
 
 
 def _metered_items(
-    items: Iterator[Any], billing: _Billing, ref: CustomerRef, meter: _StreamMeter
+    items: Iterator[Any], billing: _Billing, call: LLMCall, meter: _StreamMeter
 ) -> Iterator[Any]:
+    failed = True
     try:
         for item in items:
             batch = [item]
@@ -314,24 +308,29 @@ def _metered_items(
                 if not ended:
                     batch.append(ahead)
             kept = []
-            for each in batch:  # bill the whole batch before the caller sees any of it
+            for each in batch:  # settle on the whole batch before the caller sees any of it
                 keep, found = meter.see(each)
                 if found is not None:
-                    billing.bill(ref, found)
+                    billing.settle(call, found)  # once: a later settle does nothing
                 if keep:
                     kept.append(each)
             if ended and (found := meter.settle()) is not None:
-                billing.bill(ref, found)  # the last count of a server that repeats it
+                billing.settle(call, found)  # the last count of a server that repeats it
             for each in kept:
                 yield each
+        failed = False
     finally:
+        # Settled already when the usage arrived; else the latest count, else released.
         if (found := meter.settle()) is not None:
-            billing.bill(ref, found)
+            billing.settle(call, found)
+        else:
+            call.release(_STREAM_FAILED if failed else _NO_STREAM_USAGE)
 
 
 async def _ametered_items(
-    items: AsyncIterator[Any], billing: _Billing, ref: CustomerRef, meter: _StreamMeter
+    items: AsyncIterator[Any], billing: _Billing, call: LLMCall, meter: _StreamMeter
 ) -> AsyncIterator[Any]:
+    failed = True
     try:
         async for item in items:
             batch = [item]
@@ -342,19 +341,22 @@ async def _ametered_items(
                 if not ended:
                     batch.append(ahead)
             kept = []
-            for each in batch:  # bill the whole batch before the caller sees any of it
+            for each in batch:  # settle on the whole batch before the caller sees any of it
                 keep, found = meter.see(each)
                 if found is not None:
-                    await billing.abill(ref, found)
+                    await billing.asettle(call, found)
                 if keep:
                     kept.append(each)
             if ended and (found := meter.settle()) is not None:
-                await billing.abill(ref, found)
+                await billing.asettle(call, found)
             for each in kept:
                 yield each
+        failed = False
     finally:
         if (found := meter.settle()) is not None:
-            await billing.abill(ref, found)
+            await billing.asettle(call, found)
+        else:
+            await call.arelease(_STREAM_FAILED if failed else _NO_STREAM_USAGE)
 
 
 class _Proxy:
@@ -380,22 +382,24 @@ class _SyncEndpoint(_Proxy):
         self._raw = raw
 
     def _call(self, method: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
-        ref = self._billing.gate()
+        call = self._billing.begin(kwargs)
         kwargs, hide = _ask_for_usage(self._endpoint, kwargs)
-        result = method(**kwargs)
-        # A raw response parses once and caches: the caller's .parse() gets this object.
-        value = result.parse() if self._raw else result
+        try:
+            result = method(**kwargs)
+            # A raw response parses once and caches: the caller's .parse() gets this object.
+            value = result.parse() if self._raw else result
+        except BaseException as exc:
+            call.release(f"the request failed: {type(exc).__name__}")
+            raise
         if isinstance(value, Stream):
             _meter_stream(
                 value,
                 _metered_items(
-                    value._iterator, self._billing, ref, _StreamMeter(self._endpoint, hide=hide)
+                    value._iterator, self._billing, call, _StreamMeter(self._endpoint, hide=hide)
                 ),
             )
         else:
-            found = self._endpoint.read(value)
-            if found is not None:
-                self._billing.bill(ref, found)
+            self._billing.settle(call, self._endpoint.read(value))
         return result
 
     def create(self, **kwargs: Any) -> Any:
@@ -428,21 +432,23 @@ class _AsyncEndpoint(_Proxy):
         self._raw = raw
 
     async def _call(self, method: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
-        ref = await self._billing.agate()
+        call = await self._billing.abegin(kwargs)
         kwargs, hide = _ask_for_usage(self._endpoint, kwargs)
-        result = await method(**kwargs)
-        value = result.parse() if self._raw else result
+        try:
+            result = await method(**kwargs)
+            value = result.parse() if self._raw else result
+        except BaseException as exc:
+            await call.arelease(f"the request failed: {type(exc).__name__}")
+            raise
         if isinstance(value, AsyncStream):
             _ameter_stream(
                 value,
                 _ametered_items(
-                    value._iterator, self._billing, ref, _StreamMeter(self._endpoint, hide=hide)
+                    value._iterator, self._billing, call, _StreamMeter(self._endpoint, hide=hide)
                 ),
             )
         else:
-            found = self._endpoint.read(value)
-            if found is not None:
-                await self._billing.abill(ref, found)
+            await self._billing.asettle(call, self._endpoint.read(value))
         return result
 
     async def create(self, **kwargs: Any) -> Any:
@@ -542,6 +548,10 @@ def wrap_client(
     input_feature_id: str | None = None,
     output_feature_id: str | None = None,
     entity_id: str | None = None,
+    estimate: Estimator | TokenCounter | float | None = None,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    on_denied: str = "raise",
+    reserve: bool = True,
 ) -> ClientT:
     """Wrap an ``OpenAI`` or ``AsyncOpenAI`` client so its LLM requests are metered.
 
@@ -562,6 +572,14 @@ def wrap_client(
             features of their own instead.
         output_feature_id: See ``input_feature_id``.
         entity_id: Sub-scope of the customer.
+        estimate: How a request is estimated before it is sent: None (count the
+            prompt, add the completion limit), your tokenizer (a function of a text), or
+            a number of tokens per request.
+        default_max_tokens: Output tokens reserved for a request that sets no limit.
+        on_denied: ``"raise"``: a refused request raises ``UsageLimitExceeded`` and is
+            not sent (the only choice here: the proxy does not invent answers).
+        reserve: True reserves the estimate until the answer; False only checks that
+            the balance covers it.
 
     Returns:
         A proxy typed as the client: ``chat``, ``responses``, ``with_raw_response``,
@@ -587,7 +605,15 @@ def wrap_client(
         msg = f"wrap_client needs an openai.OpenAI or openai.AsyncOpenAI client, not {client!r}"
         raise TypeError(msg)
     features = TokenFeatures(total=feature_id, input=input_feature_id, output=output_feature_id)
-    check_features(meter, None, *features.billed)  # a split bill never uses the total one
+    policy = llm_billing(  # checks the billed features: a split bill never uses the total
+        meter,
+        features,
+        estimate=estimate,
+        default_max_tokens=default_max_tokens,
+        reserve=reserve,
+        on_denied=on_denied,
+        allowed_on_denied=("raise",),
+    )
     customer = default_customer(customer_id, entity_id)
-    billing = _Billing(meter, customer, features)
+    billing = _Billing(policy, customer)
     return cast(ClientT, _Client(client, billing, raw=False, is_async=is_async))
