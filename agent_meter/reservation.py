@@ -64,6 +64,16 @@ class TokenSettlement:
     uncharged: float | None
 
 
+def _unanswered(handle: GuardedCall) -> bool:
+    """Whether a lock was confirmed above what it held (its shortfall is then unknown).
+
+    A finalize does not say what the balance paid, on Autumn nor on the embedded ledgers.
+    """
+    admission = handle.admission
+    hold = None if admission is None else admission.hold
+    return hold is not None and hold.lock and (handle.billed or 0.0) > hold.units
+
+
 def _parts(features: TokenFeatures, estimate: TokenEstimate) -> list[tuple[str, int]]:
     """(feature, tokens) to reserve: one per billed feature."""
     if features.input is not None and features.output is not None:
@@ -156,7 +166,9 @@ class TokenReservation:
         unpaid: float | None = 0.0
         for handle in self._handles:
             unpaid = (
-                None if unpaid is None or handle.uncharged is None else unpaid + handle.uncharged
+                None
+                if unpaid is None or handle.uncharged is None or _unanswered(handle)
+                else unpaid + handle.uncharged
             )
         used = None if usage is None else usage.total_tokens
         settlement = TokenSettlement(self.call_id, self.reserved, used, unpaid)
@@ -168,6 +180,15 @@ class TokenReservation:
                 self.customer.customer_id,
                 self.reserved,
                 reason,
+            )
+        elif unpaid is None and usage.total_tokens > self.reserved:
+            logger.warning(
+                "agent_meter: LLM call %s of %s used %d tokens, %d reserved; the excess was "
+                "charged, and the backend does not say whether the balance could pay it",
+                self.call_id,
+                self.customer.customer_id,
+                usage.total_tokens,
+                self.reserved,
             )
         elif unpaid:
             logger.warning(
