@@ -39,6 +39,8 @@ class Deliverer:
         clock: Unix time, for back-off.
         base_delay: First back-off, in seconds.
         max_delay: Longest back-off, in seconds.
+        on_set_aside: Told of each track rejected for good (the meter's hooks); when
+            omitted, it is logged.
     """
 
     def __init__(
@@ -49,8 +51,10 @@ class Deliverer:
         clock: Callable[[], float] = time.time,
         base_delay: float = 0.2,
         max_delay: float = 60.0,
+        on_set_aside: Callable[[Queued, str], None] | None = None,
     ) -> None:
         self.outbox = outbox
+        self._on_set_aside = on_set_aside or _log_set_aside
         self._send = send
         self._clock = clock
         self._base = base_delay
@@ -93,14 +97,7 @@ class Deliverer:
                 return False
             except AgentMeterError as exc:
                 self.outbox.set_aside(request.idempotency_key, f"{type(exc).__name__}: {exc}")
-                logger.error(
-                    "agent_meter: track %s (%s x %s for %s) rejected for good and set aside: %s",
-                    request.idempotency_key,
-                    request.value,
-                    request.feature_id,
-                    request.customer_id,
-                    exc,
-                )
+                self._on_set_aside(request, str(exc))
                 self._rejected.append(exc)
             except Exception as exc:  # a bug in a backend must not kill delivery
                 logger.exception(
@@ -245,3 +242,14 @@ class Deliverer:
 
 def _passed(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline
+
+
+def _log_set_aside(request: Queued, error: str) -> None:
+    logger.error(
+        "agent_meter: track %s (%s x %s for %s) rejected for good and set aside: %s",
+        request.idempotency_key,
+        request.value,
+        request.feature_id,
+        request.customer_id,
+        error,
+    )

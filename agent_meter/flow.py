@@ -47,6 +47,7 @@ from agent_meter.errors import (
     BackendUnavailable,
     UsageLimitExceeded,
 )
+from agent_meter.hooks import Admitted, Denied, Hooks, Unverified
 from agent_meter.outbox import Outbox, Queued
 from agent_meter.owner import current_owner, owner_is_alive
 from agent_meter.results import CheckResult, TrackResult
@@ -205,6 +206,7 @@ class Flows:
         inline: The backend is local: deliver tracks to it now instead of queueing them.
         unverified_limit: Calls per customer that may run unverified while the backend
             is unreachable (see :func:`agent_meter.engine.admit_unverified`).
+        hooks: Receive an event for each decision (see :mod:`agent_meter.hooks`).
     """
 
     def __init__(
@@ -215,6 +217,7 @@ class Flows:
         *,
         inline: bool,
         unverified_limit: int,
+        hooks: Hooks,
     ) -> None:
         self.backend = backend
         self.holder = backend if isinstance(backend, ReservingBackend) else None
@@ -225,6 +228,7 @@ class Flows:
         self.deliverer = deliverer
         self.inline = inline
         self.unverified_limit = unverified_limit
+        self.hooks = hooks
         self._lock = threading.Lock()
         self._unverified: dict[str, int] = {}
         self._queued_customers: set[str] = set()
@@ -305,11 +309,14 @@ class Flows:
             return self._admit_unverified(call, exc)
         self._unverified.pop(call.customer_id, None)
         try:
-            return engine.admit(call, result, hold)
-        except UsageLimitExceeded:
+            admitted = engine.admit(call, result, hold)
+        except UsageLimitExceeded as refusal:
+            self.hooks.emit(Denied(call, "limit", str(refusal), time.time()))
             if self.denials is not None:
                 yield local(self._record_denial, call)
             raise
+        self.hooks.emit(Admitted(call, admitted.reserved, admitted.replay, time.time()))
+        return admitted
 
     def _hold_for(self, call: MeteredCall) -> Hold:
         # An embedded ledger keeps one hold per call (it spots replays); a remote backend
@@ -360,20 +367,22 @@ class Flows:
         return result
 
     def _admit_unverified(self, call: MeteredCall, error: BackendError) -> Admission:
+        refused: BackendError | None = None
         with self._lock:
             count = self._unverified.get(call.customer_id, 0)
-            admission = engine.admit_unverified(
-                call, error, unverified=count, limit=self.unverified_limit
-            )
-            self._unverified[call.customer_id] = count + 1
-        logger.warning(
-            "agent_meter: %s for %s runs unverified (%d of %d): %s",
-            call.feature_id,
-            call.customer_id,
-            count + 1,
-            self.unverified_limit,
-            error,
-        )
+            try:
+                admission = engine.admit_unverified(
+                    call, error, unverified=count, limit=self.unverified_limit
+                )
+            except BackendError as refusal:
+                refused = refusal
+            else:
+                self._unverified[call.customer_id] = count + 1
+        now = time.time()
+        if refused is not None:
+            self.hooks.emit(Denied(call, "backend_error", str(refused), now))
+            raise refused
+        self.hooks.emit(Unverified(call, count + 1, self.unverified_limit, str(error), now))
         return admission
 
     def settle(

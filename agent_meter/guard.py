@@ -9,11 +9,13 @@ reports the real count (:meth:`GuardedCall.bill`) or a failure that raised nothi
 
 from __future__ import annotations
 
+import time
 from types import TracebackType
 
 from agent_meter import engine
 from agent_meter.engine import Admission, MeteredCall
 from agent_meter.flow import Flow, Flows, arun, run
+from agent_meter.hooks import Billed, Refunded
 from agent_meter.results import CheckResult, TrackResult
 from agent_meter.validation import check_units
 
@@ -90,13 +92,15 @@ class Guard:
     failure. Under ``async with`` no blocking I/O runs on the event loop.
     """
 
-    __slots__ = ("_flows", "handle")
+    __slots__ = ("_flows", "_started", "handle")
 
     def __init__(self, flows: Flows, call: MeteredCall) -> None:
         self._flows = flows
+        self._started = 0.0
         self.handle = GuardedCall(call)
 
     def __enter__(self) -> GuardedCall:
+        self._started = time.time()
         self.handle.admission = run(self._flows.admit(self.handle.call))
         return self.handle
 
@@ -107,8 +111,10 @@ class Guard:
         tb: TracebackType | None,
     ) -> None:
         self.handle._settled(run(self._settle(exc_type)))
+        self._report(succeeded=exc_type is None)
 
     async def __aenter__(self) -> GuardedCall:
+        self._started = time.time()
         self.handle.admission = await arun(self._flows.admit(self.handle.call))
         return self.handle
 
@@ -119,12 +125,26 @@ class Guard:
         tb: TracebackType | None,
     ) -> None:
         self.handle._settled(await arun(self._settle(exc_type)))
+        self._report(succeeded=exc_type is None)
 
     def _settle(self, exc_type: type[BaseException] | None) -> Flow[list[TrackResult]]:
         handle = self.handle
         settlement = handle._settlement(exc_type)
         assert handle.admission is not None  # noqa: S101 - set on entry
         return self._flows.settle(handle.admission, settlement)
+
+    def _report(self, *, succeeded: bool) -> None:
+        hooks = self._flows.hooks
+        if not hooks:
+            return
+        handle = self.handle
+        admission = handle.admission
+        assert admission is not None  # noqa: S101 - set on entry
+        if succeeded and not handle.failed:
+            billed = 0.0 if admission.replay else handle.billed or 0.0
+            hooks.emit(Billed(handle.call, billed, self._started, time.time()))
+        else:
+            hooks.emit(Refunded(handle.call, admission.reserved, self._started, time.time()))
 
 
 AsyncGuard = Guard

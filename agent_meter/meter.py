@@ -42,6 +42,7 @@ from agent_meter.engine import (
 from agent_meter.errors import AgentMeterError, ConfigError, InvalidUsage
 from agent_meter.flow import Flows, Recovery, arun, run
 from agent_meter.guard import AsyncGuard, Guard, GuardedCall
+from agent_meter.hooks import Hook, Hooks, LoggingHook, SetAside
 from agent_meter.keys import new_call_id
 from agent_meter.outbox import Outbox, Queued
 from agent_meter.owner import owner_is_alive
@@ -143,6 +144,9 @@ class Meter:
             :func:`default_outbox_path` for the default).
         unverified_limit: Under ``on_backend_error="allow"``, how many calls per customer
             may run while the backend is unreachable before the meter fails closed.
+        hooks: Receive an event for each billing decision (:mod:`agent_meter.hooks`);
+            default: one :class:`~agent_meter.hooks.LoggingHook`. Add more with
+            :meth:`add_hook`.
         recover_on_start: Refund dead processes' reservations and deliver the outbox in
             the background when the meter starts (else call :meth:`recover` yourself).
 
@@ -167,6 +171,7 @@ class Meter:
         outbox: str | Path | None = None,
         unverified_limit: int = 10,
         recover_on_start: bool = True,
+        hooks: Iterable[Hook] | None = None,
     ) -> None:
         if strategy is None:
             strategy = "lock" if isinstance(backend, DefaultsToLocks) else "reserve"
@@ -194,13 +199,15 @@ class Meter:
             pricing = backend.pricing
         self.pricing = pricing
         self.outbox = Outbox(outbox if outbox is not None else default_outbox_path(backend))
-        self.deliverer = Deliverer(self.outbox, self._deliver_one)
+        self.hooks = Hooks([LoggingHook()] if hooks is None else hooks)
+        self.deliverer = Deliverer(self.outbox, self._deliver_one, on_set_aside=self._set_aside)
         self._flows = Flows(
             backend,
             self.outbox,
             self.deliverer,
             inline=_is_local(backend),
             unverified_limit=unverified_limit,
+            hooks=self.hooks,
         )
         self._closed = False
         _open_meters.add(self)
@@ -734,6 +741,26 @@ class Meter:
             ConfigError: Every problem found, in one message.
         """
         verify(self, features)
+
+    # -- instrumentation -------------------------------------------------------------------
+
+    def add_hook(self, hook: Hook) -> None:
+        """Pass every billing decision of this meter to ``hook`` (see :mod:`agent_meter.hooks`).
+
+        A hook that raises is logged and ignored: it never changes a bill.
+        """
+        self.hooks.add(hook)
+
+    def remove_hook(self, hook: Hook) -> None:
+        """Stop passing events to ``hook`` (the default :class:`LoggingHook` too).
+
+        Raises:
+            ValueError: ``hook`` is not registered.
+        """
+        self.hooks.remove(hook)
+
+    def _set_aside(self, request: Queued, error: str) -> None:
+        self.hooks.emit(SetAside(request, error))
 
     def customer(self, customer_id: str, entity_id: str | None = None) -> CustomerScope:
         """Bind a customer for code that has no LangChain config to carry one.

@@ -1,0 +1,256 @@
+"""Instrumentation hooks: every billing decision as an event, passed to the hooks you register.
+
+Each decision the meter takes becomes one frozen event value: a call :class:`Admitted`,
+:class:`Denied` or run :class:`Unverified`; once it is over, :class:`Billed` or
+:class:`Refunded`; a track the backend rejected for good :class:`SetAside`; tokens that
+could not be billed :class:`UnbilledTokens`. A hook is any callable taking an event
+(:class:`Hook`); register it with :meth:`Meter.add_hook <agent_meter.Meter.add_hook>`.
+:class:`LoggingHook` is installed by default and writes the log lines agent_meter always
+wrote; :mod:`agent_meter.otel` has an OpenTelemetry hook.
+
+A hook that raises is logged and otherwise ignored: instrumentation never changes a bill.
+
+Example:
+    >>> seen = []
+    >>> meter.add_hook(seen.append)
+    >>> with meter.guard("cus_1", "web_search"):
+    ...     pass
+    >>> [type(event).__name__ for event in seen]
+    ['Admitted', 'Billed']
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from agent_meter.engine import FinalizeRequest, MeteredCall, TrackRequest
+
+__all__ = [
+    "Admitted",
+    "Billed",
+    "Denied",
+    "Event",
+    "Hook",
+    "Hooks",
+    "LoggingHook",
+    "Refunded",
+    "SetAside",
+    "UnbilledTokens",
+    "Unverified",
+]
+
+logger = logging.getLogger("agent_meter")
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A call was let through by the backend.
+
+    Attributes:
+        call: The call (customer, feature, units, strategy, call id).
+        reserved: Units deducted up front (0 under ``check_then_track``).
+        replay: The call was reserved before (a replayed tool call): not billed again.
+        at: Unix time of the admission.
+    """
+
+    call: MeteredCall
+    reserved: float
+    replay: bool
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Denied:
+    """A call was refused: the customer may not use the feature, or billing failed.
+
+    Attributes:
+        call: The call.
+        reason: ``"limit"`` (no balance left) or ``"backend_error"`` (the check could not
+            be answered and the fail policy refuses).
+        error: The refusal's message.
+        at: Unix time of the refusal.
+    """
+
+    call: MeteredCall
+    reason: str
+    error: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Unverified:
+    """The backend could not be asked and the fail policy let the call run anyway.
+
+    Attributes:
+        call: The call.
+        count: Calls of this customer let through unverified in a row, this one included.
+        limit: The cap after which the meter fails closed.
+        error: Why the check failed.
+        at: Unix time of the decision.
+    """
+
+    call: MeteredCall
+    count: int
+    limit: int
+    error: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Billed:
+    """A guarded call succeeded: ``units`` stay billed.
+
+    Attributes:
+        call: The call.
+        units: Units billed (the real count when the block reported one).
+        started_at: Unix time the call was admitted.
+        at: Unix time it was settled.
+    """
+
+    call: MeteredCall
+    units: float
+    started_at: float
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Refunded:
+    """A guarded call failed: what it reserved was given back (nothing stays billed).
+
+    Attributes:
+        call: The call.
+        units: Units given back (0 when nothing had been reserved).
+        started_at: Unix time the call was admitted.
+        at: Unix time it was settled.
+    """
+
+    call: MeteredCall
+    units: float
+    started_at: float
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SetAside:
+    """The backend rejected a queued track for good; it is kept aside in the outbox.
+
+    Attributes:
+        request: The track (or a lock's finalize, strategy ``lock``).
+        error: Why the backend rejected it.
+    """
+
+    request: TrackRequest | FinalizeRequest
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class UnbilledTokens:
+    """An LLM call's tokens could not be billed.
+
+    Attributes:
+        customer_id: Who should have paid.
+        call_id: The LLM call (a run id, a response id).
+        tokens: Tokens left unbilled (0 when the model reported no usage).
+        reason: Why.
+    """
+
+    customer_id: str
+    call_id: str
+    tokens: int
+    reason: str
+
+
+Event = Admitted | Denied | Unverified | Billed | Refunded | SetAside | UnbilledTokens
+"""Every event a hook receives."""
+
+
+class Hook(Protocol):
+    """Receives every event (check its type for the ones it cares about)."""
+
+    def __call__(self, event: Event, /) -> None:
+        """Handle ``event``; should return quickly and never raise."""
+        ...
+
+
+class LoggingHook:
+    """The default hook: the log lines agent_meter writes (logger ``agent_meter``).
+
+    Warnings and errors for what needs attention (a call run unverified, a track set
+    aside, tokens not billed); debug lines for the rest.
+    """
+
+    def __call__(self, event: Event) -> None:
+        """Log ``event``."""
+        if isinstance(event, Unverified):
+            call = event.call
+            logger.warning(
+                "agent_meter: %s for %s runs unverified (%d of %d): %s",
+                call.feature_id,
+                call.customer_id,
+                event.count,
+                event.limit,
+                event.error,
+            )
+        elif isinstance(event, SetAside):
+            request = event.request
+            logger.error(
+                "agent_meter: track %s (%s x %s for %s) rejected for good and set aside: %s",
+                request.idempotency_key,
+                request.value,
+                request.feature_id,
+                request.customer_id,
+                event.error,
+            )
+        elif isinstance(event, UnbilledTokens):
+            logger.error(
+                "agent_meter: tokens of %s (%d) for %s not billed: %s",
+                event.call_id,
+                event.tokens,
+                event.customer_id,
+                event.reason,
+            )
+        elif logger.isEnabledFor(logging.DEBUG):
+            logger.debug("agent_meter: %s", event)
+
+    def __repr__(self) -> str:
+        return "LoggingHook()"
+
+
+class Hooks:
+    """The hooks of one meter; :meth:`emit` passes an event to each, in order."""
+
+    __slots__ = ("_hooks",)
+
+    def __init__(self, hooks: Iterable[Hook] = ()) -> None:
+        self._hooks: tuple[Hook, ...] = tuple(hooks)
+
+    def add(self, hook: Hook) -> None:
+        """Register ``hook`` (after the others)."""
+        self._hooks = (*self._hooks, hook)
+
+    def remove(self, hook: Hook) -> None:
+        """Unregister ``hook``.
+
+        Raises:
+            ValueError: It is not registered.
+        """
+        hooks = list(self._hooks)
+        hooks.remove(hook)
+        self._hooks = tuple(hooks)
+
+    def __iter__(self) -> Iterator[Hook]:
+        return iter(self._hooks)
+
+    def __bool__(self) -> bool:
+        return bool(self._hooks)
+
+    def emit(self, event: Event) -> None:
+        """Pass ``event`` to every hook; a hook that raises is logged, never propagated."""
+        for hook in self._hooks:
+            try:
+                hook(event)
+            except Exception:  # instrumentation must never change a bill
+                logger.exception("agent_meter: hook %r failed on %s", hook, type(event).__name__)
