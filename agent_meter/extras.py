@@ -6,6 +6,7 @@ rich and click. Each integration lives in its own package and needs its own extr
     pip install 'agent-meter[langchain]'   # agent_meter.langchain, the demo
     pip install 'agent-meter[openai]'      # agent_meter.openai
     pip install 'agent-meter[autumn]'      # agent_meter.backends.autumn (AutumnBackend)
+    pip install 'agent-meter[mcp]'         # agent_meter.mcp (MeteringMiddleware)
 
 Every integration calls :func:`require` before importing its dependencies, so that using
 it without its extra fails at once with a :class:`~agent_meter.errors.MissingExtra` that

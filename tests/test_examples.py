@@ -24,6 +24,7 @@ EXPECTED = {
     "agent_middleware.py": "cus_free: 100 - 1 (search) - 1.4 (1,400 tokens) = 97.6",
     "autumn_backend.py": "AUTUMN_SECRET_KEY is not set",
     "langchain_tools.py": "credits left: 97 of 100",
+    "mcp_server.py": "cus_acme: 100 - 1 (search) - 2 (run_python) = 97 credits",
     "openai_tools.py": "credits left for cus_demo: 96.335",
     "token_budget.py": "second run refused: llm_tokens is unavailable: 0.6 credits left",
     "usage_report.py": "cus_acme spent 10 credits on 5 calls (1 refunded); balance 90",
