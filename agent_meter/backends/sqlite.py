@@ -367,7 +367,7 @@ class SQLiteBackend:
                 with self._write() as conn:
                     chosen = self._decide(conn, pricing, replace_pricing)
                 self._wal = True
-                self._conn().execute("PRAGMA journal_mode = WAL")  # only once it is ours
+                self._enable_wal()  # only once it is ours
                 return chosen
         except BackendError as exc:
             cause = exc.__cause__
@@ -377,6 +377,24 @@ class SQLiteBackend:
                 msg = f"{self.path}: not an agent_meter ledger ({cause})"
                 raise ConfigError(msg) from cause
             raise
+
+    def _enable_wal(self) -> None:
+        """Switch the ledger to WAL, waiting for openers that race to create it.
+
+        SQLite answers "database is locked" at once, without waiting on the busy timeout,
+        when the journal mode cannot change because another connection has the file open
+        mid-switch; so this waits here, up to the same timeout.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                self._conn().execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.005)
+            else:
+                return
 
     def _decide(
         self, conn: sqlite3.Connection, pricing: Pricing | None, replace_pricing: bool
