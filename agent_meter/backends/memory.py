@@ -20,9 +20,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent_meter import ledger
-from agent_meter.engine import CheckRequest, FinalizeRequest, Hold, TrackRequest
+from agent_meter.backends.locks_on_holds import LocksOnHolds
+from agent_meter.engine import CheckRequest, Hold, TrackRequest
 from agent_meter.errors import BackendUnavailable, CustomerNotFound
-from agent_meter.ledger import Balance, lock_adjustment
+from agent_meter.ledger import Balance
 from agent_meter.pricing import Pricing
 from agent_meter.results import CheckResult, TrackResult, UsageEvent
 from agent_meter.validation import check_customer_id
@@ -55,7 +56,7 @@ class _Fault:
     remaining: int | None
 
 
-class MemoryBackend:
+class MemoryBackend(LocksOnHolds):
     """The backend contract in memory, with the same semantics as SQLiteBackend.
 
     Thread-safe; its async methods run inline (no I/O to wait for). Besides the protocol
@@ -427,30 +428,6 @@ class MemoryBackend:
                 refund.idempotency_key,
             )
         )
-
-    def lock(self, hold: Hold) -> CheckResult:
-        """Autumn's lock: a reservation held under the lock id ``hold.key``."""
-        return self.reserve(hold)
-
-    def finalize(self, request: FinalizeRequest) -> bool:
-        """Confirm or release a lock, closing its hold in the same step.
-
-        Release returns the hold exactly and a confirm with ``override_value`` charges that
-        value instead, above or below the hold (:func:`agent_meter.ledger.lock_adjustment`);
-        neither is capped at the grant, as on Autumn.
-
-        Returns:
-            False when no lock is held under the id (finalized before, or never made).
-        """
-        return self.release(request.lock_id, lock_adjustment(request))
-
-    async def alock(self, hold: Hold) -> CheckResult:
-        """Async :meth:`lock` (runs inline)."""
-        return await self.areserve(hold)
-
-    async def afinalize(self, request: FinalizeRequest) -> bool:
-        """Async :meth:`finalize` (runs inline)."""
-        return await self.arelease(request.lock_id, lock_adjustment(request))
 
     def holds(self) -> list[Hold]:
         """Every open hold, oldest first."""

@@ -23,14 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from agent_meter import ledger
-from agent_meter.engine import CheckRequest, FinalizeRequest, Hold, TrackRequest
+from agent_meter.backends.locks_on_holds import LocksOnHolds
+from agent_meter.engine import CheckRequest, Hold, TrackRequest
 from agent_meter.errors import (
     BackendError,
     BackendUnavailable,
     ConfigError,
     CustomerNotFound,
 )
-from agent_meter.ledger import Balance, lock_adjustment
+from agent_meter.ledger import Balance
 from agent_meter.pricing import Pricing
 from agent_meter.results import CheckResult, TrackResult, UsageEvent
 from agent_meter.validation import check_customer_id
@@ -166,7 +167,7 @@ def _difference(stored: Pricing, given: Pricing) -> str:
     return "; ".join(parts) or "the same catalogue, stored differently"
 
 
-class SQLiteBackend:
+class SQLiteBackend(LocksOnHolds):
     """Autumn's semantics in a local SQLite file: the default, offline backend.
 
     Args:
@@ -843,30 +844,6 @@ class SQLiteBackend:
                 None,
             ),
         )
-
-    def lock(self, hold: Hold) -> CheckResult:
-        """Autumn's lock: a reservation held under the lock id ``hold.key``."""
-        return self.reserve(hold)
-
-    def finalize(self, request: FinalizeRequest) -> bool:
-        """Confirm or release a lock, closing its hold in the same commit.
-
-        Release returns the hold exactly and a confirm with ``override_value`` charges that
-        value instead, above or below the hold (:func:`agent_meter.engine.lock_adjustment`);
-        neither is capped at the grant, as on Autumn.
-
-        Returns:
-            False when no lock is held under the id (finalized before, or never made).
-        """
-        return self.release(request.lock_id, lock_adjustment(request))
-
-    async def alock(self, hold: Hold) -> CheckResult:
-        """Async :meth:`lock` (in a worker thread)."""
-        return await self.areserve(hold)
-
-    async def afinalize(self, request: FinalizeRequest) -> bool:
-        """Async :meth:`finalize` (in a worker thread)."""
-        return await self.arelease(request.lock_id, lock_adjustment(request))
 
     def holds(self) -> list[Hold]:
         """Every open hold, oldest first."""
