@@ -76,19 +76,26 @@ def count_text_tokens(text: str) -> int:
 
 
 def _walk(value: object, out: list[str]) -> None:
+    # Runs before every LLM call: the common shapes (texts, lists, dicts, messages) are
+    # tested first, and a message's tool calls read from its fields, because a missing
+    # attribute of a pydantic model costs a raised and caught AttributeError.
     if isinstance(value, str):
         if value:
             out.append(value)
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            if key not in _NOT_TEXT and key not in _METADATA:
-                _walk(item, out)
     elif isinstance(value, (list, tuple)):
         for item in value:
             _walk(item, out)
+    elif isinstance(value, (dict, Mapping)):  # dict first: no ABC check for the common case
+        for key, item in value.items():
+            if key not in _NOT_TEXT and key not in _METADATA:
+                _walk(item, out)
     elif hasattr(value, "content"):  # a LangChain message
         _walk(value.content, out)
-        for call in getattr(value, "tool_calls", None) or ():
+        fields = getattr(value, "__dict__", None)
+        calls = (
+            fields.get("tool_calls") if fields is not None else getattr(value, "tool_calls", None)
+        )
+        for call in calls or ():
             _walk(call.get("name"), out)
             out.append(json.dumps(call.get("args") or {}, default=str))
     elif value is not None and not isinstance(value, (int, float, bool)):
@@ -107,7 +114,10 @@ def prompt_texts(prompt: object) -> list[str]:
 def _messages(prompt: object) -> int:
     """How many messages ``prompt`` holds (1 for a plain string)."""
     if isinstance(prompt, (list, tuple)):
-        return sum(_messages(item) for item in prompt)
+        count = 0
+        for item in prompt:
+            count += _messages(item)
+        return count
     return 0 if prompt is None else 1
 
 
