@@ -135,7 +135,7 @@ class Guard:
 
     def _report(self, *, succeeded: bool) -> None:
         hooks = self._flows.hooks
-        if not hooks:
+        if not hooks.routine:
             return
         handle = self.handle
         admission = handle.admission
