@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -336,28 +336,12 @@ class SQLiteBackend(LocksOnHolds):
             self._connections.append((weakref.ref(threading.current_thread()), conn))
         return conn
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self) -> _Transaction:
         """A write transaction, which also closes the holds of recent successes.
 
         Their settle markers are folded into it (see settle_journal).
         """
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        settled = self._journal.take()
-        try:
-            if settled:
-                conn.executemany(_RELEASE, [(key,) for key in settled])
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            self._known_customers.clear()  # a customer created in this transaction is gone
-            self._journal.folded(settled, committed=False)
-            raise
-        self._journal.folded(settled, committed=True)
+        return _Transaction(self, self._conn())
 
     def _errors(self, action: str, *args: object) -> _Errors:
         """Turn SQLite's errors into ours; ``action % args`` (formatted then) says what."""
@@ -1059,6 +1043,54 @@ class SQLiteBackend(LocksOnHolds):
             )
             for at, cus, ent, feat, bal, kind, value, credits, applied, key in rows
         ]
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` … ``COMMIT`` (or ``ROLLBACK``), folding in settle markers.
+
+    A class rather than a generator: it runs on every reservation.
+    """
+
+    __slots__ = ("_backend", "_conn", "_settled")
+
+    def __init__(self, backend: SQLiteBackend, conn: sqlite3.Connection) -> None:
+        self._backend, self._conn = backend, conn
+        self._settled: list[str] = []
+
+    def __enter__(self) -> sqlite3.Connection:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        journal = self._backend._journal
+        self._settled = settled = journal.take()
+        if settled:
+            try:
+                conn.executemany(_RELEASE, [(key,) for key in settled])
+            except BaseException:
+                self._undo()
+                raise
+        return conn
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if exc is None:
+            try:
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._undo()
+                raise
+            self._backend._journal.folded(self._settled, committed=True)
+            return
+        self._undo()
+
+    def _undo(self) -> None:
+        conn = self._conn
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        backend = self._backend
+        backend._known_customers.clear()  # a customer created in this transaction is gone
+        backend._journal.folded(self._settled, committed=False)
 
 
 class _Errors:

@@ -265,7 +265,10 @@ class MeteredTool(BaseTool):
 
     def _current(self) -> _Prepared:
         """What this tool prepared, rebuilt when error handlers were set after wrapping."""
-        prepared = self._prepared
+        # read where pydantic keeps it: ``self._prepared`` finds it only after a failed
+        # lookup, which costs microseconds on every call
+        private = cast("dict[str, Any]", self.__pydantic_private__)
+        prepared: _Prepared = private["_prepared"]
         handlers = prepared.handlers
         if handlers[0] is not self.handle_tool_error or (
             handlers[1] is not self.handle_validation_error
