@@ -188,4 +188,3 @@ async def test_an_async_success_is_recorded_on_the_loop_without_a_worker_thread(
         pass
     assert len(threads) == 1  # the reservation; the success is an append on the loop
     assert ledger.balances("cus_1")["credits"] == 98
-
