@@ -316,7 +316,7 @@ class Flows:
             if self.denials is not None:
                 yield local(self._record_denial, call)
             raise
-        if self.hooks.routine:
+        if self.hooks.hears(logging.DEBUG):
             self.hooks.emit(Admitted(call, admitted.reserved, admitted.replay, time.time()))
         return admitted
 

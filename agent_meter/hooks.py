@@ -270,14 +270,14 @@ class Hooks:
         self._hooks = hooks
         self._others = any(type(hook) is not LoggingHook for hook in hooks)
 
-    @property
-    def routine(self) -> bool:
-        """Whether an event of the routine kind (admitted, billed, refunded) reaches anyone.
+    def hears(self, level: int = logging.DEBUG) -> bool:
+        """Whether an event the logging hook writes at ``level`` reaches anyone.
 
-        The logging hook writes those at debug level only: when it is the only hook and
-        debug is off, a guarded call need not build them.
+        Routine events (admitted, billed, refunded) are written at debug level: when the
+        logging hook is the only one and that level is off, a guarded call need not build
+        them.
         """
-        return self._others or (bool(self._hooks) and logger.isEnabledFor(logging.DEBUG))
+        return self._others or (bool(self._hooks) and logger.isEnabledFor(level))
 
     def add(self, hook: Hook) -> None:
         """Register ``hook`` (after the others)."""
