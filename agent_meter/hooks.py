@@ -259,14 +259,29 @@ class LoggingHook:
 class Hooks:
     """The hooks of one meter; :meth:`emit` passes an event to each, in order."""
 
-    __slots__ = ("_hooks",)
+    __slots__ = ("_hooks", "_others")
 
     def __init__(self, hooks: Iterable[Hook] = ()) -> None:
-        self._hooks: tuple[Hook, ...] = tuple(hooks)
+        self._hooks: tuple[Hook, ...] = ()
+        self._others = False
+        self._set(tuple(hooks))
+
+    def _set(self, hooks: tuple[Hook, ...]) -> None:
+        self._hooks = hooks
+        self._others = any(type(hook) is not LoggingHook for hook in hooks)
+
+    def hears(self, level: int = logging.DEBUG) -> bool:
+        """Whether an event the logging hook writes at ``level`` reaches anyone.
+
+        Routine events (admitted, billed, refunded) are written at debug level: when the
+        logging hook is the only one and that level is off, a guarded call need not build
+        them.
+        """
+        return self._others or (bool(self._hooks) and logger.isEnabledFor(level))
 
     def add(self, hook: Hook) -> None:
         """Register ``hook`` (after the others)."""
-        self._hooks = (*self._hooks, hook)
+        self._set((*self._hooks, hook))
 
     def remove(self, hook: Hook) -> None:
         """Unregister ``hook``.
@@ -276,7 +291,7 @@ class Hooks:
         """
         hooks = list(self._hooks)
         hooks.remove(hook)
-        self._hooks = tuple(hooks)
+        self._set(tuple(hooks))
 
     def __iter__(self) -> Iterator[Hook]:
         return iter(self._hooks)

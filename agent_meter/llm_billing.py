@@ -25,6 +25,7 @@ admitted or denied, billed what the balance paid, refunded, or tokens left unbil
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -165,15 +166,15 @@ class _Unreserved:
 
     def _billed(self, usage: TokenUsage, results: list[TrackResult]) -> None:
         hooks = self.meter.hooks
-        if not hooks:
-            return
+        routine = hooks.hears(logging.DEBUG)  # Billed events: built only for a listener
         now = time.time()
         unpaid = 0.0
         for (feature_id, tokens), result in zip(self.features.values(usage), results, strict=True):
             short = result.uncharged or 0.0
             unpaid += short
-            units = 0.0 if result.duplicate else tokens - short
-            hooks.emit(Billed(self._call(feature_id, tokens), units, self.started_at, now))
+            if routine:
+                units = 0.0 if result.duplicate else tokens - short
+                hooks.emit(Billed(self._call(feature_id, tokens), units, self.started_at, now))
         if unpaid > 0:
             why = (
                 f"LLM call used {usage.total_tokens} tokens; the balance could not pay "
@@ -185,10 +186,9 @@ class _Unreserved:
 
     def _closed(self, reason: str, *, unmetered: bool) -> None:
         hooks = self.meter.hooks
-        if not hooks:
-            return
-        call = self._call(self.features.gate_feature, 0)
-        hooks.emit(Refunded(call, 0.0, self.started_at, time.time(), reason))
+        if hooks.hears(logging.INFO):  # a refund with a reason is an info line
+            call = self._call(self.features.gate_feature, 0)
+            hooks.emit(Refunded(call, 0.0, self.started_at, time.time(), reason))
         if unmetered:
             hooks.emit(UnbilledTokens(self.customer.customer_id, self.call_id, 0, reason))
 

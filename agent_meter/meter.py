@@ -124,6 +124,10 @@ def default_outbox_path(backend: object) -> Path | None:
     return Path(state) / "agent_meter" / f"outbox-{name}.db"
 
 
+_ID_TYPES = (str, type(None))
+"""The types of ids that may be looked up among those validated before (hashable ones)."""
+
+
 class Meter:
     """Guards calls against a billing backend: check → work → track.
 
@@ -210,6 +214,9 @@ class Meter:
             unverified_limit=unverified_limit,
             hooks=self.hooks,
         )
+        # (customer, feature, entity) already validated -> whether the feature is boolean:
+        # the ids of the next call of the same kind need no second look
+        self._checked: dict[tuple[str, str, str | None], bool] = {}
         self._closed = False
         _open_meters.add(self)
         if recover_on_start:
@@ -304,9 +311,7 @@ class Meter:
         """
         if self._closed:
             self._refuse_closed()
-        customer_id = check_customer_id(customer_id)
-        feature_id = check_feature_id(feature_id)
-        entity_id = check_entity_id(entity_id)
+        gate_only = self._gate_only(customer_id, feature_id, entity_id)
         units = check_units(units, feature_id=feature_id, customer_id=customer_id)
         if call_id is not None:
             call_id = check_key("call_id", call_id, feature_id=feature_id)
@@ -326,8 +331,24 @@ class Meter:
             entity_id=entity_id,
             strategy=strategy,
             on_backend_error=policy,
-            gate_only=self.feature_type(feature_id) is FeatureType.BOOLEAN,
+            gate_only=gate_only,
         )
+
+    def _gate_only(self, customer_id: str, feature_id: str, entity_id: str | None) -> bool:
+        """Validate the ids of a call (once per kind); whether its feature is boolean."""
+        ids = (customer_id, feature_id, entity_id)
+        if type(customer_id) is str and type(feature_id) is str and type(entity_id) in _ID_TYPES:
+            known = self._checked.get(ids)
+            if known is not None:
+                return known
+        check_customer_id(customer_id)
+        check_feature_id(feature_id)
+        check_entity_id(entity_id)
+        gate_only = self.feature_type(feature_id) is FeatureType.BOOLEAN
+        if len(self._checked) >= 4096:  # bounded: many customers just check again
+            self._checked.clear()
+        self._checked[ids] = gate_only
+        return gate_only
 
     def _refuse_closed(self) -> NoReturn:
         msg = f"this meter is closed ({self!r}): meter.close() was called; open a new Meter"
