@@ -42,7 +42,7 @@ from agent_meter.engine import (
 from agent_meter.errors import AgentMeterError, ConfigError, InvalidUsage
 from agent_meter.flow import Flows, Recovery, arun, run
 from agent_meter.guard import AsyncGuard, Guard, GuardedCall
-from agent_meter.hooks import Hook, Hooks, LoggingHook, SetAside
+from agent_meter.hooks import Hook, Hooks, LockGone, LoggingHook, SetAside
 from agent_meter.keys import new_call_id
 from agent_meter.outbox import Outbox, Queued
 from agent_meter.owner import owner_is_alive
@@ -227,9 +227,13 @@ class Meter:
             msg = f"{self.backend!r} has no locks: cannot finalize {request.lock_id!r}"
             raise ConfigError(msg)
         done = locker.finalize(request)
-        if not done:
-            # Autumn holds nothing under the id: finalized before (a lost answer), never
-            # made, or expired. A lock finalizes once, so there is nothing left to do.
+        if not done and request.action == "confirm":
+            # Only an admitted call is confirmed, so its lock was made: Autumn released it
+            # at its expiry and charged nothing. The call is settled, unbilled; a lock
+            # finalizes once, so retrying would only find nothing again.
+            self.hooks.emit(LockGone(request, time.time()))
+        elif not done:
+            # a release of a lock never made (denied, failed open) or already released
             logger.info("agent_meter: lock %s was already settled", request.lock_id)
         return done
 

@@ -204,6 +204,12 @@ class AutumnServer:
         with self._lock:
             return {lock_id: entry[1] / NANO for lock_id, entry in self._locks.items()}
 
+    def expire_lock(self, lock_id: str) -> None:
+        """What Autumn does at a lock's ``expires_at``: release it (fact 19)."""
+        with self._lock:
+            customer_id, held, _ = self._locks.pop(lock_id)
+            self._balances[customer_id] += held
+
     # -- requests --------------------------------------------------------------------------
 
     def _handle(self, request: BaseHTTPRequestHandler) -> None:
