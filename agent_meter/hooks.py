@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from agent_meter.engine import FinalizeRequest, MeteredCall, TrackRequest
+from agent_meter.engine import FinalizeRequest, MeteredCall, TrackRequest, VoidReserve
 
 __all__ = [
     "Admitted",
@@ -142,11 +142,12 @@ class SetAside:
     """The backend rejected a queued track for good; it is kept aside in the outbox.
 
     Attributes:
-        request: The track (or a lock's finalize, strategy ``lock``).
+        request: The track (or a lock's finalize, strategy ``lock``, or the void of a
+            reserve in doubt).
         error: Why the backend rejected it.
     """
 
-    request: TrackRequest | FinalizeRequest
+    request: TrackRequest | FinalizeRequest | VoidReserve
     error: str
 
 

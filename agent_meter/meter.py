@@ -24,6 +24,7 @@ from agent_meter.backends.base import (
     CatalogueBackend,
     DefaultsToLocks,
     FullBackend,
+    KeyedReserves,
     LedgerFile,
     LocalBackend,
     LockingBackend,
@@ -38,6 +39,7 @@ from agent_meter.engine import (
     MeteredCall,
     Strategy,
     TrackRequest,
+    VoidReserve,
 )
 from agent_meter.errors import AgentMeterError, ConfigError, InvalidUsage
 from agent_meter.flow import Flows, Recovery, arun, run
@@ -215,9 +217,11 @@ class Meter:
             self._recover_in_background()
 
     def _deliver_one(self, request: Queued) -> object:
-        """What the deliverer sends: a track, or a lock's finalize (strategy ``lock``)."""
+        """What the deliverer sends: a track, a lock's finalize, or a reserve's void."""
         if isinstance(request, FinalizeRequest):
             return self._finalize(request)
+        if isinstance(request, VoidReserve):
+            return self._void(request)
         # looked up on each delivery: the backend's method may be replaced (tests do)
         return self.backend.track(request)
 
@@ -236,6 +240,23 @@ class Meter:
             # a release of a lock never made (denied, failed open) or already released
             logger.info("agent_meter: lock %s was already settled", request.lock_id)
         return done
+
+    def _void(self, request: VoidReserve) -> bool:
+        """Refund a reserve in doubt if the backend received it; spend its key if not."""
+        backend = self.backend
+        if not isinstance(backend, KeyedReserves) or not backend.keyed_reserves:
+            msg = f"{backend!r} cannot tell whether reserve {request.reserve_key!r} landed"
+            raise ConfigError(msg)
+        if not backend.reserve_received(request):
+            logger.info(
+                "agent_meter: reserve %s never reached the backend: nothing to give back",
+                request.reserve_key,
+            )
+            return False
+        # received: it may have deducted (a 409 cannot say more), and its call was refused
+        backend.track(request.refund())
+        logger.info("agent_meter: reserve %s reached the backend: refunded", request.reserve_key)
+        return True
 
     @property
     def unverified_limit(self) -> int:

@@ -86,7 +86,7 @@ from pydantic import BaseModel, ConfigDict
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 from agent_meter.backends.autumn_locks import DEFAULT_API_VERSION, MAX_LOCK_SECONDS, LockClient
-from agent_meter.engine import CheckRequest, FinalizeRequest, Hold, TrackRequest
+from agent_meter.engine import CheckRequest, FinalizeRequest, Hold, TrackRequest, VoidReserve
 from agent_meter.errors import (
     BackendError,
     BackendUnavailable,
@@ -288,7 +288,7 @@ def _key_middleware(key: str) -> Any:
 class _Call:
     """One request to Autumn, and what a retry of it would risk."""
 
-    op: Literal["check", "track", "customer", "catalogue"]
+    op: Literal["check", "track", "customer", "catalogue", "probe"]
     method: str
     path: str
     body: dict[str, Any] | None
@@ -302,6 +302,8 @@ class _Call:
             return "listing features"
         if self.op == "customer":
             return f"reading customer {self.customer_id!r}"
+        if self.op == "probe":
+            return f"question whether reserve {self.key!r} reached Autumn"
         return f"{self.op} of {self.feature_id!r} for {self.customer_id!r}"
 
 
@@ -573,6 +575,9 @@ class AutumnBackend:
     def _should_retry(self, call: _Call, failure: _Failure, attempt: int) -> bool:
         if attempt >= self.max_retries or not failure.transient:
             return False
+        if call.op == "probe" and not failure.unsent:
+            return False  # a probe that landed spent the key: a retry would find its own
+
         if failure.retry_after is not None and failure.retry_after > self.max_backoff:
             return False  # asked to wait longer than a caller should: unavailable for now
         # a keyed reserve is deducted once however often it is sent
@@ -685,6 +690,29 @@ class AutumnBackend:
         except _Duplicate:
             return _as_duplicate(result)
         return result
+
+    def reserve_received(self, request: VoidReserve) -> bool:
+        """Whether Autumn received a keyed reserve whose answer was lost.
+
+        Sends a plain check (it deducts nothing) under the reserve's ``Idempotency-Key``:
+        a 409 ``duplicate_idempotency_key`` says a request with that key was received
+        (whether it deducted, a 409 cannot say; fact 15). Any other answer says it was not,
+        and this check now holds the key for 24 h: the reserve, should it arrive late, is
+        answered 409 and deducts nothing. Not retried once it may have landed (a retry
+        would find its own key).
+
+        Raises:
+            BackendUnavailable: Autumn did not answer; ask again later.
+            BackendError, ConfigError: Autumn refused the question.
+        """
+        call = _check_call(
+            request.customer_id, request.feature_id, request.units, False, request.entity_id
+        )
+        try:
+            self._request(replace(call, op="probe", key=request.reserve_key))
+        except _Duplicate:
+            return True
+        return False
 
     # -- locks (strategy "lock", Autumn API v2) -----------------------------------------
 
@@ -1116,7 +1144,7 @@ def _error(  # noqa: PLR0911 - one error per kind of failure
     call: _Call, failure: _Failure, attempts: int, base_url: str
 ) -> Exception:
     """The error of ours that a final failure becomes."""
-    if failure.kind == "duplicate" and call.op == "track":
+    if failure.kind == "duplicate" and call.op in ("track", "probe"):
         return _Duplicate()
     if failure.kind == "duplicate" and call.key is not None:
         # The key was received before; a fail-open answer keeps its key too (fact 15), so

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from agent_meter.engine import CheckRequest, FinalizeRequest, Hold, TrackRequest
+from agent_meter.engine import CheckRequest, FinalizeRequest, Hold, TrackRequest, VoidReserve
 from agent_meter.pricing import Pricing
 from agent_meter.results import Catalogue, CheckResult, TrackResult
 
@@ -182,10 +182,19 @@ class KeyedReserves(Protocol):
     """A backend whose reserving checks take an ``idempotency_key`` (Autumn's header).
 
     The meter then passes each reservation's hold key: a reserve whose answer was lost is
-    retried with it and deducted once.
+    retried with it and deducted once, and, when its call is refused all the same, voided
+    through the outbox (:class:`~agent_meter.engine.VoidReserve`).
     """
 
     keyed_reserves: bool
+
+    def reserve_received(self, request: VoidReserve) -> bool:
+        """Whether a reserve sent under ``request.reserve_key`` reached the backend.
+
+        Asked without deducting, under the same key: when the reserve had not arrived,
+        the question spends its key, so that it can never land afterwards.
+        """
+        ...
 
 
 @runtime_checkable
