@@ -173,23 +173,19 @@ class VoidReserve:
     not, that question spends the key, so the reserve can never land afterwards.
 
     Attributes:
-        reserve_key: The reserve's idempotency key (its hold key).
+        idempotency_key: The reserve's idempotency key (its hold key), which names the void
+            in the outbox too: a reserve is voided once.
         customer_id: Who may have been charged.
         feature_id: The feature reserved.
         units: Units the reserve asked for.
         entity_id: Sub-scope of the customer.
     """
 
-    reserve_key: str
+    idempotency_key: str
     customer_id: str
     feature_id: str
     units: float
     entity_id: str | None = None
-
-    @property
-    def idempotency_key(self) -> str:
-        """The outbox key of this void: the reserve's key (a reserve is voided once)."""
-        return self.reserve_key
 
     @property
     def value(self) -> float:
@@ -202,7 +198,7 @@ class VoidReserve:
             self.customer_id,
             self.feature_id,
             -self.units,
-            f"{self.reserve_key}.void",
+            f"{self.idempotency_key}.void",
             self.entity_id,
         )
 

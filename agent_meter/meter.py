@@ -245,17 +245,19 @@ class Meter:
         """Refund a reserve in doubt if the backend received it; spend its key if not."""
         backend = self.backend
         if not isinstance(backend, KeyedReserves) or not backend.keyed_reserves:
-            msg = f"{backend!r} cannot tell whether reserve {request.reserve_key!r} landed"
+            msg = f"{backend!r} cannot tell whether reserve {request.idempotency_key!r} landed"
             raise ConfigError(msg)
         if not backend.reserve_received(request):
             logger.info(
                 "agent_meter: reserve %s never reached the backend: nothing to give back",
-                request.reserve_key,
+                request.idempotency_key,
             )
             return False
         # received: it may have deducted (a 409 cannot say more), and its call was refused
         backend.track(request.refund())
-        logger.info("agent_meter: reserve %s reached the backend: refunded", request.reserve_key)
+        logger.info(
+            "agent_meter: reserve %s reached the backend: refunded", request.idempotency_key
+        )
         return True
 
     @property

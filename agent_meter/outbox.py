@@ -396,22 +396,14 @@ def _hold(row: tuple[Any, ...]) -> Hold:
 
 
 def _row(request: Queued, now: float) -> tuple[object, ...]:
-    if isinstance(request, VoidReserve):
-        return (
-            request.reserve_key,
-            request.customer_id,
-            request.feature_id,
-            request.units,
-            request.entity_id,
-            None,
-            now,
-            now,
-            "void",
-            request.units,
+    if isinstance(request, (FinalizeRequest, VoidReserve)):
+        action, held = (
+            ("void", request.units)
+            if isinstance(request, VoidReserve)
+            else (request.action, request.held)
         )
-    if isinstance(request, FinalizeRequest):
         return (
-            request.lock_id,
+            request.idempotency_key,
             request.customer_id,
             request.feature_id,
             request.value,
@@ -419,8 +411,8 @@ def _row(request: Queued, now: float) -> tuple[object, ...]:
             None,
             now,
             now,
-            request.action,
-            request.held,
+            action,
+            held,
         )
     properties = request.properties
     return (
@@ -446,7 +438,7 @@ def _entry(row: tuple[Any, ...], *, lenient: bool = False) -> OutboxEntry:
             str(key),
             str(customer_id),
             str(feature_id),
-            float(value),
+            float(held),
             None if entity_id is None else str(entity_id),
         )
         return OutboxEntry(void, int(attempts), None if error is None else str(error))

@@ -29,7 +29,7 @@ from agent_meter.engine import (
 from agent_meter.hooks import Billed, Event, LockGone, ReserveInDoubt
 from agent_meter.owner import current_owner
 from agent_meter.results import TrackResult
-from tests.outage_helpers import SECRET, AutumnServer, pricing
+from tests.outage_helpers import SECRET, AutumnServer, arun_guarded, pricing, run_guarded
 
 
 @pytest.fixture
@@ -101,16 +101,6 @@ def test_a_release_of_a_lock_already_gone_is_no_event(server: AutumnServer, tmp_
 
 
 # -- a reserve whose answer was lost (issue 13, point 6; issue 12, point 8) ---------------------
-
-
-def run_guarded(meter: Meter, customer: str, call_id: str) -> str:
-    with meter.guard(customer, "web_search", call_id=call_id):
-        return "ran"
-
-
-async def arun_guarded(meter: Meter, customer: str, call_id: str) -> str:
-    async with meter.aguard(customer, "web_search", call_id=call_id):
-        return "ran"
 
 
 def in_doubt(events: list[Event]) -> list[ReserveInDoubt]:

@@ -709,7 +709,7 @@ class AutumnBackend:
             request.customer_id, request.feature_id, request.units, False, request.entity_id
         )
         try:
-            self._request(replace(call, op="probe", key=request.reserve_key))
+            self._request(replace(call, op="probe", key=request.idempotency_key))
         except _Duplicate:
             return True
         return False

@@ -189,7 +189,7 @@ class KeyedReserves(Protocol):
     keyed_reserves: bool
 
     def reserve_received(self, request: VoidReserve) -> bool:
-        """Whether a reserve sent under ``request.reserve_key`` reached the backend.
+        """Whether a reserve sent under ``request.idempotency_key`` reached the backend.
 
         Asked without deducting, under the same key: when the reserve had not arrived,
         the question spends its key, so that it can never land afterwards.
