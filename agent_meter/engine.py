@@ -236,9 +236,16 @@ class Hold:
             self.customer_id, self.feature_id, -self.units, self.refund_key, self.entity_id
         )
 
-    def void(self) -> VoidReserve:
-        """Voids this hold's reserve when its answer was lost (see :class:`VoidReserve`)."""
-        return VoidReserve(self.key, self.customer_id, self.feature_id, self.units, self.entity_id)
+    def void(self, key: str | None = None) -> VoidReserve:
+        """Voids this hold's reserve when its answer was lost (see :class:`VoidReserve`).
+
+        Args:
+            key: The key the reserve was last sent under, when not the hold's own (a
+                retry after a fail-open answer goes under a fresh key).
+        """
+        return VoidReserve(
+            key or self.key, self.customer_id, self.feature_id, self.units, self.entity_id
+        )
 
     def finalize(self, *, succeeded: bool, units: float | None = None) -> FinalizeRequest:
         """The finalize that settles this lock: confirm (``units`` charged) or release."""

@@ -372,12 +372,12 @@ class Flows:
             msg = f"{exc}; its lock is released"
             raise BackendUnavailable(msg, maybe_applied=False) from exc
         # A v1 reserve may have deducted: its call does not run, and it is voided.
-        if (yield from self._in_doubt(hold, str(exc))):
+        if (yield from self._in_doubt(hold, str(exc), exc.reserve_key)):
             msg = f"{exc}; it is voided once the billing service answers"
             raise BackendUnavailable(msg, maybe_applied=True) from exc
         raise exc
 
-    def _in_doubt(self, hold: Hold, error: str) -> Flow[bool]:
+    def _in_doubt(self, hold: Hold, error: str, key: str | None = None) -> Flow[bool]:
         """Keep a reserve whose answer was lost for reconciliation; never close it silently.
 
         Its call is refused, so it must not stay billed. A keyed reserve is voided through
@@ -388,11 +388,12 @@ class Flows:
         Returns:
             True when the void is queued.
         """
+        void = hold.void(key)
         if self.keyed:
-            yield local(self.queue, (hold.void(),), hold.key)
+            yield local(self.queue, (void,), hold.key)
         else:
             yield local(self.outbox.close_hold, hold.key)
-        self.hooks.emit(_in_doubt_event(hold, error, reconciled=self.keyed))
+        self.hooks.emit(_in_doubt_event(void, error, reconciled=self.keyed))
         return self.keyed
 
     def _admit_unverified(self, call: MeteredCall, error: BackendError) -> Admission:
@@ -537,7 +538,8 @@ class Flows:
                 elif (yield local(self._void_dead, hold)):
                     uncertain += 1
                     reason = "its process died before the answer"
-                    self.hooks.emit(_in_doubt_event(hold, reason, reconciled=self.keyed))
+                    event = _in_doubt_event(hold.void(), reason, reconciled=self.keyed)
+                    self.hooks.emit(event)
         delivered, pending = yield local(self._deliver_outbox)
         return Recovery(refunded, uncertain, delivered, pending)
 
@@ -566,9 +568,15 @@ class Flows:
         return self.deliverer.delivered - before, self.outbox.pending()
 
 
-def _in_doubt_event(hold: Hold, error: str, *, reconciled: bool) -> ReserveInDoubt:
+def _in_doubt_event(void: VoidReserve, error: str, *, reconciled: bool) -> ReserveInDoubt:
     return ReserveInDoubt(
-        hold.customer_id, hold.feature_id, hold.units, hold.key, reconciled, error, time.time()
+        void.customer_id,
+        void.feature_id,
+        void.units,
+        void.idempotency_key,
+        reconciled,
+        error,
+        time.time(),
     )
 
 

@@ -181,7 +181,7 @@ class ReserveInDoubt:
         customer_id: Who may have been charged.
         feature_id: The feature reserved.
         units: Units the reserve asked for.
-        key: The reserve's idempotency key (the hold key).
+        key: The idempotency key the reserve was last sent under.
         reconciled: True when it is recorded for reconciliation (keyed reserves); False
             when the backend cannot tell, and only this event and the log keep it.
         error: Why the answer was lost.

@@ -538,7 +538,7 @@ class AutumnBackend:
                 break
             key = _next_key(call, key, failure, attempt)
             time.sleep(self._delay(call, failure, attempt))
-        raise _error(call, failure, attempt + 1, self.base_url) from failure.cause
+        raise _error(call, failure, attempt + 1, self.base_url, key) from failure.cause
 
     async def _arequest(self, call: _Call) -> dict[str, Any]:
         self._ensure_open()
@@ -570,7 +570,7 @@ class AutumnBackend:
                 break
             key = _next_key(call, key, failure, attempt)
             await asyncio.sleep(self._delay(call, failure, attempt))
-        raise _error(call, failure, attempt + 1, self.base_url) from failure.cause
+        raise _error(call, failure, attempt + 1, self.base_url, key) from failure.cause
 
     def _should_retry(self, call: _Call, failure: _Failure, attempt: int) -> bool:
         if attempt >= self.max_retries or not failure.transient:
@@ -1141,9 +1141,9 @@ def _what(failure: _Failure) -> str:  # noqa: PLR0911 - one phrase per kind of f
 
 
 def _error(  # noqa: PLR0911 - one error per kind of failure
-    call: _Call, failure: _Failure, attempts: int, base_url: str
+    call: _Call, failure: _Failure, attempts: int, base_url: str, key: str | None = None
 ) -> Exception:
-    """The error of ours that a final failure becomes."""
+    """The error of ours that a final failure becomes (``key``: the last attempt's)."""
     if failure.kind == "duplicate" and call.op in ("track", "probe"):
         return _Duplicate()
     if failure.kind == "duplicate" and call.key is not None:
@@ -1153,6 +1153,7 @@ def _error(  # noqa: PLR0911 - one error per kind of failure
             f"Autumn had already received this reserve's key (409 duplicate_idempotency_key, "
             f"{call.describe()}); whether it deducted is unknown",
             maybe_applied=True,
+            reserve_key=key,
         )
     if failure.kind == "auth":
         return BackendError(
@@ -1188,6 +1189,7 @@ def _error(  # noqa: PLR0911 - one error per kind of failure
         return BackendUnavailable(
             f"Autumn is unavailable: {_what(failure)} {tries} ({call.describe()}{note})",
             maybe_applied=bool(note),
+            reserve_key=key if note else None,
         )
     detail = f": {failure.message}" if failure.message else ""
     return BackendError(f"Autumn failed the {call.describe()}: {_what(failure)}{detail}")
