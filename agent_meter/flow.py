@@ -26,6 +26,7 @@ from typing import Any, NoReturn, TypeVar
 
 from agent_meter import engine
 from agent_meter.backends.base import (
+    DeferredSettles,
     DenialRecorder,
     FullBackend,
     KeyedReserves,
@@ -317,7 +318,8 @@ class Flows:
             if self.denials is not None:
                 yield local(self._record_denial, call)
             raise
-        self.hooks.emit(Admitted(call, admitted.reserved, admitted.replay, time.time()))
+        if self.hooks.hears(logging.DEBUG):
+            self.hooks.emit(Admitted(call, admitted.reserved, admitted.replay, time.time()))
         return admitted
 
     def _hold_for(self, call: MeteredCall) -> Hold:
@@ -519,6 +521,8 @@ class Flows:
         """Refund the reservations of processes that died, and deliver the outbox."""
         refunded = uncertain = 0
         if (holder := self.holder) is not None:
+            if isinstance(holder, DeferredSettles):  # before listing holds: never refunded
+                yield local(holder.close_settled)
             yield from self._close_settled(holder)
             holds: list[Hold] = yield local(_dead, holder.holds)
             for hold in holds:

@@ -9,6 +9,7 @@ reports the real count (:meth:`GuardedCall.bill`) or a failure that raised nothi
 
 from __future__ import annotations
 
+import logging
 import time
 from types import TracebackType
 
@@ -135,16 +136,23 @@ class Guard:
 
     def _report(self, *, succeeded: bool) -> None:
         hooks = self._flows.hooks
-        if not hooks:
-            return
         handle = self.handle
+        # a refund with a reason is worth an info line; the rest are debug lines
+        if not hooks.hears(logging.INFO if handle.failed else logging.DEBUG):
+            return
         admission = handle.admission
         assert admission is not None  # noqa: S101 - set on entry
         if succeeded and not handle.failed:
             billed = 0.0 if admission.replay else handle.billed or 0.0
+            # what the balance could not pay beyond the reservation did not stay billed
+            billed -= handle.uncharged or 0.0
             hooks.emit(Billed(handle.call, billed, self._started, time.time()))
         else:
-            hooks.emit(Refunded(handle.call, admission.reserved, self._started, time.time()))
+            hooks.emit(
+                Refunded(
+                    handle.call, admission.reserved, self._started, time.time(), handle._failure
+                )
+            )
 
 
 AsyncGuard = Guard

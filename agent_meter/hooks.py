@@ -109,7 +109,8 @@ class Billed:
 
     Attributes:
         call: The call.
-        units: Units billed (the real count when the block reported one).
+        units: Units billed (the real count when the block reported one), less what
+            the balance could not pay beyond the reservation.
         started_at: Unix time the call was admitted.
         at: Unix time it was settled.
     """
@@ -129,12 +130,15 @@ class Refunded:
         units: Units given back (0 when nothing had been reserved).
         started_at: Unix time the call was admitted.
         at: Unix time it was settled.
+        reason: Why, when the call reported its failure instead of raising (an error
+            result, an LLM call that failed or reported no usage); None when it raised.
     """
 
     call: MeteredCall
     units: float
     started_at: float
     at: float
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,18 +157,21 @@ class SetAside:
 
 @dataclass(frozen=True, slots=True)
 class UnbilledTokens:
-    """An LLM call's tokens could not be billed.
+    """An LLM call's tokens could not be billed, or may not have been.
 
     Attributes:
         customer_id: Who should have paid.
         call_id: The LLM call (a run id, a response id).
-        tokens: Tokens left unbilled (0 when the model reported no usage).
+        tokens: Tokens left unbilled: what the balance could not pay beyond the
+            reservation, or what the backend could not record; 0 when the model reported
+            no usage (nothing is known to bill); None when the backend does not say
+            whether it could pay the excess (a lock confirmed above what it held).
         reason: Why.
     """
 
     customer_id: str
     call_id: str
-    tokens: int
+    tokens: int | None
     reason: str
 
 
@@ -241,7 +248,8 @@ class LoggingHook:
     """The default hook: the log lines agent_meter writes (logger ``agent_meter``).
 
     Warnings and errors for what needs attention (a call run unverified, a track set
-    aside, tokens not billed); debug lines for the rest.
+    aside, tokens not billed or not metered); an info line for a call refunded with a
+    reason (an error result, a failed LLM call); debug lines for the rest.
     """
 
     def __call__(self, event: Event) -> None:
@@ -267,13 +275,7 @@ class LoggingHook:
                 event.error,
             )
         elif isinstance(event, UnbilledTokens):
-            logger.error(
-                "agent_meter: tokens of %s (%d) for %s not billed: %s",
-                event.call_id,
-                event.tokens,
-                event.customer_id,
-                event.reason,
-            )
+            self._unbilled(event)
         elif isinstance(event, ReserveInDoubt):
             logger.warning(
                 "agent_meter: the reserve %s (%s x %s for %s) lost its answer (%s); %s",
@@ -296,8 +298,43 @@ class LoggingHook:
                 request.feature_id,
                 request.customer_id,
             )
+        elif isinstance(event, Refunded) and event.reason is not None:
+            call = event.call
+            logger.info(
+                "agent_meter: %s call %s of %s refunded (%s units): %s",
+                call.feature_id,
+                call.call_id,
+                call.customer_id,
+                f"{event.units:g}",
+                event.reason,
+            )
         elif logger.isEnabledFor(logging.DEBUG):
             logger.debug("agent_meter: %s", event)
+
+    @staticmethod
+    def _unbilled(event: UnbilledTokens) -> None:
+        if event.tokens is None:  # maybe paid: worth a look, not an alarm
+            logger.warning(
+                "agent_meter: tokens of %s for %s may not be billed: %s",
+                event.call_id,
+                event.customer_id,
+                event.reason,
+            )
+        elif event.tokens == 0:  # nothing reported to bill: a setting to fix
+            logger.warning(
+                "agent_meter: LLM call %s of %s not metered: %s",
+                event.call_id,
+                event.customer_id,
+                event.reason,
+            )
+        else:  # tokens used and not paid for
+            logger.error(
+                "agent_meter: tokens of %s (%d) for %s not billed: %s",
+                event.call_id,
+                event.tokens,
+                event.customer_id,
+                event.reason,
+            )
 
     def __repr__(self) -> str:
         return "LoggingHook()"
@@ -306,14 +343,29 @@ class LoggingHook:
 class Hooks:
     """The hooks of one meter; :meth:`emit` passes an event to each, in order."""
 
-    __slots__ = ("_hooks",)
+    __slots__ = ("_hooks", "_others")
 
     def __init__(self, hooks: Iterable[Hook] = ()) -> None:
-        self._hooks: tuple[Hook, ...] = tuple(hooks)
+        self._hooks: tuple[Hook, ...] = ()
+        self._others = False
+        self._set(tuple(hooks))
+
+    def _set(self, hooks: tuple[Hook, ...]) -> None:
+        self._hooks = hooks
+        self._others = any(type(hook) is not LoggingHook for hook in hooks)
+
+    def hears(self, level: int = logging.DEBUG) -> bool:
+        """Whether an event the logging hook writes at ``level`` reaches anyone.
+
+        Routine events (admitted, billed, refunded) are written at debug level: when the
+        logging hook is the only one and that level is off, a guarded call need not build
+        them.
+        """
+        return self._others or (bool(self._hooks) and logger.isEnabledFor(level))
 
     def add(self, hook: Hook) -> None:
         """Register ``hook`` (after the others)."""
-        self._hooks = (*self._hooks, hook)
+        self._set((*self._hooks, hook))
 
     def remove(self, hook: Hook) -> None:
         """Unregister ``hook``.
@@ -323,7 +375,7 @@ class Hooks:
         """
         hooks = list(self._hooks)
         hooks.remove(hook)
-        self._hooks = tuple(hooks)
+        self._set(tuple(hooks))
 
     def __iter__(self) -> Iterator[Hook]:
         return iter(self._hooks)

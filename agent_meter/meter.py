@@ -78,6 +78,7 @@ logger = logging.getLogger("agent_meter")
 
 _open_meters: weakref.WeakSet[Meter] = weakref.WeakSet()
 _EXIT_FLUSH_SECONDS = 2.0
+_GATE: Strategy = "check_then_track"  # the LLM gate checks and never deducts
 
 
 @atexit.register
@@ -123,6 +124,10 @@ def default_outbox_path(backend: object) -> Path | None:
     name = backend.outbox_id if isinstance(backend, RemoteBackend) else ""
     name = name or type(backend).__name__.lower()
     return Path(state) / "agent_meter" / f"outbox-{name}.db"
+
+
+_ID_TYPES = (str, type(None))
+"""The types of ids that may be looked up among those validated before (hashable ones)."""
 
 
 class Meter:
@@ -211,6 +216,9 @@ class Meter:
             unverified_limit=unverified_limit,
             hooks=self.hooks,
         )
+        # (customer, feature, entity) already validated -> whether the feature is boolean:
+        # the ids of the next call of the same kind need no second look
+        self._checked: dict[tuple[str, str, str | None], bool] = {}
         self._closed = False
         _open_meters.add(self)
         if recover_on_start:
@@ -330,9 +338,7 @@ class Meter:
         """
         if self._closed:
             self._refuse_closed()
-        customer_id = check_customer_id(customer_id)
-        feature_id = check_feature_id(feature_id)
-        entity_id = check_entity_id(entity_id)
+        gate_only = self._gate_only(customer_id, feature_id, entity_id)
         units = check_units(units, feature_id=feature_id, customer_id=customer_id)
         if call_id is not None:
             call_id = check_key("call_id", call_id, feature_id=feature_id)
@@ -352,8 +358,24 @@ class Meter:
             entity_id=entity_id,
             strategy=strategy,
             on_backend_error=policy,
-            gate_only=self.feature_type(feature_id) is FeatureType.BOOLEAN,
+            gate_only=gate_only,
         )
+
+    def _gate_only(self, customer_id: str, feature_id: str, entity_id: str | None) -> bool:
+        """Validate the ids of a call (once per kind); whether its feature is boolean."""
+        ids = (customer_id, feature_id, entity_id)
+        if type(customer_id) is str and type(feature_id) is str and type(entity_id) in _ID_TYPES:
+            known = self._checked.get(ids)
+            if known is not None:
+                return known
+        check_customer_id(customer_id)
+        check_feature_id(feature_id)
+        check_entity_id(entity_id)
+        gate_only = self.feature_type(feature_id) is FeatureType.BOOLEAN
+        if len(self._checked) >= 4096:  # bounded: many customers just check again
+            self._checked.clear()
+        self._checked[ids] = gate_only
+        return gate_only
 
     def _refuse_closed(self) -> NoReturn:
         msg = f"this meter is closed ({self!r}): meter.close() was called; open a new Meter"
@@ -575,15 +597,23 @@ class Meter:
         units: float = 1,
         *,
         entity_id: str | None = None,
+        call_id: str | None = None,
     ) -> Admission:
         """Admit or refuse a use without reserving (the LLM gate): check, never deduct.
+
+        Args:
+            customer_id: Who pays.
+            feature_id: The feature to check.
+            units: Units the balance must cover.
+            entity_id: Sub-scope of the customer.
+            call_id: Names the call in the hooks' events (generated when omitted).
 
         Raises:
             UsageLimitExceeded: The customer has less than ``units`` left.
             BackendError: The check failed and the fail policy is ``deny``.
         """
         call = self.metered_call(
-            customer_id, feature_id, units, entity_id=entity_id, strategy="check_then_track"
+            customer_id, feature_id, units, call_id=call_id, entity_id=entity_id, strategy=_GATE
         )
         return run(self._flows.admit(call))
 
@@ -594,10 +624,11 @@ class Meter:
         units: float = 1,
         *,
         entity_id: str | None = None,
+        call_id: str | None = None,
     ) -> Admission:
         """Async :meth:`gate`."""
         call = self.metered_call(
-            customer_id, feature_id, units, entity_id=entity_id, strategy="check_then_track"
+            customer_id, feature_id, units, call_id=call_id, entity_id=entity_id, strategy=_GATE
         )
         return await arun(self._flows.admit(call))
 

@@ -20,6 +20,7 @@ __all__ = [
     "Backend",
     "CatalogueBackend",
     "DefaultsToLocks",
+    "DeferredSettles",
     "DenialRecorder",
     "FullBackend",
     "KeyedReserves",
@@ -163,6 +164,20 @@ class ReservingBackend(Protocol):
 
     async def arelease(self, key: str, refund: TrackRequest | None = None) -> bool:
         """Async :meth:`release`."""
+        ...
+
+
+@runtime_checkable
+class DeferredSettles(Protocol):
+    """A ledger that closes a success's hold in its next commit, not one of its own.
+
+    It keeps the success durably meanwhile (see
+    :mod:`agent_meter.backends.settle_journal`); ``recover()`` asks it first to close the
+    holds that ended processes recorded as settled, so that none of them is refunded.
+    """
+
+    def close_settled(self) -> int:
+        """Close the holds recorded as settled and not yet closed; how many were closed."""
         ...
 
 
