@@ -23,6 +23,7 @@ from agent_meter import engine
 from agent_meter.backends.base import (
     CatalogueBackend,
     DefaultsToLocks,
+    DeferredSettles,
     FullBackend,
     KeyedReserves,
     LedgerFile,
@@ -283,7 +284,8 @@ class Meter:
             self.deliverer.wake()
         holder = self._flows.holder
         holds = holder.holds() if holder is not None else [hold for hold, _ in self.outbox.holds()]
-        if any(not owner_is_alive(hold.owner) for hold in holds):
+        settled = isinstance(holder, DeferredSettles) and holder.has_settled_to_close()
+        if settled or any(not owner_is_alive(hold.owner) for hold in holds):
             threading.Thread(
                 target=self._recover_quietly, name="agent_meter-recover", daemon=True
             ).start()

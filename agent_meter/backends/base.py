@@ -176,6 +176,10 @@ class DeferredSettles(Protocol):
     holds that ended processes recorded as settled, so that none of them is refunded.
     """
 
+    def has_settled_to_close(self) -> bool:
+        """Whether processes that ended left successes whose holds are still open."""
+        ...
+
     def close_settled(self) -> int:
         """Close the holds recorded as settled and not yet closed; how many were closed."""
         ...
