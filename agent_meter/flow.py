@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from agent_meter import engine
 from agent_meter.backends.base import (
@@ -41,6 +41,7 @@ from agent_meter.engine import (
     Hold,
     MeteredCall,
     TrackRequest,
+    VoidReserve,
 )
 from agent_meter.errors import (
     AgentMeterError,
@@ -48,7 +49,7 @@ from agent_meter.errors import (
     BackendUnavailable,
     UsageLimitExceeded,
 )
-from agent_meter.hooks import Admitted, Denied, Hooks, Unverified
+from agent_meter.hooks import Admitted, Denied, Hooks, ReserveInDoubt, Unverified
 from agent_meter.outbox import Outbox, Queued
 from agent_meter.owner import current_owner, owner_is_alive
 from agent_meter.results import CheckResult, TrackResult
@@ -175,7 +176,8 @@ class Recovery:
     Attributes:
         refunded: Reservations of dead processes given back.
         uncertain: Reservations whose check was sent by a process that died before the
-            answer (remote backends only); closed without a refund.
+            answer (remote backends only). With keyed reserves (Autumn) each is voided
+            through the outbox: refunded once if the backend received it.
         delivered: Queued tracks delivered.
         pending: Tracks still waiting in the outbox.
     """
@@ -348,16 +350,7 @@ class Flows:
                     request = dataclasses.replace(request, idempotency_key=hold.key)
                 result = yield self._check(request)
         except BackendUnavailable as exc:
-            if hold.lock and exc.maybe_applied:
-                # A lock that may stand is released by id (a release of a lock never
-                # made finds nothing): then nothing stands, and the call may run
-                # unverified like any other. A v1 reserve in doubt cannot be undone.
-                release = hold.finalize(succeeded=False)
-                yield local(self.queue, (release,), hold.key)
-                msg = f"{exc}; its lock is released"
-                raise BackendUnavailable(msg, maybe_applied=False) from exc
-            yield local(self.outbox.close_hold, hold.key)
-            raise
+            yield from self._unanswered(hold, exc)
         except BaseException as exc:
             if not isinstance(exc, GeneratorExit):
                 yield local(self.outbox.close_hold, hold.key)
@@ -367,6 +360,43 @@ class Flows:
         else:
             yield local(self.outbox.close_hold, hold.key)
         return result
+
+    def _unanswered(self, hold: Hold, exc: BackendUnavailable) -> Flow[NoReturn]:
+        """Settle the journal's hold of a reservation the backend did not answer; raise."""
+        if not exc.maybe_applied:
+            yield local(self.outbox.close_hold, hold.key)
+            raise exc
+        if hold.lock:
+            # A lock that may stand is released by id (a release of a lock never made
+            # finds nothing): then nothing stands, and the call may run unverified like
+            # any other.
+            yield local(self.queue, (hold.finalize(succeeded=False),), hold.key)
+            msg = f"{exc}; its lock is released"
+            raise BackendUnavailable(msg, maybe_applied=False) from exc
+        # A v1 reserve may have deducted: its call does not run, and it is voided.
+        if (yield from self._in_doubt(hold, str(exc), exc.reserve_key)):
+            msg = f"{exc}; it is voided once the billing service answers"
+            raise BackendUnavailable(msg, maybe_applied=True) from exc
+        raise exc
+
+    def _in_doubt(self, hold: Hold, error: str, key: str | None = None) -> Flow[bool]:
+        """Keep a reserve whose answer was lost for reconciliation; never close it silently.
+
+        Its call is refused, so it must not stay billed. A keyed reserve is voided through
+        the outbox (:class:`~agent_meter.engine.VoidReserve`, queued in the commit that
+        closes its hold): refunded once if the backend received it, its key spent if not.
+        An unkeyed one cannot be told apart: the event is all that is left of it.
+
+        Returns:
+            True when the void is queued.
+        """
+        void = hold.void(key)
+        if self.keyed:
+            yield local(self.queue, (void,), hold.key)
+        else:
+            yield local(self.outbox.close_hold, hold.key)
+        self.hooks.emit(_in_doubt_event(void, error, reconciled=self.keyed))
+        return self.keyed
 
     def _admit_unverified(self, call: MeteredCall, error: BackendError) -> Admission:
         refused: BackendError | None = None
@@ -509,14 +539,11 @@ class Flows:
                 elif state == "held":
                     if (yield local(self._refund_dead, hold)):
                         refunded += 1
-                elif (yield local(self.outbox.close_hold, hold.key)):
+                elif (yield local(self._void_dead, hold)):
                     uncertain += 1
-                    logger.warning(
-                        "agent_meter: a reservation of %s for %s was sent by a process that "
-                        "died before the answer; it may stay billed",
-                        hold.feature_id,
-                        hold.customer_id,
-                    )
+                    reason = "its process died before the answer"
+                    event = _in_doubt_event(hold.void(), reason, reconciled=self.keyed)
+                    self.hooks.emit(event)
         delivered, pending = yield local(self._deliver_outbox)
         return Recovery(refunded, uncertain, delivered, pending)
 
@@ -528,6 +555,13 @@ class Flows:
             return True
         return False
 
+    def _void_dead(self, hold: Hold) -> bool:
+        # a keyed reserve sent by a dead process is voided (the hold closed in the same
+        # commit, so of racing recoveries one queues it); an unkeyed one is only closed
+        if self.keyed:
+            return self.outbox.put([hold.void()], now=time.time(), close_hold=hold.key)
+        return self.outbox.close_hold(hold.key)
+
     def _release_dead(self, hold: Hold) -> bool:
         release = hold.finalize(succeeded=False)
         return self.outbox.put([release], now=time.time(), close_hold=hold.key)
@@ -538,14 +572,29 @@ class Flows:
         return self.deliverer.delivered - before, self.outbox.pending()
 
 
+def _in_doubt_event(void: VoidReserve, error: str, *, reconciled: bool) -> ReserveInDoubt:
+    return ReserveInDoubt(
+        void.customer_id,
+        void.feature_id,
+        void.units,
+        void.idempotency_key,
+        reconciled,
+        error,
+        time.time(),
+    )
+
+
 def _raises_balance_view(request: Queued) -> bool:
     """Whether the customer's next check must wait for ``request`` to be delivered.
 
-    A track must be seen by the next check. A lock's confirm of the held amount changes
+    A track must be seen by the next check; the void of a reserve in doubt only gives back.
+    A lock's confirm of the held amount changes
     nothing, and a release only gives back: a check that runs first sees less than there
     is, never more, so neither puts a round trip on the next call's path. A confirm above
     the hold does charge more, so it is delivered first.
     """
+    if isinstance(request, VoidReserve):
+        return False
     if isinstance(request, FinalizeRequest):
         return request.value > request.held
     return True

@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,51 @@ def test_a_process_killed_right_after_its_successes_is_never_refunded(
     assert open_in_ledger(ledger.path) == []
     assert journals(ledger) == []  # folded in, then removed
     assert backend.balances("cus_1")["credits"] == 100 - 3
+
+
+EXITS_WITHOUT_CLOSE = textwrap.dedent(
+    """
+    import sys
+    from agent_meter import Meter, SQLiteBackend
+
+    meter = Meter(SQLiteBackend(sys.argv[1]), recover_on_start=False)
+    with meter.guard("cus_1", "web_search", call_id="ok"):
+        pass
+    """  # and exits normally, without closing anything
+)
+
+
+def test_a_normal_exit_closes_the_last_successes_hold(ledger: SQLiteBackend) -> None:
+    ledger.close()
+    subprocess.run(  # our own interpreter, our own script
+        [sys.executable, "-c", EXITS_WITHOUT_CLOSE, str(ledger.path)],
+        cwd=ROOT,
+        check=True,
+        timeout=60,
+    )
+    assert open_in_ledger(ledger.path) == []
+    assert journals(ledger) == []
+
+
+def test_a_meter_that_starts_folds_what_a_killed_process_left(ledger: SQLiteBackend) -> None:
+    ledger.close()
+    child = subprocess.run(  # our own interpreter, our own script
+        [sys.executable, "-c", KILLED_AFTER_SUCCESS, str(ledger.path)],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == -signal.SIGKILL
+    assert len(journals(ledger)) == 1
+
+    meter = Meter(SQLiteBackend(ledger.path))  # recovers on start, in the background
+    deadline = time.monotonic() + 20
+    while journals(ledger) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert journals(ledger) == []
+    assert open_in_ledger(ledger.path) == []
+    assert meter.backend.balances("cus_1")["credits"] == 100 - 3  # type: ignore[attr-defined]
 
 
 def test_a_journal_that_cannot_be_written_closes_the_hold_at_once(

@@ -10,6 +10,7 @@ survives the process being killed.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import os
@@ -126,6 +127,18 @@ def _reopen_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_reopen_in_child)
+
+
+@atexit.register
+def _fold_at_exit() -> None:
+    """At a normal exit, close the holds of this process's successes.
+
+    One commit per ledger, so that no journal is left for a recovery to fold.
+    """
+    for backend in list(_open_backends):
+        if backend._fold_settled():
+            backend._journal.close(folded=True)
+
 
 LEDGER_APPLICATION_ID = 0x616D6C67
 """``PRAGMA application_id`` of an agent_meter ledger ("amlg"): marks the file as ours."""
@@ -857,6 +870,23 @@ class SQLiteBackend(LocksOnHolds):
         settled = self._journal.settled_keys() if rows else set()
         return [Hold(*row) for row in rows if row[0] not in settled]
 
+    def _fold_settled(self) -> bool:
+        """Close the holds this process recorded as settled, in one commit; False if not."""
+        if not self._journal.pending():
+            return True
+        if self._closed:
+            return False
+        try:
+            with self._write():  # folds the markers in
+                pass
+        except (sqlite3.Error, BackendError):
+            return False  # the journal stays; recover() closes them once we are gone
+        return True
+
+    def has_settled_to_close(self) -> bool:
+        """Whether processes that ended left successes whose holds are still open."""
+        return bool(self._journal.ended())
+
     def close_settled(self) -> int:
         """Close the holds of calls recorded as settled; never refunds.
 
@@ -898,14 +928,7 @@ class SQLiteBackend(LocksOnHolds):
 
     def close(self) -> None:
         """Close the holds of settled calls, then every thread's connection."""
-        folded = not self._journal.pending()
-        if not folded and not self._closed:
-            try:
-                with self._write():  # folds the markers: one commit
-                    folded = True
-            except sqlite3.Error:
-                folded = False  # the journal stays; recover() closes them once we are gone
-        self._journal.close(folded=folded)
+        self._journal.close(folded=self._fold_settled())
         self._closed = True
         with self._connections_lock:
             connections, self._connections = self._connections, []
