@@ -50,6 +50,7 @@ from agent_meter.errors import (
 from agent_meter.hooks import Admitted, Denied, Hooks, Unverified
 from agent_meter.outbox import Outbox, Queued
 from agent_meter.owner import current_owner, owner_is_alive
+from agent_meter.pricing import Pricing
 from agent_meter.results import CheckResult, TrackResult
 
 __all__ = ["Effect", "Flow", "Flows", "Recovery", "arun", "run"]
@@ -207,6 +208,7 @@ class Flows:
         unverified_limit: Calls per customer that may run unverified while the backend
             is unreachable (see :func:`agent_meter.engine.admit_unverified`).
         hooks: Receive an event for each decision (see :mod:`agent_meter.hooks`).
+        pricing: The feature catalogue, when known (prices a count before it is billed).
     """
 
     def __init__(
@@ -218,8 +220,10 @@ class Flows:
         inline: bool,
         unverified_limit: int,
         hooks: Hooks,
+        pricing: Pricing | None = None,
     ) -> None:
         self.backend = backend
+        self.pricing = pricing
         self.holder = backend if isinstance(backend, ReservingBackend) else None
         self.locker = backend if isinstance(backend, LockingBackend) else None
         self.keyed = isinstance(backend, KeyedReserves) and backend.keyed_reserves
@@ -424,9 +428,11 @@ class Flows:
         self, hold: Hold, refund: TrackRequest | None, exc: BackendError
     ) -> Flow[None]:
         if refund is not None:
-            # The refund waits in the outbox; the ledger's hold is closed by recover() once
-            # this process has ended, and its refund carries the same key: it counts once.
-            yield local(self.queue, (refund,))
+            # The hold's own settlement waits in the outbox: delivered, it closes the hold
+            # and refunds in one commit, at the price the hold deducted (a refund track
+            # would be priced at the day's rate). Until then recover() leaves the hold to it.
+            kept = hold.units + refund.value  # the failed call's refund leaves 0
+            yield local(self.queue, (hold.finalize(succeeded=kept > 0, units=kept),))
             return
         # The call succeeded and its caller is told it is billed: whatever happens to the
         # bookkeeping, recover() must never refund it. The outbox (another file) keeps
@@ -490,7 +496,7 @@ class Flows:
         refunded = uncertain = 0
         if (holder := self.holder) is not None:
             yield from self._close_settled(holder)
-            holds: list[Hold] = yield local(_dead, holder.holds)
+            holds: list[Hold] = yield local(_dead_unsettled, holder.holds, self.outbox)
             for hold in holds:
                 if (yield remote(holder.release, holder.arelease, hold.key, hold.refund())):
                     refunded += 1
@@ -547,8 +553,17 @@ def _raises_balance_view(request: Queued) -> bool:
     return True
 
 
-def _dead(holds: Callable[[], list[Hold]]) -> list[Hold]:
-    return [hold for hold in holds() if not owner_is_alive(hold.owner)]
+def _dead_unsettled(holds: Callable[[], list[Hold]], outbox: Outbox) -> list[Hold]:
+    """Holds of dead processes, but those whose settlement waits in the outbox.
+
+    A hold whose confirm or release could not be written at the time is closed by that
+    queued settlement when it is delivered: refunding it too would refund a success.
+    """
+    dead = [hold for hold in holds() if not owner_is_alive(hold.owner)]
+    if not dead:
+        return dead
+    queued = outbox.keys()
+    return [hold for hold in dead if hold.key not in queued]
 
 
 def _dead_journal(outbox: Outbox) -> list[tuple[Hold, str]]:

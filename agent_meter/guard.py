@@ -16,6 +16,8 @@ from agent_meter import engine
 from agent_meter.engine import Admission, MeteredCall
 from agent_meter.flow import Flow, Flows, arun, run
 from agent_meter.hooks import Billed, Refunded
+from agent_meter.ledger import charge_for
+from agent_meter.pricing import Pricing
 from agent_meter.results import CheckResult, TrackResult
 from agent_meter.validation import check_units
 
@@ -34,10 +36,11 @@ class GuardedCall:
             when the backend does not say.
     """
 
-    __slots__ = ("_actual", "_failure", "admission", "billed", "call", "uncharged")
+    __slots__ = ("_actual", "_failure", "_pricing", "admission", "billed", "call", "uncharged")
 
-    def __init__(self, call: MeteredCall) -> None:
+    def __init__(self, call: MeteredCall, pricing: Pricing | None = None) -> None:
         self.call = call
+        self._pricing = pricing
         self.admission: Admission | None = None
         self.billed: float | None = None
         self.uncharged: float | None = 0.0
@@ -50,10 +53,18 @@ class GuardedCall:
         return None if self.admission is None else self.admission.check
 
     def bill(self, units: float) -> None:
-        """Bill ``units`` instead of the estimate (the real count, known after the work)."""
-        self._actual = check_units(
-            units, feature_id=self.call.feature_id, customer_id=self.call.customer_id
-        )
+        """Bill ``units`` instead of the estimate (the real count, known after the work).
+
+        Raises:
+            InvalidUsage: ``units`` is not a count, or (the pricing known) costs more
+                credits than a ledger holds; the call's bill is left as it was.
+        """
+        call = self.call
+        actual = check_units(units, feature_id=call.feature_id, customer_id=call.customer_id)
+        if self._pricing is not None and not call.gate_only:
+            # priced now, so that settling never fails on a count the ledger cannot hold
+            charge_for(self._pricing, call.customer_id, call.feature_id, actual)
+        self._actual = actual
 
     def fail(self, reason: str = "failed") -> None:
         """Mark the call failed without raising (an error result): nothing stays billed."""
@@ -97,7 +108,7 @@ class Guard:
     def __init__(self, flows: Flows, call: MeteredCall) -> None:
         self._flows = flows
         self._started = 0.0
-        self.handle = GuardedCall(call)
+        self.handle = GuardedCall(call, flows.pricing)
 
     def __enter__(self) -> GuardedCall:
         self._started = time.time()

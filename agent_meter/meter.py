@@ -208,6 +208,7 @@ class Meter:
             inline=_is_local(backend),
             unverified_limit=unverified_limit,
             hooks=self.hooks,
+            pricing=pricing,
         )
         self._closed = False
         _open_meters.add(self)

@@ -312,6 +312,10 @@ class Outbox:
             )
         return int(rows[0][0])
 
+    def keys(self) -> set[str]:
+        """The keys of every track and finalize kept here, pending or set aside."""
+        return {str(row[0]) for row in self._query("SELECT key FROM tracks")}
+
     def next_due(self) -> float | None:
         """When the earliest pending track is due, or None when nothing is pending."""
         rows = self._query("SELECT min(next_attempt_at) FROM tracks WHERE state = 'pending'")
