@@ -235,7 +235,12 @@ class Flows:
         self.hooks = hooks
         self._lock = threading.Lock()
         self._unverified: dict[str, int] = {}
-        self._queued_customers: set[str] = set()
+        # Customers whose next check must wait for their queue (see _raises_balance_view),
+        # and customers with anything queued: a track goes after all of it (Autumn caps a
+        # track at 0, so one that overtakes a refund is lost). Seeded with what earlier
+        # processes left in the outbox.
+        self._behind: set[str] = set(outbox.pending_customers())
+        self._queued_customers: set[str] = set(self._behind)
 
     # -- effects -------------------------------------------------------------------------
 
@@ -249,25 +254,38 @@ class Flows:
         """Keep tracks in the durable outbox and wake the deliverer (blocking)."""
         self.outbox.put(requests, now=time.time(), close_hold=close_hold)
         for request in requests:
+            self._behind.add(request.customer_id)
             if _raises_balance_view(request):
                 self._queued_customers.add(request.customer_id)
         self.deliverer.wake()
         return [queued(request) for request in requests]
 
     def drain_first(self, customer_id: str) -> None:
-        """Deliver this customer's queued tracks before a check, so it sees all of them.
+        """Deliver this customer's queue before a check or a track that must come after it.
 
         Raises:
-            BackendUnavailable: Some are still undelivered.
+            BackendUnavailable: Some of it is still undelivered.
         """
-        if customer_id not in self._queued_customers:
+        if customer_id not in self._behind and customer_id not in self._queued_customers:
             return
         if not self.deliverer.drain(customer_id):
-            msg = f"usage of {customer_id!r} queued earlier could not be delivered before the check"
+            msg = f"usage of {customer_id!r} queued earlier could not be delivered first"
             raise BackendUnavailable(msg)
         self._queued_customers.discard(customer_id)
+        self._behind.discard(customer_id)
         if self.outbox.pending(customer_id):  # another thread queued meanwhile: keep it marked
             self._queued_customers.add(customer_id)
+            self._behind.add(customer_id)
+
+    def _after_queue(self, request: TrackRequest) -> Flow[bool]:
+        """Deliver the customer's queue before ``request``; False: it could not be."""
+        if request.customer_id not in self._behind:
+            return True
+        try:
+            yield local(self.drain_first, request.customer_id)
+        except BackendUnavailable:
+            return False
+        return True
 
     def _record_denial(self, call: MeteredCall) -> None:
         """Keep the refusal in the ledger for reports; never let that hide the refusal."""
@@ -458,13 +476,16 @@ class Flows:
         )
 
     def track(self, request: TrackRequest) -> Flow[TrackResult]:
-        """Send one track; keep it in the outbox when the backend is unavailable."""
-        try:
-            result: TrackResult = yield self._send(request)
-        except BackendUnavailable:
-            kept: list[TrackResult] = yield local(self.queue, (request,))
-            return kept[0]
-        return result
+        """Send one track after the customer's queue; else keep it in the outbox behind it."""
+        if (yield from self._after_queue(request)):
+            try:
+                result: TrackResult = yield self._send(request)
+            except BackendUnavailable:
+                pass
+            else:
+                return result
+        kept: list[TrackResult] = yield local(self.queue, (request,))
+        return kept[0]
 
     def deliver(self, requests: Sequence[TrackRequest]) -> Flow[list[TrackResult]]:
         """Deliver now to a local backend, else through the outbox; never lose one."""
@@ -473,11 +494,15 @@ class Flows:
             return kept
         results: list[TrackResult] = []
         for index, request in enumerate(requests):
-            try:
-                results.append((yield self._send(request)))
-            except BackendError:
-                rest: list[TrackResult] = yield local(self.queue, requests[index:])
-                return results + rest
+            if (yield from self._after_queue(request)):
+                try:
+                    results.append((yield self._send(request)))
+                except BackendError:
+                    pass
+                else:
+                    continue
+            rest: list[TrackResult] = yield local(self.queue, requests[index:])
+            return results + rest
         return results
 
     def _close_settled(self, holder: Any) -> Flow[None]:

@@ -312,6 +312,11 @@ class Outbox:
             )
         return int(rows[0][0])
 
+    def pending_customers(self) -> set[str]:
+        """The customers with tracks or finalizes waiting for delivery."""
+        rows = self._query("SELECT DISTINCT customer_id FROM tracks WHERE state = 'pending'")
+        return {str(row[0]) for row in rows}
+
     def keys(self) -> set[str]:
         """The keys of every track and finalize kept here, pending or set aside."""
         return {str(row[0]) for row in self._query("SELECT key FROM tracks")}

@@ -1,0 +1,126 @@
+"""Every send for a customer goes after that customer's queue (issue 12, point 3).
+
+Autumn caps a track at 0: a track that overtakes a queued refund or lock release is
+capped, then the refund lifts the balance, and the customer ends with credits after using
+them all. Runs against the local Autumn-shaped server, which caps tracks like Autumn.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent_meter import Meter
+from agent_meter.backends.autumn import AutumnBackend
+from agent_meter.engine import Strategy
+from tests.outage_helpers import SECRET, AutumnServer, pricing
+
+
+@pytest.fixture
+def server() -> Iterator[AutumnServer]:
+    with AutumnServer() as running:
+        yield running
+
+
+@pytest.fixture(params=["reserve", "lock"])
+def strategy(request: pytest.FixtureRequest) -> Strategy:
+    return request.param  # type: ignore[no-any-return]
+
+
+def _meter(server: AutumnServer, tmp_path: Path, strategy: Strategy) -> Meter:
+    backend = AutumnBackend(
+        SECRET, base_url=server.url, timeout=0.5, max_retries=0, backoff=0.01, max_backoff=0.02
+    )
+    meter = Meter(
+        backend,
+        pricing=pricing(),
+        outbox=tmp_path / "outbox.db",
+        strategy=strategy,
+        recover_on_start=False,
+    )
+    meter.deliverer._base = 60.0  # a failed delivery waits long: only a drain sends it again
+    return meter
+
+
+def _queue_a_refund(meter: Meter, server: AutumnServer) -> None:
+    """The customer's 10 credits are reserved by a call that fails while Autumn is down:
+    its refund (or lock release) waits in the outbox after one failed delivery."""
+    server.set_balance("cus", 10)
+    with pytest.raises(RuntimeError), meter.guard("cus", "web_search", 10, call_id="c1"):
+        assert server.balance("cus") == 0
+        server.set_mode("503")
+        raise RuntimeError("tool failed")
+    deadline = time.monotonic() + 10
+    while not any(entry.attempts for entry in meter.outbox.due(float("inf"), customer_id="cus")):
+        assert time.monotonic() < deadline, "the refund was never tried"
+        time.sleep(0.01)
+    server.set_mode("up")
+
+
+def test_a_direct_track_goes_after_the_customers_queued_refund(
+    server: AutumnServer, tmp_path: Path, strategy: Strategy
+) -> None:
+    meter = _meter(server, tmp_path, strategy)
+    _queue_a_refund(meter, server)
+    result = meter.track("cus", "web_search", 10, idempotency_key="t1")
+    assert not result.queued
+    assert meter.flush(timeout=5) == 0
+    assert server.balance("cus") == 0  # the refund came back first, the track used it
+    assert server.open_locks() == {}
+    meter.close(timeout=1)
+
+
+async def test_a_direct_atrack_goes_after_the_customers_queued_refund(
+    server: AutumnServer, tmp_path: Path, strategy: Strategy
+) -> None:
+    meter = _meter(server, tmp_path, strategy)
+    _queue_a_refund(meter, server)
+    result = await meter.atrack("cus", "web_search", 10, idempotency_key="t1")
+    assert not result.queued
+    assert await meter.aflush(timeout=5) == 0
+    assert server.balance("cus") == 0
+    await meter.aclose(timeout=1)
+
+
+def test_a_direct_track_is_queued_behind_a_refund_that_cannot_be_delivered(
+    server: AutumnServer, tmp_path: Path, strategy: Strategy
+) -> None:
+    meter = _meter(server, tmp_path, strategy)
+    _queue_a_refund(meter, server)
+    server.set_mode("503")
+    assert meter.track("cus", "web_search", 10, idempotency_key="t1").queued
+    server.set_mode("up")
+    assert meter.flush(timeout=5) == 0
+    assert server.balance("cus") == 0
+    meter.close(timeout=1)
+
+
+def test_a_guarded_track_goes_after_the_customers_queued_refund(
+    server: AutumnServer, tmp_path: Path
+) -> None:
+    """The settle path queues its track behind the refund (a lock's queued release is not
+    waited for by the next check: that check sees less than there is, never more)."""
+    meter = _meter(server, tmp_path, "reserve")
+    _queue_a_refund(meter, server)
+    with meter.guard("cus", "web_search", 10, call_id="c2", strategy="check_then_track"):
+        pass
+    assert meter.flush(timeout=5) == 0
+    assert server.balance("cus") == 0
+    meter.close(timeout=1)
+
+
+def test_a_queue_left_by_an_earlier_process_goes_first(
+    server: AutumnServer, tmp_path: Path, strategy: Strategy
+) -> None:
+    first = _meter(server, tmp_path, strategy)
+    _queue_a_refund(first, server)
+    first.deliverer.stop()  # the process ends with the refund still queued
+    later = _meter(server, tmp_path, strategy)
+    later.deliverer.stop()
+    later.track("cus", "web_search", 10, idempotency_key="t1")
+    assert later.flush(timeout=5) == 0
+    assert server.balance("cus") == 0
+    later.close(timeout=1)
