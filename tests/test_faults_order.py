@@ -18,16 +18,15 @@ from agent_meter.backends.autumn import AutumnBackend
 from agent_meter.engine import Strategy
 from tests.outage_helpers import SECRET, AutumnServer, pricing
 
+STRATEGIES: list[Strategy] = ["reserve", "lock"]
+
 
 @pytest.fixture
 def server() -> Iterator[AutumnServer]:
-    with AutumnServer() as running:
+    """An Autumn-shaped server whose customers start with the plan's 100 credits."""
+    running = AutumnServer()
+    with running:
         yield running
-
-
-@pytest.fixture(params=["reserve", "lock"])
-def strategy(request: pytest.FixtureRequest) -> Strategy:
-    return request.param  # type: ignore[no-any-return]
 
 
 def _meter(server: AutumnServer, tmp_path: Path, strategy: Strategy) -> Meter:
@@ -45,14 +44,19 @@ def _meter(server: AutumnServer, tmp_path: Path, strategy: Strategy) -> Meter:
     return meter
 
 
+def _fail_during_an_outage(meter: Meter, server: AutumnServer) -> None:
+    with meter.guard("cus", "web_search", 10, call_id="c1"):
+        assert server.balance("cus") == 0
+        server.set_mode("503")
+        raise RuntimeError("tool failed")
+
+
 def _queue_a_refund(meter: Meter, server: AutumnServer) -> None:
     """The customer's 10 credits are reserved by a call that fails while Autumn is down:
     its refund (or lock release) waits in the outbox after one failed delivery."""
     server.set_balance("cus", 10)
-    with pytest.raises(RuntimeError), meter.guard("cus", "web_search", 10, call_id="c1"):
-        assert server.balance("cus") == 0
-        server.set_mode("503")
-        raise RuntimeError("tool failed")
+    with pytest.raises(RuntimeError, match="tool failed"):
+        _fail_during_an_outage(meter, server)
     deadline = time.monotonic() + 10
     while not any(entry.attempts for entry in meter.outbox.due(float("inf"), customer_id="cus")):
         assert time.monotonic() < deadline, "the refund was never tried"
@@ -60,42 +64,38 @@ def _queue_a_refund(meter: Meter, server: AutumnServer) -> None:
     server.set_mode("up")
 
 
+def _used_up(meter: Meter, server: AutumnServer) -> None:
+    """Once everything is delivered the customer has nothing left: refund first, then track."""
+    assert meter.flush(timeout=5) == 0
+    assert server.balance("cus") == 0  # not 10: the track was not capped before the refund
+    assert server.open_locks() == {}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("down", [False, True], ids=["delivered_first", "queued_behind"])
 def test_a_direct_track_goes_after_the_customers_queued_refund(
-    server: AutumnServer, tmp_path: Path, strategy: Strategy
+    server: AutumnServer, tmp_path: Path, strategy: Strategy, down: bool
 ) -> None:
     meter = _meter(server, tmp_path, strategy)
     _queue_a_refund(meter, server)
-    result = meter.track("cus", "web_search", 10, idempotency_key="t1")
-    assert not result.queued
-    assert meter.flush(timeout=5) == 0
-    assert server.balance("cus") == 0  # the refund came back first, the track used it
-    assert server.open_locks() == {}
+    if down:  # the refund still cannot be delivered: the track waits behind it
+        server.set_mode("503")
+    assert meter.track("cus", "web_search", 10, idempotency_key="t1").queued is down
+    server.set_mode("up")
+    _used_up(meter, server)
     meter.close(timeout=1)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 async def test_a_direct_atrack_goes_after_the_customers_queued_refund(
     server: AutumnServer, tmp_path: Path, strategy: Strategy
 ) -> None:
     meter = _meter(server, tmp_path, strategy)
     _queue_a_refund(meter, server)
-    result = await meter.atrack("cus", "web_search", 10, idempotency_key="t1")
-    assert not result.queued
+    assert not (await meter.atrack("cus", "web_search", 10, idempotency_key="t1")).queued
     assert await meter.aflush(timeout=5) == 0
-    assert server.balance("cus") == 0
+    _used_up(meter, server)
     await meter.aclose(timeout=1)
-
-
-def test_a_direct_track_is_queued_behind_a_refund_that_cannot_be_delivered(
-    server: AutumnServer, tmp_path: Path, strategy: Strategy
-) -> None:
-    meter = _meter(server, tmp_path, strategy)
-    _queue_a_refund(meter, server)
-    server.set_mode("503")
-    assert meter.track("cus", "web_search", 10, idempotency_key="t1").queued
-    server.set_mode("up")
-    assert meter.flush(timeout=5) == 0
-    assert server.balance("cus") == 0
-    meter.close(timeout=1)
 
 
 def test_a_guarded_track_goes_after_the_customers_queued_refund(
@@ -107,11 +107,11 @@ def test_a_guarded_track_goes_after_the_customers_queued_refund(
     _queue_a_refund(meter, server)
     with meter.guard("cus", "web_search", 10, call_id="c2", strategy="check_then_track"):
         pass
-    assert meter.flush(timeout=5) == 0
-    assert server.balance("cus") == 0
+    _used_up(meter, server)
     meter.close(timeout=1)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_a_queue_left_by_an_earlier_process_goes_first(
     server: AutumnServer, tmp_path: Path, strategy: Strategy
 ) -> None:
@@ -121,6 +121,5 @@ def test_a_queue_left_by_an_earlier_process_goes_first(
     later = _meter(server, tmp_path, strategy)
     later.deliverer.stop()
     later.track("cus", "web_search", 10, idempotency_key="t1")
-    assert later.flush(timeout=5) == 0
-    assert server.balance("cus") == 0
+    _used_up(later, server)
     later.close(timeout=1)
