@@ -141,14 +141,41 @@ async def arun(flow: Flow[T]) -> T:
         return answer
 
 
-def _reserve_held(holder: Any, hold: Hold) -> Flow[CheckResult]:
-    """Reserve in a ledger that holds; a cancelled async caller gets it given back."""
+class Cancelled(asyncio.CancelledError):
+    """The caller was cancelled while a shielded effect ran; the effect ran to its end.
+
+    Attributes:
+        outcome: What the effect returned (None when it raised).
+        error: What it raised, if it did.
+    """
+
+    def __init__(self, outcome: object, error: BaseException | None) -> None:
+        super().__init__()
+        self.outcome = outcome
+        self.error = error
+
+
+def shielded(call: Callable[..., Any], acall: Callable[..., Awaitable[Any]], *args: Any) -> Effect:
+    """A reservation, which the async driver lets finish even when its caller is cancelled.
+
+    It then throws :class:`Cancelled` (with the outcome) into the flow, which gives it back.
+    """
+    return Effect(call, acall, args, shield=True)
+
+
+def _reserve_held(
+    reserve: Callable[[Hold], CheckResult],
+    areserve: Callable[[Hold], Awaitable[CheckResult]],
+    release: Callable[..., bool],
+    hold: Hold,
+) -> Flow[CheckResult]:
+    """Reserve or lock in a ledger that holds; a cancelled async caller gets it given back."""
     try:
-        reserved: CheckResult = yield Effect(holder.reserve, holder.areserve, (hold,), shield=True)
+        reserved: CheckResult = yield shielded(reserve, areserve, hold)
     except asyncio.CancelledError:
-        # The async caller was cancelled while reserving; the driver let the reservation
-        # finish: give it back (nothing happens if none was made).
-        yield local(holder.release, hold.key, hold.refund())
+        # The driver let the reservation finish: give it back by its key (nothing
+        # happens if none was made).
+        yield local(release, hold.key, hold.refund())
         raise
     return reserved
 
@@ -156,8 +183,9 @@ def _reserve_held(holder: Any, hold: Hold) -> Flow[CheckResult]:
 async def _shielded(awaitable: Awaitable[T]) -> T:
     """Await ``awaitable``; if the caller is cancelled meanwhile, let it finish first.
 
-    The cancellation is raised once it has finished, so the flow can undo what it did
-    (a reservation made in a worker thread goes on after its awaiter is cancelled).
+    The cancellation is raised once it has finished, as :class:`Cancelled` carrying what
+    it returned or raised, so the flow can undo what it did (a reservation made in a
+    worker thread or already on the wire goes on after its awaiter is cancelled).
     """
     task = asyncio.ensure_future(awaitable)
     try:
@@ -165,7 +193,10 @@ async def _shielded(awaitable: Awaitable[T]) -> T:
     except asyncio.CancelledError:
         with contextlib.suppress(BaseException):
             await asyncio.wait({task})  # not cancellable by the same cancel
-        raise
+        if task.cancelled():
+            raise
+        error = task.exception()
+        raise Cancelled(None if error else task.result(), error) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,24 +380,33 @@ class Flows:
     def _reserve(self, hold: Hold, request: CheckRequest) -> Flow[CheckResult]:
         if (holder := self.holder) is not None:
             if hold.lock and (locker := self.locker) is not None:
-                locked: CheckResult = yield remote(locker.lock, locker.alock, hold)
-                return locked
-            reserved: CheckResult = yield from _reserve_held(holder, hold)
-            return reserved
+                return (yield from _reserve_held(locker.lock, locker.alock, holder.release, hold))
+            return (yield from _reserve_held(holder.reserve, holder.areserve, holder.release, hold))
+        return (yield from self._reserve_remote(hold, request))
+
+    def _reserve_remote(self, hold: Hold, request: CheckRequest) -> Flow[CheckResult]:
         # A remote backend: journal the hold before the check, so that a crash between
         # the deduction and the answer is found by recover().
-        yield local(self.outbox.open_hold, hold)
+        try:
+            yield Effect(self.outbox.open_hold, None, (hold,), shield=True)
+        except asyncio.CancelledError:
+            yield local(self.outbox.close_hold, hold.key)  # nothing was sent
+            raise
         try:
             if hold.lock:
                 locker = self.locker
                 if locker is None:  # the meter refuses 'lock' for such a backend
                     msg = f"strategy 'lock' needs a backend with locks, not {self.backend!r}"
                     raise BackendError(msg)
-                result: CheckResult = yield remote(locker.lock, locker.alock, hold)
+                result: CheckResult = yield shielded(locker.lock, locker.alock, hold)
             else:
                 if self.keyed:  # a reserve whose answer was lost can be retried, once
                     request = dataclasses.replace(request, idempotency_key=hold.key)
-                result = yield self._check(request)
+                result = yield shielded(self.backend.check, self.backend.acheck, request)
+        except asyncio.CancelledError as cancel:
+            # Cancelled on the wire: the request ran to its end; give back what it took.
+            yield local(self._give_back, hold, getattr(cancel, "outcome", None))
+            raise
         except BackendUnavailable as exc:
             if hold.lock and exc.maybe_applied:
                 # A lock that may stand is released by id (a release of a lock never
@@ -387,6 +427,20 @@ class Flows:
         else:
             yield local(self.outbox.close_hold, hold.key)
         return result
+
+    def _give_back(self, hold: Hold, outcome: object) -> None:
+        """Undo the reservation of a cancelled caller, closing its journal entry.
+
+        A lock is released by id, made or not (a release of a lock never made finds
+        nothing); a reserve is refunded when its answer says it deducted. A reserve whose
+        answer was lost stays in doubt, as when it times out.
+        """
+        if hold.lock:
+            self.queue((hold.finalize(succeeded=False),), hold.key)
+        elif isinstance(outcome, CheckResult) and outcome.deducted:
+            self.queue((hold.refund(),), hold.key)
+        else:
+            self.outbox.close_hold(hold.key)
 
     def _admit_unverified(self, call: MeteredCall, error: BackendError) -> Admission:
         refused: BackendError | None = None

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from agent_meter import Meter
-from agent_meter.backends.autumn import AutumnBackend
 from agent_meter.engine import Strategy
-from tests.outage_helpers import SECRET, AutumnServer, pricing
+from tests.outage_helpers import AutumnServer, autumn_meter
 
 STRATEGIES: list[Strategy] = ["reserve", "lock"]
 
@@ -30,16 +29,7 @@ def server() -> Iterator[AutumnServer]:
 
 
 def _meter(server: AutumnServer, tmp_path: Path, strategy: Strategy) -> Meter:
-    backend = AutumnBackend(
-        SECRET, base_url=server.url, timeout=0.5, max_retries=0, backoff=0.01, max_backoff=0.02
-    )
-    meter = Meter(
-        backend,
-        pricing=pricing(),
-        outbox=tmp_path / "outbox.db",
-        strategy=strategy,
-        recover_on_start=False,
-    )
+    meter = autumn_meter(server, tmp_path / "outbox.db", strategy)
     meter.deliverer._base = 60.0  # a failed delivery waits long: only a drain sends it again
     return meter
 
