@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import logging
 import secrets
-import threading
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
@@ -264,8 +263,9 @@ class Flows:
         self.inline = inline
         self.unverified_limit = unverified_limit
         self.hooks = hooks
-        self._lock = threading.Lock()
-        self._unverified: dict[str, int] = {}
+        # Customers in an outage (calls ran unverified, counted in the outbox for every
+        # process sharing it), whose next verified admission may end it.
+        self._unverified: set[str] = outbox.unverified_customers()
         # Customers whose next check must wait for their queue (see _raises_balance_view),
         # and customers with anything queued: a track goes after all of it (Autumn caps a
         # track at 0, so one that overtakes a refund is lost). Seeded with what earlier
@@ -359,8 +359,7 @@ class Flows:
             else:
                 result = yield self._check(request)
         except BackendError as exc:
-            return self._admit_unverified(call, exc)
-        self._unverified.pop(call.customer_id, None)
+            return (yield from self._admit_unverified(call, exc))
         try:
             admitted = engine.admit(call, result, hold)
         except UsageLimitExceeded as refusal:
@@ -368,6 +367,8 @@ class Flows:
             if self.denials is not None:
                 yield local(self._record_denial, call)
             raise
+        if call.customer_id in self._unverified:
+            yield local(self._end_outage, call.customer_id)
         self.hooks.emit(Admitted(call, admitted.reserved, admitted.replay, time.time()))
         return admitted
 
@@ -442,24 +443,53 @@ class Flows:
         else:
             self.outbox.close_hold(hold.key)
 
-    def _admit_unverified(self, call: MeteredCall, error: BackendError) -> Admission:
-        refused: BackendError | None = None
-        with self._lock:
-            count = self._unverified.get(call.customer_id, 0)
+    def _admit_unverified(self, call: MeteredCall, error: BackendError) -> Flow[Admission]:
+        """Run ``call`` unverified if the policy and the customer's cap allow, else refuse.
+
+        The cap counts a customer's unverified calls in the outbox, across every process
+        sharing it, for the whole outage: a backend that answers once in between (a flap)
+        gives no new allowance. See :meth:`_end_outage` for when the outage is over.
+        """
+        limit = self.unverified_limit
+        count, granted = limit, False
+        if engine.may_run_unverified(call, error):
             try:
-                admission = engine.admit_unverified(
-                    call, error, unverified=count, limit=self.unverified_limit
+                count, granted = yield local(
+                    self.outbox.count_unverified, call.customer_id, limit, time.time()
                 )
-            except BackendError as refusal:
-                refused = refusal
-            else:
-                self._unverified[call.customer_id] = count + 1
+            except AgentMeterError as exc:  # the count cannot be kept: run nothing free
+                refusal = BackendUnavailable(
+                    f"{call.feature_id} is unavailable: the billing service is unreachable "
+                    f"and the unverified calls of {call.customer_id!r} cannot be counted "
+                    f"({exc}); no credits were used. Cause: {error}"
+                )
+                self.hooks.emit(Denied(call, "backend_error", str(refusal), time.time()))
+                raise refusal from error
+            self._unverified.add(call.customer_id)
         now = time.time()
-        if refused is not None:
-            self.hooks.emit(Denied(call, "backend_error", str(refused), now))
-            raise refused
-        self.hooks.emit(Unverified(call, count + 1, self.unverified_limit, str(error), now))
-        return admission
+        if not granted:
+            try:
+                engine.admit_unverified(call, error, unverified=count, limit=limit)
+            except BackendError as refused:
+                self.hooks.emit(Denied(call, "backend_error", str(refused), now))
+                raise
+        self.hooks.emit(Unverified(call, count + 1, limit, str(error), now))
+        return Admission(reserved=0.0, verified=False)
+
+    def _end_outage(self, customer_id: str) -> None:
+        """A verified check admitted a call: the outage is over once the queue is delivered.
+
+        Over means every track queued for the customer was delivered (its unverified usage
+        is billed) and a verified check admitted a call afterwards. A denial, or a success
+        while the queue still waits, leaves the count as it is.
+        """
+        try:
+            over = self.outbox.end_unverified(customer_id)
+        except AgentMeterError as exc:
+            logger.warning("agent_meter: could not end the outage of %r: %s", customer_id, exc)
+            return
+        if over:
+            self._unverified.discard(customer_id)
 
     def settle(
         self, admission: Admission, settlement: engine.Settlement

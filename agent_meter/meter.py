@@ -143,7 +143,10 @@ class Meter:
         outbox: The file where usage the backend has not acknowledged waits (see
             :func:`default_outbox_path` for the default).
         unverified_limit: Under ``on_backend_error="allow"``, how many calls per customer
-            may run while the backend is unreachable before the meter fails closed.
+            may run while the backend is unreachable before the meter fails closed. It
+            is counted per outage in the outbox, across every process sharing it; the
+            outage is over for a customer once its queued usage is delivered and a
+            verified check admits one of its calls (a flap or a refusal is not enough).
         hooks: Receive an event for each billing decision (:mod:`agent_meter.hooks`);
             default: one :class:`~agent_meter.hooks.LoggingHook`. Add more with
             :meth:`add_hook`.
