@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
@@ -44,9 +45,10 @@ from agent_meter.errors import (
     AgentMeterError,
     BackendError,
     BackendUnavailable,
+    ConfigError,
     UsageLimitExceeded,
 )
-from agent_meter.hooks import Admitted, Denied, Hooks, Unverified
+from agent_meter.hooks import Admitted, Denied, Hooks, SettleFailed, Unverified
 from agent_meter.outbox import Outbox, Queued
 from agent_meter.owner import current_owner, owner_is_alive
 from agent_meter.pricing import Pricing
@@ -266,6 +268,13 @@ class Flows:
         # Customers in an outage (calls ran unverified, counted in the outbox for every
         # process sharing it), whose next verified admission may end it.
         self._unverified: set[str] = outbox.unverified_customers()
+        # Settlements whose bookkeeping failed: retried by the next call, flush and close.
+        self._unsettled: list[tuple[Admission, engine.Settlement]] = []
+        # Guarded calls between admission and settlement: close() lets them settle first.
+        self._in_flight = 0
+        self._idle = threading.Condition(threading.Lock())
+        self._when_idle: Callable[[], None] | None = None
+        self.closing = False
         # Customers whose next check must wait for their queue (see _raises_balance_view),
         # and customers with anything queued: a track goes after all of it (Autumn caps a
         # track at 0, so one that overtakes a refund is lost). Seeded with what earlier
@@ -288,7 +297,8 @@ class Flows:
             self._behind.add(request.customer_id)
             if _raises_balance_view(request):
                 self._queued_customers.add(request.customer_id)
-        self.deliverer.wake()
+        if not self.closing:  # after close() the queue waits for the next meter
+            self.deliverer.wake()
         return [queued(request) for request in requests]
 
     def drain_first(self, customer_id: str) -> None:
@@ -317,6 +327,86 @@ class Flows:
         except BackendUnavailable:
             return False
         return True
+
+    # -- calls in flight, and settlements to write again -----------------------------------
+
+    def entered(self) -> None:
+        """A guarded call begins: it is settled before close() closes the files.
+
+        Raises:
+            ConfigError: The meter is closed.
+        """
+        with self._idle:
+            if self.closing:
+                msg = "this meter is closed: meter.close() was called; open a new Meter"
+                raise ConfigError(msg)
+            self._in_flight += 1
+
+    def left(self) -> None:
+        """A guarded call is settled (or was refused); the last one after close() closes."""
+        with self._idle:
+            self._in_flight -= 1
+            if self._in_flight:
+                return
+            self._idle.notify_all()
+            then, self._when_idle = self._when_idle, None
+        if then is not None:
+            then()
+
+    def wait_idle(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for the calls in flight; how many still run."""
+        with self._idle:
+            self._idle.wait_for(lambda: not self._in_flight, max(timeout, 0))
+            return self._in_flight
+
+    def defer_until_idle(self, then: Callable[[], None]) -> bool:
+        """Run ``then`` when the last call in flight settles; False if none is in flight."""
+        with self._idle:
+            if not self._in_flight:
+                return False
+            self._when_idle = then
+            return True
+
+    def settle_later(
+        self,
+        call: MeteredCall,
+        admission: Admission,
+        settlement: engine.Settlement,
+        failure: Exception,
+        *,
+        succeeded: bool,
+    ) -> None:
+        """The bookkeeping of a settled call failed: say so, and write it again later.
+
+        The caller still gets the block's own result or exception. Settling is
+        idempotent (a closed hold is not closed twice, a key is queued once), so the
+        whole settlement is simply run again by :meth:`retry_unsettled`.
+        """
+        with self._idle:
+            self._unsettled.append((admission, settlement))
+        self.hooks.emit(
+            SettleFailed(call, succeeded, f"{type(failure).__name__}: {failure}", time.time())
+        )
+
+    def retry_unsettled(self) -> int:
+        """Write again the settlements that failed; returns how many still fail."""
+        with self._idle:
+            unsettled, self._unsettled = self._unsettled, []
+        failed = []
+        for admission, settlement in unsettled:
+            try:
+                run(self.settle(admission, settlement))
+            except Exception as exc:  # noqa: BLE001 - kept for the next try, and logged
+                logger.warning("agent_meter: a settlement failed again, kept for later: %s", exc)
+                failed.append((admission, settlement))
+        with self._idle:
+            self._unsettled.extend(failed)
+        return len(failed)
+
+    @property
+    def unsettled(self) -> int:
+        """Settlements waiting to be written again."""
+        return len(self._unsettled)
 
     def _record_denial(self, call: MeteredCall) -> None:
         """Keep the refusal in the ledger for reports; never let that hide the refusal."""
@@ -350,6 +440,8 @@ class Flows:
         """
         request = engine.admission(call)
         hold = None
+        if self._unsettled:
+            yield local(self.retry_unsettled)
         try:
             if call.customer_id in self._queued_customers:
                 yield local(self.drain_first, call.customer_id)
@@ -538,19 +630,9 @@ class Flows:
             return
         # The call succeeded and its caller is told it is billed: whatever happens to the
         # bookkeeping, recover() must never refund it. The outbox (another file) keeps
-        # that word; recover() then closes the hold without a refund.
-        try:
-            yield local(self.outbox.mark_settled, hold.key, time.time())
-        except AgentMeterError as marker:
-            logger.error(
-                "agent_meter: could not close the hold of %s (%s) after its success (%s), "
-                "nor record it in the outbox (%s): recover() may refund it",
-                hold.feature_id,
-                hold.customer_id,
-                exc,
-                marker,
-            )
-            return
+        # that word; recover() then closes the hold without a refund. If the outbox fails
+        # too, the guard keeps the settlement and writes it again later.
+        yield local(self.outbox.mark_settled, hold.key, time.time())
         logger.warning(
             "agent_meter: could not close the hold of %s (%s) after its success (%s); it is "
             "recorded as billed in the outbox and closed, never refunded, by recover()",

@@ -14,7 +14,7 @@ from types import TracebackType
 
 from agent_meter import engine
 from agent_meter.engine import Admission, MeteredCall
-from agent_meter.flow import Flow, Flows, arun, run
+from agent_meter.flow import Flows, arun, run
 from agent_meter.hooks import Billed, Refunded
 from agent_meter.ledger import charge_for
 from agent_meter.pricing import Pricing
@@ -112,7 +112,13 @@ class Guard:
 
     def __enter__(self) -> GuardedCall:
         self._started = time.time()
-        self.handle.admission = run(self._flows.admit(self.handle.call))
+        flows = self._flows
+        flows.entered()
+        try:
+            self.handle.admission = run(flows.admit(self.handle.call))
+        except BaseException:
+            flows.left()
+            raise
         return self.handle
 
     def __exit__(
@@ -121,12 +127,25 @@ class Guard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.handle._settled(run(self._settle(exc_type)))
-        self._report(succeeded=exc_type is None)
+        try:
+            settlement = self._settlement(exc_type)
+            try:
+                self.handle._settled(run(self._flows.settle(*settlement)))
+            except Exception as failure:  # noqa: BLE001 - never in place of the block's outcome
+                self._settle_failed(settlement, failure, exc_type is None)
+            self._report(succeeded=exc_type is None)
+        finally:
+            self._flows.left()
 
     async def __aenter__(self) -> GuardedCall:
         self._started = time.time()
-        self.handle.admission = await arun(self._flows.admit(self.handle.call))
+        flows = self._flows
+        flows.entered()
+        try:
+            self.handle.admission = await arun(flows.admit(self.handle.call))
+        except BaseException:
+            flows.left()
+            raise
         return self.handle
 
     async def __aexit__(
@@ -135,14 +154,36 @@ class Guard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.handle._settled(await arun(self._settle(exc_type)))
-        self._report(succeeded=exc_type is None)
+        try:
+            settlement = self._settlement(exc_type)
+            try:
+                self.handle._settled(await arun(self._flows.settle(*settlement)))
+            except Exception as failure:  # noqa: BLE001 - never in place of the block's outcome
+                self._settle_failed(settlement, failure, exc_type is None)
+            self._report(succeeded=exc_type is None)
+        finally:
+            self._flows.left()
 
-    def _settle(self, exc_type: type[BaseException] | None) -> Flow[list[TrackResult]]:
+    def _settlement(
+        self, exc_type: type[BaseException] | None
+    ) -> tuple[Admission, engine.Settlement]:
         handle = self.handle
         settlement = handle._settlement(exc_type)
         assert handle.admission is not None  # noqa: S101 - set on entry
-        return self._flows.settle(handle.admission, settlement)
+        return handle.admission, settlement
+
+    def _settle_failed(
+        self,
+        settlement: tuple[Admission, engine.Settlement],
+        failure: Exception,
+        raised_nothing: bool,
+    ) -> None:
+        """The bookkeeping failed after the block: reported, and written again later."""
+        handle = self.handle
+        handle.uncharged = None  # unknown until the settlement is written
+        admission, requests = settlement
+        succeeded = raised_nothing and not handle.failed
+        self._flows.settle_later(handle.call, admission, requests, failure, succeeded=succeeded)
 
     def _report(self, *, succeeded: bool) -> None:
         hooks = self._flows.hooks

@@ -38,6 +38,7 @@ __all__ = [
     "LoggingHook",
     "Refunded",
     "SetAside",
+    "SettleFailed",
     "UnbilledTokens",
     "Unverified",
 ]
@@ -147,6 +148,27 @@ class SetAside:
 
 
 @dataclass(frozen=True, slots=True)
+class SettleFailed:
+    """A call's outcome could not be recorded at the time; it is retried, never lost.
+
+    The caller got the block's own result or exception all the same. What could not be
+    written is written later (by the next call, ``flush()`` or ``close()``); a success
+    stays billed.
+
+    Attributes:
+        call: The call.
+        succeeded: The block succeeded (it stays billed) or failed (it is refunded).
+        error: What failed in the bookkeeping.
+        at: Unix time of the failure.
+    """
+
+    call: MeteredCall
+    succeeded: bool
+    error: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class UnbilledTokens:
     """An LLM call's tokens could not be billed.
 
@@ -163,7 +185,9 @@ class UnbilledTokens:
     reason: str
 
 
-Event = Admitted | Denied | Unverified | Billed | Refunded | SetAside | UnbilledTokens
+Event = (
+    Admitted | Denied | Unverified | Billed | Refunded | SetAside | SettleFailed | UnbilledTokens
+)
 """Every event a hook receives."""
 
 
@@ -202,6 +226,16 @@ class LoggingHook:
                 request.value,
                 request.feature_id,
                 request.customer_id,
+                event.error,
+            )
+        elif isinstance(event, SettleFailed):
+            call = event.call
+            logger.error(
+                "agent_meter: the settlement of %s call %s for %s (%s) failed and is retried: %s",
+                call.feature_id,
+                call.call_id,
+                call.customer_id,
+                "billed" if event.succeeded else "refunded",
                 event.error,
             )
         elif isinstance(event, UnbilledTokens):

@@ -453,6 +453,8 @@ class Meter:
             AgentMeterError: A track the backend rejected for good since the last flush
                 (``ConfigError`` for an unknown feature); it is set aside in the outbox.
         """
+        if self._flows.unsettled:
+            self._flows.retry_unsettled()
         return self.deliverer.flush(timeout)
 
     async def aflush(self, timeout: float | None = None) -> int:
@@ -777,42 +779,55 @@ class Meter:
     # -- lifecycle -----------------------------------------------------------------------
 
     def close(self, timeout: float = 10.0) -> None:
-        """Deliver what is queued (waiting up to ``timeout`` seconds), then close.
+        """Let running calls settle, deliver what is queued (up to ``timeout`` s), then close.
 
-        Usage still undelivered stays in the outbox, says so in a log line, and is
-        delivered by the next meter opened on the same outbox.
+        New calls are refused from the start. Guarded calls still running their block
+        settle first; one still running at the deadline settles when it ends, and the
+        ledger and outbox are closed after it. Usage still undelivered stays in the
+        outbox, says so in a log line, and is delivered by the next meter opened on it.
         """
         if self._closed:
             return
-        deadline = time.monotonic() + timeout
+        deadline = self._begin_closing(timeout)
         try:
-            self._flush_before_closing(timeout)
+            self._flows.wait_idle(deadline - time.monotonic())
+            self._flush_before_closing(deadline - time.monotonic())
         finally:
-            self._closed = True
-            _open_meters.discard(self)
             # a delivery still hanging on the backend is abandoned at the deadline: its
             # track stays in the outbox, delivered (once, by its key) by the next meter
             self.deliverer.stop(timeout=deadline - time.monotonic())
-            self.outbox.close()
-            self.backend.close()
+            if not self._flows.defer_until_idle(self._close_files):
+                self._close_files()
 
     async def aclose(self, timeout: float = 10.0) -> None:
         """Async :meth:`close`."""
         if self._closed:
             return
-        deadline = time.monotonic() + timeout
+        deadline = self._begin_closing(timeout)
         try:
-            await asyncio.to_thread(self._flush_before_closing, timeout)
+            await asyncio.to_thread(self._flows.wait_idle, deadline - time.monotonic())
+            await asyncio.to_thread(self._flush_before_closing, deadline - time.monotonic())
         finally:
-            self._closed = True
-            _open_meters.discard(self)
             self.deliverer.stop(timeout=deadline - time.monotonic())
-            self.outbox.close()
-            await self.backend.aclose()
+            if not self._flows.defer_until_idle(self._close_files):
+                self.outbox.close()
+                await self.backend.aclose()
+
+    def _begin_closing(self, timeout: float) -> float:
+        """Refuse new calls from now on; returns the deadline of closing."""
+        self._closed = True
+        self._flows.closing = True
+        _open_meters.discard(self)
+        return time.monotonic() + timeout
+
+    def _close_files(self) -> None:
+        """Close the outbox and the backend (after the last call in flight settled)."""
+        self.outbox.close()
+        self.backend.close()
 
     def _flush_before_closing(self, timeout: float) -> None:
         try:
-            remaining = self.flush(timeout)
+            remaining = self.flush(max(timeout, 0.0))
         except AgentMeterError as exc:
             logger.error("agent_meter: usage rejected by the backend, set aside: %s", exc)
             remaining = self.outbox.pending()
@@ -830,7 +845,7 @@ class Meter:
             return
         deadline = time.monotonic() + _EXIT_FLUSH_SECONDS
         try:
-            if self.outbox.pending():
+            if self.outbox.pending() or self._flows.unsettled:
                 self._flush_before_closing(timeout=_EXIT_FLUSH_SECONDS)
         except Exception:  # interpreter shutdown: report, never raise
             logger.exception("agent_meter: delivering at exit failed")
