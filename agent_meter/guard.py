@@ -194,9 +194,15 @@ class Guard:
         assert admission is not None  # noqa: S101 - set on entry
         if succeeded and not handle.failed:
             billed = 0.0 if admission.replay else handle.billed or 0.0
+            # what the balance could not pay beyond the reservation did not stay billed
+            billed -= handle.uncharged or 0.0
             hooks.emit(Billed(handle.call, billed, self._started, time.time()))
         else:
-            hooks.emit(Refunded(handle.call, admission.reserved, self._started, time.time()))
+            hooks.emit(
+                Refunded(
+                    handle.call, admission.reserved, self._started, time.time(), handle._failure
+                )
+            )
 
 
 AsyncGuard = Guard

@@ -106,7 +106,8 @@ class Billed:
 
     Attributes:
         call: The call.
-        units: Units billed (the real count when the block reported one).
+        units: Units billed (the real count when the block reported one), less what
+            the balance could not pay beyond the reservation.
         started_at: Unix time the call was admitted.
         at: Unix time it was settled.
     """
@@ -126,12 +127,15 @@ class Refunded:
         units: Units given back (0 when nothing had been reserved).
         started_at: Unix time the call was admitted.
         at: Unix time it was settled.
+        reason: Why, when the call reported its failure instead of raising (an error
+            result, an LLM call that failed or reported no usage); None when it raised.
     """
 
     call: MeteredCall
     units: float
     started_at: float
     at: float
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,18 +174,21 @@ class SettleFailed:
 
 @dataclass(frozen=True, slots=True)
 class UnbilledTokens:
-    """An LLM call's tokens could not be billed.
+    """An LLM call's tokens could not be billed, or may not have been.
 
     Attributes:
         customer_id: Who should have paid.
         call_id: The LLM call (a run id, a response id).
-        tokens: Tokens left unbilled (0 when the model reported no usage).
+        tokens: Tokens left unbilled: what the balance could not pay beyond the
+            reservation, or what the backend could not record; 0 when the model reported
+            no usage (nothing is known to bill); None when the backend does not say
+            whether it could pay the excess (a lock confirmed above what it held).
         reason: Why.
     """
 
     customer_id: str
     call_id: str
-    tokens: int
+    tokens: int | None
     reason: str
 
 
@@ -203,7 +210,8 @@ class LoggingHook:
     """The default hook: the log lines agent_meter writes (logger ``agent_meter``).
 
     Warnings and errors for what needs attention (a call run unverified, a track set
-    aside, tokens not billed); debug lines for the rest.
+    aside, tokens not billed or not metered); an info line for a call refunded with a
+    reason (an error result, a failed LLM call); debug lines for the rest.
     """
 
     def __call__(self, event: Event) -> None:
@@ -239,6 +247,37 @@ class LoggingHook:
                 event.error,
             )
         elif isinstance(event, UnbilledTokens):
+            self._unbilled(event)
+        elif isinstance(event, Refunded) and event.reason is not None:
+            call = event.call
+            logger.info(
+                "agent_meter: %s call %s of %s refunded (%s units): %s",
+                call.feature_id,
+                call.call_id,
+                call.customer_id,
+                f"{event.units:g}",
+                event.reason,
+            )
+        elif logger.isEnabledFor(logging.DEBUG):
+            logger.debug("agent_meter: %s", event)
+
+    @staticmethod
+    def _unbilled(event: UnbilledTokens) -> None:
+        if event.tokens is None:  # maybe paid: worth a look, not an alarm
+            logger.warning(
+                "agent_meter: tokens of %s for %s may not be billed: %s",
+                event.call_id,
+                event.customer_id,
+                event.reason,
+            )
+        elif event.tokens == 0:  # nothing reported to bill: a setting to fix
+            logger.warning(
+                "agent_meter: LLM call %s of %s not metered: %s",
+                event.call_id,
+                event.customer_id,
+                event.reason,
+            )
+        else:  # tokens used and not paid for
             logger.error(
                 "agent_meter: tokens of %s (%d) for %s not billed: %s",
                 event.call_id,
@@ -246,8 +285,6 @@ class LoggingHook:
                 event.customer_id,
                 event.reason,
             )
-        elif logger.isEnabledFor(logging.DEBUG):
-            logger.debug("agent_meter: %s", event)
 
     def __repr__(self) -> str:
         return "LoggingHook()"

@@ -18,24 +18,31 @@ The callback handler, :class:`~agent_meter.langchain.middleware.MeteringMiddlewa
 
 :meth:`LLMBilling.begin` returns an :class:`LLMCall` that the adapter closes once, with
 :meth:`~LLMCall.settle` (the usage the provider reported, or None) or
-:meth:`~LLMCall.release` (the call failed).
+:meth:`~LLMCall.release` (the call failed). Every outcome is an event passed to the
+meter's hooks (:mod:`agent_meter.hooks`), with or without a reservation: the call
+admitted or denied, billed what the balance paid, refunded, or tokens left unbilled.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol, TypedDict
 
+from agent_meter.engine import MeteredCall
 from agent_meter.errors import ConfigError
 from agent_meter.estimate import DEFAULT_MAX_TOKENS, Estimator, TokenCounter, estimator
-from agent_meter.reservation import TokenSettlement, areserve_tokens, reserve_tokens
+from agent_meter.hooks import Billed, Refunded, UnbilledTokens
+from agent_meter.reservation import NO_USAGE, TokenSettlement, areserve_tokens, reserve_tokens
 from agent_meter.tokens import TokenFeatures, TokenUsage
 
 if TYPE_CHECKING:
     from agent_meter.context import CustomerRef
     from agent_meter.meter import Meter
+    from agent_meter.results import TrackResult
 
-__all__ = ["ON_DENIED", "LLMBilling", "LLMCall", "OnDenied", "llm_billing"]
+__all__ = ["NO_USAGE", "ON_DENIED", "LLMBilling", "LLMCall", "OnDenied", "llm_billing", "unmetered"]
 
 OnDenied = Literal["raise", "message"]
 """What a refused LLM call does: raise :class:`~agent_meter.UsageLimitExceeded`, or
@@ -44,14 +51,36 @@ OnDenied = Literal["raise", "message"]
 ON_DENIED: tuple[str, ...] = ("raise", "message")
 
 
-class LLMCall(Protocol):
-    """One LLM call's billing, closed once by :meth:`settle` or :meth:`release`."""
+def unmetered(model: str) -> str:
+    """Why a reply of ``model`` without token usage is not metered, and what to change."""
+    return (
+        f"model {model} reported no token usage; the call is not metered. Ask the model for "
+        "usage: stream_usage=True, or OpenAI's stream_options={'include_usage': True}"
+    )
 
-    def settle(self, usage: TokenUsage | None) -> TokenSettlement | None:
-        """Bill the reported usage (None: the call reported none; nothing is billed)."""
+
+class LLMCall(Protocol):
+    """One LLM call's billing, closed once by :meth:`settle` or :meth:`release`.
+
+    Attributes:
+        customer: Who pays.
+        call_id: Names the call in idempotency keys and events.
+    """
+
+    customer: CustomerRef
+    call_id: str
+
+    def settle(self, usage: TokenUsage | None, reason: str = NO_USAGE) -> TokenSettlement | None:
+        """Bill the reported usage.
+
+        None: the call reported none (``reason`` says why); nothing is billed and the call
+        is reported not metered.
+        """
         ...
 
-    async def asettle(self, usage: TokenUsage | None) -> TokenSettlement | None:
+    async def asettle(
+        self, usage: TokenUsage | None, reason: str = NO_USAGE
+    ) -> TokenSettlement | None:
         """Async :meth:`settle`."""
         ...
 
@@ -64,42 +93,104 @@ class LLMCall(Protocol):
         ...
 
 
+class _TokenTrack(TypedDict):
+    """The arguments of :meth:`Meter.track_tokens <agent_meter.Meter.track_tokens>`."""
+
+    customer_id: str
+    usage: TokenUsage
+    call_id: str
+    features: TokenFeatures
+    entity_id: str | None
+
+
 @dataclass(slots=True)
 class _Unreserved:
-    """A call admitted by a check only (``reserve=False`` or ``gate=False``): billed after."""
+    """A call admitted by a check only (``reserve=False`` or ``gate=False``): billed after.
+
+    Its outcome reaches the hooks as a reserved call's does (what the guards report
+    there): Billed per tracked feature (less what the balance could not pay),
+    UnbilledTokens for that shortfall or a reply without usage, Refunded (0 units: nothing
+    was held) when the call failed or reported nothing.
+    """
 
     meter: Meter
     customer: CustomerRef
     features: TokenFeatures
     call_id: str
+    started_at: float = field(default_factory=time.time)
 
-    def settle(self, usage: TokenUsage | None) -> TokenSettlement | None:
-        if usage is not None:  # keyed by the call: a repeat is billed once
-            self.meter.track_tokens(
-                self.customer.customer_id,
-                usage,
-                call_id=self.call_id,
-                features=self.features,
-                entity_id=self.customer.entity_id,
-            )
+    def settle(self, usage: TokenUsage | None, reason: str = NO_USAGE) -> TokenSettlement | None:
+        if usage is None:
+            self._closed(reason, unmetered=True)
+        else:  # keyed by the call: a repeat is billed once
+            self._billed(usage, self.meter.track_tokens(**self._tracked(usage)))
         return None
 
-    async def asettle(self, usage: TokenUsage | None) -> TokenSettlement | None:
-        if usage is not None:
-            await self.meter.atrack_tokens(
-                self.customer.customer_id,
-                usage,
-                call_id=self.call_id,
-                features=self.features,
-                entity_id=self.customer.entity_id,
-            )
+    async def asettle(
+        self, usage: TokenUsage | None, reason: str = NO_USAGE
+    ) -> TokenSettlement | None:
+        if usage is None:
+            self._closed(reason, unmetered=True)
+        else:
+            self._billed(usage, await self.meter.atrack_tokens(**self._tracked(usage)))
         return None
 
     def release(self, reason: str = "the call failed") -> TokenSettlement | None:
+        self._closed(reason, unmetered=False)
         return None
 
     async def arelease(self, reason: str = "the call failed") -> TokenSettlement | None:
+        self._closed(reason, unmetered=False)
         return None
+
+    def _tracked(self, usage: TokenUsage) -> _TokenTrack:
+        return {
+            "customer_id": self.customer.customer_id,
+            "usage": usage,
+            "call_id": self.call_id,
+            "features": self.features,
+            "entity_id": self.customer.entity_id,
+        }
+
+    def _call(self, feature_id: str, units: float) -> MeteredCall:
+        return MeteredCall(
+            self.customer.customer_id,
+            feature_id,
+            units,
+            self.call_id,
+            self.customer.entity_id,
+            strategy="check_then_track",
+            on_backend_error=self.meter.on_backend_error,
+        )
+
+    def _billed(self, usage: TokenUsage, results: list[TrackResult]) -> None:
+        hooks = self.meter.hooks
+        if not hooks:
+            return
+        now = time.time()
+        unpaid = 0.0
+        for (feature_id, tokens), result in zip(self.features.values(usage), results, strict=True):
+            short = result.uncharged or 0.0
+            unpaid += short
+            units = 0.0 if result.duplicate else tokens - short
+            hooks.emit(Billed(self._call(feature_id, tokens), units, self.started_at, now))
+        if unpaid > 0:
+            why = (
+                f"LLM call used {usage.total_tokens} tokens; the balance could not pay "
+                f"{unpaid:g} of them (it was charged what was left)"
+            )
+            hooks.emit(
+                UnbilledTokens(self.customer.customer_id, self.call_id, math.ceil(unpaid), why)
+            )
+
+    def _closed(self, reason: str, *, unmetered: bool) -> None:
+        hooks = self.meter.hooks
+        if not hooks:
+            return
+        call = self._call(self.features.gate_feature, 0)
+        hooks.emit(Refunded(call, 0.0, self.started_at, time.time(), reason))
+        if unmetered:
+            hooks.emit(UnbilledTokens(self.customer.customer_id, self.call_id, 0, reason))
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +238,7 @@ class LLMBilling:
             self.features.gate_feature,
             max(estimate.total_tokens, 1),
             entity_id=customer.entity_id,
+            call_id=call_id,
         )
         return _Unreserved(self.meter, customer, self.features, call_id)
 
@@ -166,6 +258,7 @@ class LLMBilling:
             self.features.gate_feature,
             max(estimate.total_tokens, 1),
             entity_id=customer.entity_id,
+            call_id=call_id,
         )
         return _Unreserved(self.meter, customer, self.features, call_id)
 

@@ -76,6 +76,7 @@ logger = logging.getLogger("agent_meter")
 
 _open_meters: weakref.WeakSet[Meter] = weakref.WeakSet()
 _EXIT_FLUSH_SECONDS = 2.0
+_GATE: Strategy = "check_then_track"  # the LLM gate checks and never deducts
 
 
 @atexit.register
@@ -554,15 +555,23 @@ class Meter:
         units: float = 1,
         *,
         entity_id: str | None = None,
+        call_id: str | None = None,
     ) -> Admission:
         """Admit or refuse a use without reserving (the LLM gate): check, never deduct.
+
+        Args:
+            customer_id: Who pays.
+            feature_id: The feature to check.
+            units: Units the balance must cover.
+            entity_id: Sub-scope of the customer.
+            call_id: Names the call in the hooks' events (generated when omitted).
 
         Raises:
             UsageLimitExceeded: The customer has less than ``units`` left.
             BackendError: The check failed and the fail policy is ``deny``.
         """
         call = self.metered_call(
-            customer_id, feature_id, units, entity_id=entity_id, strategy="check_then_track"
+            customer_id, feature_id, units, call_id=call_id, entity_id=entity_id, strategy=_GATE
         )
         return run(self._flows.admit(call))
 
@@ -573,10 +582,11 @@ class Meter:
         units: float = 1,
         *,
         entity_id: str | None = None,
+        call_id: str | None = None,
     ) -> Admission:
         """Async :meth:`gate`."""
         call = self.metered_call(
-            customer_id, feature_id, units, entity_id=entity_id, strategy="check_then_track"
+            customer_id, feature_id, units, call_id=call_id, entity_id=entity_id, strategy=_GATE
         )
         return await arun(self._flows.admit(call))
 

@@ -13,7 +13,10 @@ Each guarded call that ends (billed or refunded) or is refused becomes one span 
 ``agent_meter.outcome`` (``billed``, ``refunded``, ``denied``) and
 ``agent_meter.strategy``. Three counters add the units: ``agent_meter.units.billed``,
 ``agent_meter.units.refunded`` and ``agent_meter.units.denied`` (attributes: customer and
-feature), so billed minus refunded follows the ledger.
+feature), so billed follows what the ledger charged, LLM calls included (their tokens
+billed beyond the reservation count what the balance really paid). A fourth,
+``agent_meter.tokens.unbilled`` (attribute: customer), adds the tokens of LLM calls the
+balance could not pay or the meter could not record.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from opentelemetry import metrics, trace  # noqa: E402 - after the extra check
 from opentelemetry.util.types import AttributeValue  # noqa: E402
 
 from agent_meter.engine import MeteredCall  # noqa: E402
-from agent_meter.hooks import Billed, Denied, Event, Refunded  # noqa: E402
+from agent_meter.hooks import Billed, Denied, Event, Refunded, UnbilledTokens  # noqa: E402
 
 __all__ = ["SPAN_NAME", "OpenTelemetryHook"]
 
@@ -65,6 +68,11 @@ class OpenTelemetryHook:
             unit="{unit}",
             description="Units of guarded calls that were refused",
         )
+        self._unbilled = instruments.create_counter(
+            "agent_meter.tokens.unbilled",
+            unit="{token}",
+            description="Tokens of LLM calls that the balance could not pay or that were lost",
+        )
 
     def __repr__(self) -> str:
         return "OpenTelemetryHook()"
@@ -80,6 +88,8 @@ class OpenTelemetryHook:
         elif isinstance(event, Denied):
             self._span(event.call, "denied", event.call.units, event.at, event.at, event.reason)
             self._denied.add(event.call.units, _counted(event.call))
+        elif isinstance(event, UnbilledTokens) and event.tokens:
+            self._unbilled.add(event.tokens, {"agent_meter.customer_id": event.customer_id})
 
     def _span(  # noqa: PLR0917 - private; one call site per outcome
         self,

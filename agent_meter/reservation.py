@@ -11,13 +11,17 @@ deduction with a hold; on Autumn the meter's reserving strategy). Then, once:
   reservation not used is given back with the closing of the hold (one commit on the
   embedded ledgers), and tokens used beyond it are charged, all under keys derived from
   the call id, so settling twice bills once;
-- :meth:`TokenReservation.release` when the call failed, or ended without reporting its
-  usage (logged): the whole reservation is given back.
+- :meth:`TokenReservation.release` when the call failed, or :meth:`~TokenReservation.settle`
+  with None when it ended without reporting its usage: the whole reservation is given back.
 
-When a call used more than its reservation and the balance cannot pay the excess, the
-backend charges what is left (a balance never goes below 0) and the rest is reported:
-a warning in the ``agent_meter`` log and :attr:`TokenSettlement.uncharged`, never
-dropped silently.
+Each outcome reaches the meter's hooks (:mod:`agent_meter.hooks`): the guards report
+:class:`~agent_meter.hooks.Billed` (what stayed billed) or
+:class:`~agent_meter.hooks.Refunded` (with the reason); a call that reported no usage is
+also :class:`~agent_meter.hooks.UnbilledTokens` with 0 tokens. When a call used more than
+its reservation and the balance cannot pay the excess, the backend charges what is left (a
+balance never goes below 0) and the rest is :class:`~agent_meter.hooks.UnbilledTokens`
+and :attr:`TokenSettlement.uncharged`, never dropped silently (the default
+:class:`~agent_meter.hooks.LoggingHook` logs it).
 
 With split pricing (features of their own for input and output tokens) each side is
 reserved and settled on its own feature: input tokens against the prompt's estimate,
@@ -26,24 +30,30 @@ output tokens against the completion limit.
 
 from __future__ import annotations
 
-import logging
+import math
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from agent_meter.estimate import TokenEstimate
 from agent_meter.guard import Guard, GuardedCall
+from agent_meter.hooks import Hooks, UnbilledTokens
 from agent_meter.tokens import TokenFeatures, TokenUsage
 
 if TYPE_CHECKING:
     from agent_meter.context import CustomerRef
     from agent_meter.meter import Meter
 
-__all__ = ["TokenReservation", "TokenSettlement", "areserve_tokens", "reserve_tokens"]
+__all__ = [
+    "NO_USAGE",
+    "TokenReservation",
+    "TokenSettlement",
+    "areserve_tokens",
+    "reserve_tokens",
+]
 
-logger = logging.getLogger("agent_meter")
-
-_NO_USAGE = "the call reported no token usage"
+NO_USAGE = "the call reported no token usage"
+"""Why a call settled without usage is not metered, when its adapter does not say more."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +82,28 @@ def _unanswered(handle: GuardedCall) -> bool:
     admission = handle.admission
     hold = None if admission is None else admission.hold
     return hold is not None and hold.lock and (handle.billed or 0.0) > hold.units
+
+
+def _unbilled(
+    settlement: TokenSettlement, reason: str, *, unmetered: bool
+) -> tuple[int | None, str] | None:
+    """The tokens of a closed reservation left unbilled (see UnbilledTokens), and why."""
+    used, reserved, unpaid = settlement.used, settlement.reserved, settlement.uncharged
+    if used is None:
+        return (0, reason) if unmetered else None  # a failed call used nothing to bill
+    if unpaid is None:
+        if used <= reserved:
+            return None
+        return None, (
+            f"LLM call used {used} tokens, {reserved} reserved; the excess was charged, and "
+            "the backend does not say whether the balance could pay it"
+        )
+    if unpaid > 0:
+        return math.ceil(unpaid), (
+            f"LLM call used {used} tokens, {reserved} reserved; the balance could not pay "
+            f"{unpaid:g} of them (it was charged what was left)"
+        )
+    return None
 
 
 def _parts(features: TokenFeatures, estimate: TokenEstimate) -> list[tuple[str, int]]:
@@ -106,6 +138,7 @@ class TokenReservation:
     __slots__ = (
         "_guards",
         "_handles",
+        "_hooks",
         "_lock",
         "_open",
         "call_id",
@@ -123,8 +156,10 @@ class TokenReservation:
         features: TokenFeatures,
         call_id: str,
         estimate: TokenEstimate,
+        hooks: Hooks | None = None,
     ) -> None:
         self._guards = guards
+        self._hooks = hooks or Hooks()
         self.customer = customer
         self.features = features
         self.call_id = call_id
@@ -162,7 +197,7 @@ class TokenReservation:
                 handle.bill(tokens)
         return True
 
-    def _close(self, usage: TokenUsage | None, reason: str) -> TokenSettlement:
+    def _close(self, usage: TokenUsage | None, reason: str, *, unmetered: bool) -> TokenSettlement:
         unpaid: float | None = 0.0
         for handle in self._handles:
             unpaid = (
@@ -173,68 +208,54 @@ class TokenReservation:
         used = None if usage is None else usage.total_tokens
         settlement = TokenSettlement(self.call_id, self.reserved, used, unpaid)
         self.settlement = settlement
-        if usage is None:
-            logger.info(
-                "agent_meter: LLM call %s of %s released (%d tokens): %s",
-                self.call_id,
-                self.customer.customer_id,
-                self.reserved,
-                reason,
-            )
-        elif unpaid is None and usage.total_tokens > self.reserved:
-            logger.warning(
-                "agent_meter: LLM call %s of %s used %d tokens, %d reserved; the excess was "
-                "charged, and the backend does not say whether the balance could pay it",
-                self.call_id,
-                self.customer.customer_id,
-                usage.total_tokens,
-                self.reserved,
-            )
-        elif unpaid:
-            logger.warning(
-                "agent_meter: LLM call %s of %s used %d tokens, %d reserved; the balance "
-                "could not pay %s of them (it was charged what was left)",
-                self.call_id,
-                self.customer.customer_id,
-                usage.total_tokens,
-                self.reserved,
-                f"{unpaid:g}",
-            )
+        unbilled = _unbilled(settlement, reason, unmetered=unmetered)
+        if unbilled is not None:
+            tokens, why = unbilled
+            self._hooks.emit(UnbilledTokens(self.customer.customer_id, self.call_id, tokens, why))
         return settlement
 
-    def _finish(self, usage: TokenUsage | None, reason: str) -> TokenSettlement:
+    def _finish(self, usage: TokenUsage | None, reason: str, *, unmetered: bool) -> TokenSettlement:
         try:
             for guard in self._guards:
                 guard.__exit__(None, None, None)  # settles as the handle says: bill or fail
         finally:
-            settlement = self._close(usage, reason)
+            settlement = self._close(usage, reason, unmetered=unmetered)
         return settlement
 
-    async def _afinish(self, usage: TokenUsage | None, reason: str) -> TokenSettlement:
+    async def _afinish(
+        self, usage: TokenUsage | None, reason: str, *, unmetered: bool
+    ) -> TokenSettlement:
         try:
             for guard in self._guards:
                 await guard.__aexit__(None, None, None)
         finally:
-            settlement = self._close(usage, reason)
+            settlement = self._close(usage, reason, unmetered=unmetered)
         return settlement
 
-    def settle(self, usage: TokenUsage | None) -> TokenSettlement | None:
+    def settle(self, usage: TokenUsage | None, reason: str = NO_USAGE) -> TokenSettlement | None:
         """Bill ``usage``: give back or charge the difference to the reservation.
 
-        ``None`` (the call reported no usage) releases the reservation, with a log line.
+        ``None`` (the call reported no usage) releases the reservation and reports the
+        call as not metered (:class:`~agent_meter.hooks.UnbilledTokens`, 0 tokens).
+
+        Args:
+            usage: The tokens the provider reported, or None.
+            reason: Why there is no usage (``usage`` None), for the hooks.
 
         Returns:
             The settlement, or None when the reservation was closed before (nothing done).
         """
-        if not self._claim(usage, _NO_USAGE):
+        if not self._claim(usage, reason):
             return None
-        return self._finish(usage, _NO_USAGE)
+        return self._finish(usage, reason, unmetered=True)
 
-    async def asettle(self, usage: TokenUsage | None) -> TokenSettlement | None:
+    async def asettle(
+        self, usage: TokenUsage | None, reason: str = NO_USAGE
+    ) -> TokenSettlement | None:
         """Async :meth:`settle`."""
-        if not self._claim(usage, _NO_USAGE):
+        if not self._claim(usage, reason):
             return None
-        return await self._afinish(usage, _NO_USAGE)
+        return await self._afinish(usage, reason, unmetered=True)
 
     def release(self, reason: str = "the call failed") -> TokenSettlement | None:
         """Give the whole reservation back (the call failed).
@@ -244,13 +265,13 @@ class TokenReservation:
         """
         if not self._claim(None, reason):
             return None
-        return self._finish(None, reason)
+        return self._finish(None, reason, unmetered=False)
 
     async def arelease(self, reason: str = "the call failed") -> TokenSettlement | None:
         """Async :meth:`release`."""
         if not self._claim(None, reason):
             return None
-        return await self._afinish(None, reason)
+        return await self._afinish(None, reason, unmetered=False)
 
 
 def reserve_tokens(
@@ -284,7 +305,9 @@ def reserve_tokens(
             guard.handle.fail("refused")
             guard.__exit__(None, None, None)
         raise
-    return TokenReservation(guards, customer, features=features, call_id=call_id, estimate=estimate)
+    return TokenReservation(
+        guards, customer, features=features, call_id=call_id, estimate=estimate, hooks=meter.hooks
+    )
 
 
 async def areserve_tokens(
@@ -313,4 +336,6 @@ async def areserve_tokens(
             guard.handle.fail("refused")
             await guard.__aexit__(None, None, None)
         raise
-    return TokenReservation(guards, customer, features=features, call_id=call_id, estimate=estimate)
+    return TokenReservation(
+        guards, customer, features=features, call_id=call_id, estimate=estimate, hooks=meter.hooks
+    )

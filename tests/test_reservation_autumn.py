@@ -1,8 +1,8 @@
-"""LLM reservations on Autumn (v1 reserving checks), against the local Autumn-shaped server.
+"""LLM reservations on Autumn, against the local Autumn-shaped server.
 
-The reservation is a reserving check (``send_event``) journaled in the meter's outbox; the
-unused part goes back as a keyed refund and the excess as a keyed track, both delivered
-through the outbox. Autumn's ``lock`` strategy (issue 13) is not used here yet.
+The reservation is a lock of the estimate (Autumn's default strategy) journaled in the
+meter's outbox; its confirm with the real count, or its release, is delivered through the
+outbox. The same flow against recorded Autumn HTTP: test_reservation_autumn_locks.py.
 """
 
 from __future__ import annotations

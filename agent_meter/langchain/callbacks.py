@@ -12,8 +12,9 @@ model and LLM call of that run, agents included:
   reports, keyed by the LLM run id, once however often the end is reported. A streamed
   call ends once, with the merged reply, so usage sent on the last chunk is billed
   exactly once; a failed call (``on_llm_error``) gives the reservation back;
-- a reply that reports no usage is logged as a warning and counted as unmetered in
-  :attr:`MeteringCallbackHandler.summary`, never silently free.
+- a reply that reports no usage is reported to the meter's hooks
+  (:class:`~agent_meter.hooks.UnbilledTokens`, logged as a warning by default) and counted
+  as unmetered in :attr:`MeteringCallbackHandler.summary`, never silently free.
 
 It is a synchronous ``BaseCallbackHandler`` on purpose. LangChain honours ``raise_error``
 for a sync handler in sync runs and in async runs (where it runs the handler in a worker
@@ -40,7 +41,7 @@ from agent_meter.context import NO_CUSTOMER_HELP, CustomerRef
 from agent_meter.estimate import DEFAULT_MAX_TOKENS, Estimator, TokenCounter, completion_limit
 from agent_meter.integration import check_features, default_customer, resolve_customer
 from agent_meter.langchain.usage import usage_from_result
-from agent_meter.llm_billing import LLMCall, _Unreserved, llm_billing
+from agent_meter.llm_billing import LLMCall, _Unreserved, llm_billing, unmetered
 from agent_meter.tables import PrintableTable
 from agent_meter.tokens import TokenFeatures, TokenUsage, check_gate_estimate
 from agent_meter.wording import number
@@ -54,8 +55,6 @@ if TYPE_CHECKING:
     from agent_meter.meter import Meter
 
 __all__ = ["MeteringCallbackHandler", "ModelUsage", "UsageSummary"]
-
-logger = logging.getLogger("agent_meter")
 
 UNKNOWN_MODEL = "unknown"
 # Run ids already billed, kept so that a repeated on_llm_end is not counted twice in the
@@ -426,17 +425,10 @@ class MeteringCallbackHandler(BaseCallbackHandler):
             )
         model = run.model
         usage = usage_from_result(response, model)
-        if usage is None:
-            logger.warning(
-                "agent_meter: model %s reported no token usage (run %s); the call is not "
-                "metered. Ask the model for usage: stream_usage=True, or OpenAI's "
-                "stream_options={'include_usage': True}",
-                model or UNKNOWN_MODEL,
-                run_id,
-            )
         # Closed once: a repeated on_llm_end, even racing this one from another thread, is
-        # billed once (the reservation settles once; keys come from the run id).
-        run.billing.settle(usage)
+        # billed once (the reservation settles once; keys come from the run id). A reply
+        # without usage is reported to the meter's hooks as not metered.
+        run.billing.settle(usage, unmetered(model or UNKNOWN_MODEL))
         with self._lock:
             self._runs.pop(run_id, None)
             if run_id in self._billed:

@@ -24,7 +24,6 @@ This module imports ``langchain`` (v1); nothing else in agent_meter imports it e
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, ExitStack
 from typing import Any
@@ -62,13 +61,11 @@ from agent_meter.integration import (
 )
 from agent_meter.keys import new_call_id
 from agent_meter.langchain.usage import usage_from_message
-from agent_meter.llm_billing import LLMBilling, llm_billing
+from agent_meter.llm_billing import LLMBilling, llm_billing, unmetered
 from agent_meter.meter import GuardedCall, Meter
 from agent_meter.tokens import TokenFeatures, TokenUsage, check_gate_estimate
 
 __all__ = ["MeteringMiddleware"]
-
-logger = logging.getLogger("agent_meter")
 
 ToolResult = ToolMessage | Command[Any]
 ModelResult = ModelResponse[Any] | AIMessage | ExtendedModelResponse[Any]
@@ -260,25 +257,13 @@ class MeteringMiddleware(AgentMiddleware):
 
     def _usage(
         self, request: ModelRequest[Any], result: ModelResult
-    ) -> tuple[str, TokenUsage] | None:
+    ) -> tuple[TokenUsage | None, str]:
+        """The tokens the reply reports, and why it is not metered when it reports none."""
         reply = self._reply(result)
         model = getattr(request.model, "model_name", None) or getattr(request.model, "model", None)
-        usage = (
-            None
-            if reply is None
-            else usage_from_message(reply, model if isinstance(model, str) else None)
-        )
-        if usage is None:
-            logger.warning(
-                "agent_meter: model %s reported no token usage; the call is not metered. "
-                "Ask the model for usage: stream_usage=True, or OpenAI's "
-                "stream_options={'include_usage': True}",
-                model or type(request.model).__name__,
-            )
-            return None
-        # LangChain names a reply after its LLM run (lc_run-<run id>) when the provider
-        # gives no id, so the key is stable for one model call and unique across calls.
-        return (reply.id if reply is not None and reply.id else new_call_id()), usage
+        name = model if isinstance(model, str) else None
+        usage = None if reply is None else usage_from_message(reply, name)
+        return usage, unmetered(name or type(request.model).__name__)
 
     @staticmethod
     def _prompt(request: ModelRequest[Any]) -> object:
@@ -333,8 +318,7 @@ class MeteringMiddleware(AgentMiddleware):
         except BaseException as exc:
             call.release(f"the call failed: {type(exc).__name__}")
             raise
-        billed = self._usage(request, result)
-        call.settle(None if billed is None else billed[1])
+        call.settle(*self._usage(request, result))
         return result
 
     async def awrap_model_call(
@@ -357,6 +341,5 @@ class MeteringMiddleware(AgentMiddleware):
         except BaseException as exc:
             await call.arelease(f"the call failed: {type(exc).__name__}")
             raise
-        billed = self._usage(request, result)
-        await call.asettle(None if billed is None else billed[1])
+        await call.asettle(*self._usage(request, result))
         return result

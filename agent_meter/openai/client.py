@@ -11,11 +11,14 @@ Every other attribute is the client's own: return types, errors, retries and opt
 unchanged.
 
 Streams are settled when their usage arrives (a stream closed early is read to its usage
-first), and released (logged) when they fail or end without usage. A chat stream reports
-usage only when asked (``stream_options={"include_usage": True}``); when the caller did
-not ask, the proxy asks for it and hides the extra usage-only chunk (``choices == []``),
-so the caller's loop sees exactly the chunks it would have seen. The stream object
-returned is the SDK's own ``Stream`` / ``AsyncStream``, metered in place.
+first), and released when they fail or end without usage. Each outcome is an event passed
+to the meter's hooks (:mod:`agent_meter.hooks`): a stream or an answer without usage, and
+tokens the meter could not record, are :class:`~agent_meter.hooks.UnbilledTokens`.
+
+A chat stream reports usage only when asked (``stream_options={"include_usage": True}``);
+when the caller did not ask, the proxy asks for it and hides the extra usage-only chunk
+(``choices == []``), so the caller's loop sees exactly the chunks it would have seen. The
+stream object returned is the SDK's own ``Stream`` / ``AsyncStream``, metered in place.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ from openai import AsyncOpenAI, AsyncStream, OpenAI, Stream
 from agent_meter.context import CustomerRef
 from agent_meter.errors import BackendError
 from agent_meter.estimate import DEFAULT_MAX_TOKENS, Estimator, TokenCounter, completion_limit
+from agent_meter.hooks import UnbilledTokens
 from agent_meter.integration import default_customer, resolve_customer
 from agent_meter.keys import new_call_id
-from agent_meter.llm_billing import LLMBilling, LLMCall, llm_billing
+from agent_meter.llm_billing import NO_USAGE, LLMBilling, LLMCall, llm_billing
 from agent_meter.meter import Meter
 from agent_meter.openai.usage import (
     field,
@@ -154,27 +158,26 @@ class _Billing:
         prompt, limit = self._request(kwargs)
         return await self.policy.abegin(self._ref(), prompt, limit, call_id=new_call_id())
 
-    def settle(self, call: LLMCall, found: Found | None) -> None:
+    def settle(self, call: LLMCall, found: Found | None, reason: str = NO_USAGE) -> None:
         try:
-            call.settle(None if found is None else found[1])
+            call.settle(None if found is None else found[1], reason)
         except BackendError as exc:
             # The answer is already paid for at OpenAI: losing it for the caller would not
-            # undo that, so the failure is reported here instead of raised.
-            self._lost(found, exc)
+            # undo that, so the failure is reported to the hooks instead of raised.
+            self._lost(call, found, exc)
 
-    async def asettle(self, call: LLMCall, found: Found | None) -> None:
+    async def asettle(self, call: LLMCall, found: Found | None, reason: str = NO_USAGE) -> None:
         try:
-            await call.asettle(None if found is None else found[1])
+            await call.asettle(None if found is None else found[1], reason)
         except BackendError as exc:
-            self._lost(found, exc)
+            self._lost(call, found, exc)
 
-    @staticmethod
-    def _lost(found: Found | None, exc: BackendError) -> None:
-        logger.error(
-            "agent_meter: tokens of %s (%s) not billed: %s",
-            "?" if found is None else found[0],
-            "?" if found is None else found[1].total_tokens,
-            exc,
+    def _lost(self, call: LLMCall, found: Found | None, exc: BackendError) -> None:
+        response_id, tokens = (
+            (call.call_id, 0) if found is None else (found[0], found[1].total_tokens)
+        )
+        self.policy.meter.hooks.emit(
+            UnbilledTokens(call.customer.customer_id, response_id, tokens, str(exc))
         )
 
 
@@ -323,8 +326,10 @@ def _metered_items(
         # Settled already when the usage arrived; else the latest count, else released.
         if (found := meter.settle()) is not None:
             billing.settle(call, found)
+        elif failed:
+            call.release(_STREAM_FAILED)
         else:
-            call.release(_STREAM_FAILED if failed else _NO_STREAM_USAGE)
+            billing.settle(call, None, _NO_STREAM_USAGE)  # not metered: reported
 
 
 async def _ametered_items(
@@ -355,8 +360,10 @@ async def _ametered_items(
     finally:
         if (found := meter.settle()) is not None:
             await billing.asettle(call, found)
+        elif failed:
+            await call.arelease(_STREAM_FAILED)
         else:
-            await call.arelease(_STREAM_FAILED if failed else _NO_STREAM_USAGE)
+            await billing.asettle(call, None, _NO_STREAM_USAGE)
 
 
 class _Proxy:
