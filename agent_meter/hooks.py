@@ -237,13 +237,11 @@ class LoggingHook:
                 event.error,
             )
         elif isinstance(event, SettleFailed):
-            call = event.call
+            outcome = "billed" if event.succeeded else "refunded"
             logger.error(
-                "agent_meter: the settlement of %s call %s for %s (%s) failed and is retried: %s",
-                call.feature_id,
-                call.call_id,
-                call.customer_id,
-                "billed" if event.succeeded else "refunded",
+                "agent_meter: settling %s (%s) failed, retried later: %s",
+                event.call,
+                outcome,
                 event.error,
             )
         elif isinstance(event, UnbilledTokens):
