@@ -375,15 +375,18 @@ class Flows:
         failure: Exception,
         *,
         succeeded: bool,
+        retry: bool = True,
     ) -> None:
         """The bookkeeping of a settled call failed: say so, and write it again later.
 
         The caller still gets the block's own result or exception. Settling is
         idempotent (a closed hold is not closed twice, a key is queued once), so the
-        whole settlement is simply run again by :meth:`retry_unsettled`.
+        whole settlement is simply run again by :meth:`retry_unsettled` (unless
+        ``retry`` is False: a rejection for good).
         """
-        with self._idle:
-            self._unsettled.append((admission, settlement))
+        if retry:
+            with self._idle:
+                self._unsettled.append((admission, settlement))
         self.hooks.emit(
             SettleFailed(call, succeeded, f"{type(failure).__name__}: {failure}", time.time())
         )

@@ -14,6 +14,7 @@ from types import TracebackType
 
 from agent_meter import engine
 from agent_meter.engine import Admission, MeteredCall
+from agent_meter.errors import ConfigError, InvalidUsage
 from agent_meter.flow import Flows, arun, run
 from agent_meter.hooks import Billed, Refunded
 from agent_meter.ledger import charge_for
@@ -131,8 +132,9 @@ class Guard:
             settlement = self._settlement(exc_type)
             try:
                 self.handle._settled(run(self._flows.settle(*settlement)))
-            except Exception as failure:  # noqa: BLE001 - never in place of the block's outcome
-                self._settle_failed(settlement, failure, exc_type is None)
+            except Exception as failure:
+                if self._settle_failed(settlement, failure, exc_type is None):
+                    raise
             self._report(succeeded=exc_type is None)
         finally:
             self._flows.left()
@@ -158,8 +160,9 @@ class Guard:
             settlement = self._settlement(exc_type)
             try:
                 self.handle._settled(await arun(self._flows.settle(*settlement)))
-            except Exception as failure:  # noqa: BLE001 - never in place of the block's outcome
-                self._settle_failed(settlement, failure, exc_type is None)
+            except Exception as failure:
+                if self._settle_failed(settlement, failure, exc_type is None):
+                    raise
             self._report(succeeded=exc_type is None)
         finally:
             self._flows.left()
@@ -177,13 +180,29 @@ class Guard:
         settlement: tuple[Admission, engine.Settlement],
         failure: Exception,
         raised_nothing: bool,
-    ) -> None:
-        """The bookkeeping failed after the block: reported, and written again later."""
+    ) -> bool:
+        """The bookkeeping failed after the block: reported, and written again later.
+
+        Never in place of the block's own exception. A rejection for good (the backend
+        does not know the feature, the input is refused) is not retried, and is raised
+        when the block raised nothing: it needs fixing, and a retry cannot bill it.
+
+        Returns:
+            Whether to raise ``failure``.
+        """
         handle = self.handle
         handle.uncharged = None  # unknown until the settlement is written
         admission, requests = settlement
-        succeeded = raised_nothing and not handle.failed
-        self._flows.settle_later(handle.call, admission, requests, failure, succeeded=succeeded)
+        rejected = isinstance(failure, (ConfigError, InvalidUsage))
+        self._flows.settle_later(
+            handle.call,
+            admission,
+            requests,
+            failure,
+            succeeded=raised_nothing and not handle.failed,
+            retry=not rejected,
+        )
+        return rejected and raised_nothing
 
     def _report(self, *, succeeded: bool) -> None:
         hooks = self._flows.hooks
