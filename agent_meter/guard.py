@@ -15,7 +15,7 @@ from types import TracebackType
 from agent_meter import engine
 from agent_meter.engine import Admission, MeteredCall
 from agent_meter.errors import ConfigError, InvalidUsage
-from agent_meter.flow import Flows, arun, run
+from agent_meter.flow import Flow, Flows, arun, run
 from agent_meter.hooks import Billed, Refunded
 from agent_meter.ledger import charge_for
 from agent_meter.pricing import Pricing
@@ -129,13 +129,7 @@ class Guard:
         tb: TracebackType | None,
     ) -> None:
         try:
-            settlement = self._settlement(exc_type)
-            try:
-                self.handle._settled(run(self._flows.settle(*settlement)))
-            except Exception as failure:
-                if self._settle_failed(settlement, failure, exc_type is None):
-                    raise
-            self._report(succeeded=exc_type is None)
+            run(self._exit(exc_type))
         finally:
             self._flows.left()
 
@@ -157,15 +151,21 @@ class Guard:
         tb: TracebackType | None,
     ) -> None:
         try:
-            settlement = self._settlement(exc_type)
-            try:
-                self.handle._settled(await arun(self._flows.settle(*settlement)))
-            except Exception as failure:
-                if self._settle_failed(settlement, failure, exc_type is None):
-                    raise
-            self._report(succeeded=exc_type is None)
+            await arun(self._exit(exc_type))
         finally:
             self._flows.left()
+
+    def _exit(self, exc_type: type[BaseException] | None) -> Flow[None]:
+        """Settle as the block ended; a bookkeeping failure never replaces its outcome."""
+        settlement = self._settlement(exc_type)
+        try:
+            results = yield from self._flows.settle(*settlement)
+        except Exception as failure:
+            if self._settle_failed(settlement, failure, exc_type is None):
+                raise
+        else:
+            self.handle._settled(results)
+        self._report(succeeded=exc_type is None)
 
     def _settlement(
         self, exc_type: type[BaseException] | None
