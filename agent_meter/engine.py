@@ -9,7 +9,7 @@ integration (tool wrappers, callbacks, middleware, OpenAI) goes through the same
 
 from __future__ import annotations
 
-import uuid
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,6 +28,7 @@ __all__ = [
     "Settlement",
     "Strategy",
     "TrackRequest",
+    "VoidReserve",
     "admission",
     "admit",
     "admit_unverified",
@@ -162,6 +163,48 @@ class FinalizeRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class VoidReserve:
+    """Voids a keyed reserve whose answer was lost, so that its refused call is never billed.
+
+    Queued in the outbox when a reserving check sent with an idempotency key (Autumn's
+    ``Idempotency-Key`` header) got no answer and its call was refused, or its process
+    died waiting. Once the backend answers again it is asked, under the same key and
+    without deducting, whether the reserve was received: if it was, the reserve is
+    refunded under :meth:`refund`'s key (derived from the reserve's: counted once); if
+    not, that question spends the key, so the reserve can never land afterwards.
+
+    Attributes:
+        idempotency_key: The reserve's idempotency key (its hold key), which names the void
+            in the outbox too: a reserve is voided once.
+        customer_id: Who may have been charged.
+        feature_id: The feature reserved.
+        units: Units the reserve asked for.
+        entity_id: Sub-scope of the customer.
+    """
+
+    idempotency_key: str
+    customer_id: str
+    feature_id: str
+    units: float
+    entity_id: str | None = None
+
+    @property
+    def value(self) -> float:
+        """Units given back if the reserve landed."""
+        return -self.units
+
+    def refund(self) -> TrackRequest:
+        """The refund of the reserve, keyed after it: sent twice, it counts once."""
+        return TrackRequest(
+            self.customer_id,
+            self.feature_id,
+            -self.units,
+            f"{self.idempotency_key}.void",
+            self.entity_id,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Hold:
     """A reservation held by a process until its call is settled.
 
@@ -192,6 +235,17 @@ class Hold:
         """The track that gives this reservation back."""
         return TrackRequest(
             self.customer_id, self.feature_id, -self.units, self.refund_key, self.entity_id
+        )
+
+    def void(self, key: str | None = None) -> VoidReserve:
+        """Voids this hold's reserve when its answer was lost (see :class:`VoidReserve`).
+
+        Args:
+            key: The key the reserve was last sent under, when not the hold's own (a
+                retry after a fail-open answer goes under a fresh key).
+        """
+        return VoidReserve(
+            key or self.key, self.customer_id, self.feature_id, self.units, self.entity_id
         )
 
     def finalize(self, *, succeeded: bool, units: float | None = None) -> FinalizeRequest:
@@ -226,7 +280,7 @@ def hold_for(call: MeteredCall, owner: str, now: float, attempt: str | None = No
     """
     suffix = "" if attempt is None else f".{attempt}"
     purpose = "lock" if call.strategy == "lock" else "hold"
-    refund_attempt = f"{call.call_id}.r{uuid.uuid4().hex[:12]}"
+    refund_attempt = f"{call.call_id}.r{secrets.token_hex(6)}"
     return Hold(
         call.key(f"{purpose}{suffix}"),
         call.customer_id,

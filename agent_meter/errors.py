@@ -159,8 +159,13 @@ class BackendUnavailable(BackendError):
         maybe_applied: The request may have reached the backend and taken effect (a
             reserving check whose answer was lost). Such a call is never run unverified:
             if the reservation was made, running and tracking it would bill it twice.
+        reserve_key: The idempotency key of the keyed reserve left in doubt, when the
+            backend knows it (a retry after a fail-open answer goes under a fresh key).
     """
 
-    def __init__(self, *args: object, maybe_applied: bool = False) -> None:
+    def __init__(
+        self, *args: object, maybe_applied: bool = False, reserve_key: str | None = None
+    ) -> None:
         super().__init__(*args)
         self.maybe_applied = maybe_applied
+        self.reserve_key = reserve_key

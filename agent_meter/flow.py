@@ -22,10 +22,11 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from agent_meter import engine
 from agent_meter.backends.base import (
+    DeferredSettles,
     DenialRecorder,
     FullBackend,
     KeyedReserves,
@@ -40,6 +41,7 @@ from agent_meter.engine import (
     Hold,
     MeteredCall,
     TrackRequest,
+    VoidReserve,
 )
 from agent_meter.errors import (
     AgentMeterError,
@@ -48,7 +50,7 @@ from agent_meter.errors import (
     ConfigError,
     UsageLimitExceeded,
 )
-from agent_meter.hooks import Admitted, Denied, Hooks, SettleFailed, Unverified
+from agent_meter.hooks import Admitted, Denied, Hooks, ReserveInDoubt, SettleFailed, Unverified
 from agent_meter.outbox import Outbox, Queued
 from agent_meter.owner import current_owner, owner_is_alive
 from agent_meter.pricing import Pricing
@@ -207,7 +209,8 @@ class Recovery:
     Attributes:
         refunded: Reservations of dead processes given back.
         uncertain: Reservations whose check was sent by a process that died before the
-            answer (remote backends only); closed without a refund.
+            answer (remote backends only). With keyed reserves (Autumn) each is voided
+            through the outbox: refunded once if the backend received it.
         delivered: Queued tracks delivered.
         pending: Tracks still waiting in the outbox.
     """
@@ -464,7 +467,8 @@ class Flows:
             raise
         if call.customer_id in self._unverified:
             yield local(self._end_outage, call.customer_id)
-        self.hooks.emit(Admitted(call, admitted.reserved, admitted.replay, time.time()))
+        if self.hooks.hears(logging.DEBUG):
+            self.hooks.emit(Admitted(call, admitted.reserved, admitted.replay, time.time()))
         return admitted
 
     def _hold_for(self, call: MeteredCall) -> Hold:
@@ -501,19 +505,10 @@ class Flows:
                 result = yield shielded(self.backend.check, self.backend.acheck, request)
         except asyncio.CancelledError as cancel:
             # Cancelled on the wire: the request ran to its end; give back what it took.
-            yield local(self._give_back, hold, getattr(cancel, "outcome", None))
+            yield from self._give_back(hold, cancel)
             raise
         except BackendUnavailable as exc:
-            if hold.lock and exc.maybe_applied:
-                # A lock that may stand is released by id (a release of a lock never
-                # made finds nothing): then nothing stands, and the call may run
-                # unverified like any other. A v1 reserve in doubt cannot be undone.
-                release = hold.finalize(succeeded=False)
-                yield local(self.queue, (release,), hold.key)
-                msg = f"{exc}; its lock is released"
-                raise BackendUnavailable(msg, maybe_applied=False) from exc
-            yield local(self.outbox.close_hold, hold.key)
-            raise
+            yield from self._unanswered(hold, exc)
         except BaseException as exc:
             if not isinstance(exc, GeneratorExit):
                 yield local(self.outbox.close_hold, hold.key)
@@ -524,19 +519,64 @@ class Flows:
             yield local(self.outbox.close_hold, hold.key)
         return result
 
-    def _give_back(self, hold: Hold, outcome: object) -> None:
-        """Undo the reservation of a cancelled caller, closing its journal entry.
+    def _give_back(self, hold: Hold, cancel: asyncio.CancelledError) -> Flow[None]:
+        """Undo the reservation of a caller cancelled on the wire, closing its journal entry.
 
         A lock is released by id, made or not (a release of a lock never made finds
-        nothing); a reserve is refunded when its answer says it deducted. A reserve whose
-        answer was lost stays in doubt, as when it times out.
+        nothing); a reserve is refunded when its answer says it deducted, and kept for
+        reconciliation when that answer is unknown (it may have landed).
         """
+        outcome = getattr(cancel, "outcome", None)
+        error = getattr(cancel, "error", None)
         if hold.lock:
-            self.queue((hold.finalize(succeeded=False),), hold.key)
-        elif isinstance(outcome, CheckResult) and outcome.deducted:
-            self.queue((hold.refund(),), hold.key)
+            yield local(self.queue, (hold.finalize(succeeded=False),), hold.key)
+        elif isinstance(outcome, CheckResult):
+            if outcome.deducted:
+                yield local(self.queue, (hold.refund(),), hold.key)
+            else:
+                yield local(self.outbox.close_hold, hold.key)
+        elif isinstance(error, BackendUnavailable) and not error.maybe_applied:
+            yield local(self.outbox.close_hold, hold.key)
+        else:  # the answer was lost, or the request itself was cancelled
+            key = error.reserve_key if isinstance(error, BackendUnavailable) else None
+            yield from self._in_doubt(hold, f"cancelled while reserving ({error})", key)
+
+    def _unanswered(self, hold: Hold, exc: BackendUnavailable) -> Flow[NoReturn]:
+        """Settle the journal's hold of a reservation the backend did not answer; raise."""
+        if not exc.maybe_applied:
+            yield local(self.outbox.close_hold, hold.key)
+            raise exc
+        if hold.lock:
+            # A lock that may stand is released by id (a release of a lock never made
+            # finds nothing): then nothing stands, and the call may run unverified like
+            # any other.
+            yield local(self.queue, (hold.finalize(succeeded=False),), hold.key)
+            msg = f"{exc}; its lock is released"
+            raise BackendUnavailable(msg, maybe_applied=False) from exc
+        # A v1 reserve may have deducted: its call does not run, and it is voided.
+        if (yield from self._in_doubt(hold, str(exc), exc.reserve_key)):
+            msg = f"{exc}; it is voided once the billing service answers"
+            raise BackendUnavailable(msg, maybe_applied=True) from exc
+        raise exc
+
+    def _in_doubt(self, hold: Hold, error: str, key: str | None = None) -> Flow[bool]:
+        """Keep a reserve whose answer was lost for reconciliation; never close it silently.
+
+        Its call is refused, so it must not stay billed. A keyed reserve is voided through
+        the outbox (:class:`~agent_meter.engine.VoidReserve`, queued in the commit that
+        closes its hold): refunded once if the backend received it, its key spent if not.
+        An unkeyed one cannot be told apart: the event is all that is left of it.
+
+        Returns:
+            True when the void is queued.
+        """
+        void = hold.void(key)
+        if self.keyed:
+            yield local(self.queue, (void,), hold.key)
         else:
-            self.outbox.close_hold(hold.key)
+            yield local(self.outbox.close_hold, hold.key)
+        self.hooks.emit(_in_doubt_event(void, error, reconciled=self.keyed))
+        return self.keyed
 
     def _admit_unverified(self, call: MeteredCall, error: BackendError) -> Flow[Admission]:
         """Run ``call`` unverified if the policy and the customer's cap allow, else refuse.
@@ -689,6 +729,8 @@ class Flows:
         """Refund the reservations of processes that died, and deliver the outbox."""
         refunded = uncertain = 0
         if (holder := self.holder) is not None:
+            if isinstance(holder, DeferredSettles):  # before listing holds: never refunded
+                yield local(holder.close_settled)
             yield from self._close_settled(holder)
             holds: list[Hold] = yield local(_dead_unsettled, holder.holds, self.outbox)
             for hold in holds:
@@ -705,14 +747,11 @@ class Flows:
                 elif state == "held":
                     if (yield local(self._refund_dead, hold)):
                         refunded += 1
-                elif (yield local(self.outbox.close_hold, hold.key)):
+                elif (yield local(self._void_dead, hold)):
                     uncertain += 1
-                    logger.warning(
-                        "agent_meter: a reservation of %s for %s was sent by a process that "
-                        "died before the answer; it may stay billed",
-                        hold.feature_id,
-                        hold.customer_id,
-                    )
+                    reason = "its process died before the answer"
+                    event = _in_doubt_event(hold.void(), reason, reconciled=self.keyed)
+                    self.hooks.emit(event)
         delivered, pending = yield local(self._deliver_outbox)
         return Recovery(refunded, uncertain, delivered, pending)
 
@@ -724,6 +763,13 @@ class Flows:
             return True
         return False
 
+    def _void_dead(self, hold: Hold) -> bool:
+        # a keyed reserve sent by a dead process is voided (the hold closed in the same
+        # commit, so of racing recoveries one queues it); an unkeyed one is only closed
+        if self.keyed:
+            return self.outbox.put([hold.void()], now=time.time(), close_hold=hold.key)
+        return self.outbox.close_hold(hold.key)
+
     def _release_dead(self, hold: Hold) -> bool:
         release = hold.finalize(succeeded=False)
         return self.outbox.put([release], now=time.time(), close_hold=hold.key)
@@ -734,14 +780,29 @@ class Flows:
         return self.deliverer.delivered - before, self.outbox.pending()
 
 
+def _in_doubt_event(void: VoidReserve, error: str, *, reconciled: bool) -> ReserveInDoubt:
+    return ReserveInDoubt(
+        void.customer_id,
+        void.feature_id,
+        void.units,
+        void.idempotency_key,
+        reconciled,
+        error,
+        time.time(),
+    )
+
+
 def _raises_balance_view(request: Queued) -> bool:
     """Whether the customer's next check must wait for ``request`` to be delivered.
 
-    A track must be seen by the next check. A lock's confirm of the held amount changes
+    A track must be seen by the next check; the void of a reserve in doubt only gives back.
+    A lock's confirm of the held amount changes
     nothing, and a release only gives back: a check that runs first sees less than there
     is, never more, so neither puts a round trip on the next call's path. A confirm above
     the hold does charge more, so it is delivered first.
     """
+    if isinstance(request, VoidReserve):
+        return False
     if isinstance(request, FinalizeRequest):
         return request.value > request.held
     return True

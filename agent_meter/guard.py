@@ -9,6 +9,7 @@ reports the real count (:meth:`GuardedCall.bill`) or a failure that raised nothi
 
 from __future__ import annotations
 
+import logging
 import time
 from types import TracebackType
 
@@ -206,9 +207,10 @@ class Guard:
 
     def _report(self, *, succeeded: bool) -> None:
         hooks = self._flows.hooks
-        if not hooks:
-            return
         handle = self.handle
+        # a refund with a reason is worth an info line; the rest are debug lines
+        if not hooks.hears(logging.INFO if handle.failed else logging.DEBUG):
+            return
         admission = handle.admission
         assert admission is not None  # noqa: S101 - set on entry
         if succeeded and not handle.failed:

@@ -3,10 +3,12 @@
 Each decision the meter takes becomes one frozen event value: a call :class:`Admitted`,
 :class:`Denied` or run :class:`Unverified`; once it is over, :class:`Billed` or
 :class:`Refunded`; a track the backend rejected for good :class:`SetAside`; tokens that
-could not be billed :class:`UnbilledTokens`. A hook is any callable taking an event
-(:class:`Hook`); register it with :meth:`Meter.add_hook <agent_meter.Meter.add_hook>`.
-:class:`LoggingHook` is installed by default and writes the log lines agent_meter always
-wrote; :mod:`agent_meter.otel` has an OpenTelemetry hook.
+could not be billed :class:`UnbilledTokens`; a reserve whose answer was lost
+:class:`ReserveInDoubt`; a lock gone before its confirm :class:`LockGone`. A hook is any
+callable taking an event (:class:`Hook`); register it with
+:meth:`Meter.add_hook <agent_meter.Meter.add_hook>`. :class:`LoggingHook` is installed by
+default and writes the log lines agent_meter always wrote; :mod:`agent_meter.otel` has an
+OpenTelemetry hook.
 
 A hook that raises is logged and otherwise ignored: instrumentation never changes a bill.
 
@@ -26,7 +28,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from agent_meter.engine import FinalizeRequest, MeteredCall, TrackRequest
+from agent_meter.engine import FinalizeRequest, MeteredCall, TrackRequest, VoidReserve
 
 __all__ = [
     "Admitted",
@@ -35,8 +37,10 @@ __all__ = [
     "Event",
     "Hook",
     "Hooks",
+    "LockGone",
     "LoggingHook",
     "Refunded",
+    "ReserveInDoubt",
     "SetAside",
     "SettleFailed",
     "UnbilledTokens",
@@ -143,11 +147,12 @@ class SetAside:
     """The backend rejected a queued track for good; it is kept aside in the outbox.
 
     Attributes:
-        request: The track (or a lock's finalize, strategy ``lock``).
+        request: The track (or a lock's finalize, strategy ``lock``, or the void of a
+            reserve in doubt).
         error: Why the backend rejected it.
     """
 
-    request: TrackRequest | FinalizeRequest
+    request: TrackRequest | FinalizeRequest | VoidReserve
     error: str
 
 
@@ -192,8 +197,64 @@ class UnbilledTokens:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class ReserveInDoubt:
+    """A reserving check's answer was lost: whether it deducted is unknown.
+
+    Its call was refused (or its process died asking), so it must not stay billed. With
+    keyed reserves (Autumn) it waits in the outbox until the backend answers again: if the
+    backend received the reserve it is refunded under a key derived from the reserve's
+    own, so it counts once; if not, the reserve's key is spent so it can never land.
+
+    Attributes:
+        customer_id: Who may have been charged.
+        feature_id: The feature reserved.
+        units: Units the reserve asked for.
+        key: The idempotency key the reserve was last sent under.
+        reconciled: True when it is recorded for reconciliation (keyed reserves); False
+            when the backend cannot tell, and only this event and the log keep it.
+        error: Why the answer was lost.
+        at: Unix time.
+    """
+
+    customer_id: str
+    feature_id: str
+    units: float
+    key: str
+    reconciled: bool
+    error: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class LockGone:
+    """A lock's confirm found nothing held under its id: the call stays unbilled.
+
+    Autumn releases a lock at its ``expires_at``; a confirm arriving later answers
+    ``Lock not found``, and nothing is charged. The meter takes the call as settled and
+    unbilled: the confirm is not retried. (A confirm whose earlier attempt landed with its
+    answer lost gets the same answer; Autumn's reply cannot tell the two apart.)
+
+    Attributes:
+        request: The confirm.
+        at: Unix time.
+    """
+
+    request: FinalizeRequest
+    at: float
+
+
 Event = (
-    Admitted | Denied | Unverified | Billed | Refunded | SetAside | SettleFailed | UnbilledTokens
+    Admitted
+    | Denied
+    | Unverified
+    | Billed
+    | Refunded
+    | SetAside
+    | SettleFailed
+    | UnbilledTokens
+    | ReserveInDoubt
+    | LockGone
 )
 """Every event a hook receives."""
 
@@ -246,6 +307,28 @@ class LoggingHook:
             )
         elif isinstance(event, UnbilledTokens):
             self._unbilled(event)
+        elif isinstance(event, ReserveInDoubt):
+            logger.warning(
+                "agent_meter: the reserve %s (%s x %s for %s) lost its answer (%s); %s",
+                event.key,
+                event.units,
+                event.feature_id,
+                event.customer_id,
+                event.error,
+                "it is voided once the backend answers (refunded if it landed)"
+                if event.reconciled
+                else "the backend cannot tell whether it deducted: reconcile it by hand",
+            )
+        elif isinstance(event, LockGone):
+            request = event.request
+            logger.warning(
+                "agent_meter: lock %s (%s x %s for %s) was gone when its confirm arrived "
+                "(expired and released): the call stays unbilled",
+                request.lock_id,
+                request.value,
+                request.feature_id,
+                request.customer_id,
+            )
         elif isinstance(event, Refunded) and event.reason is not None:
             call = event.call
             logger.info(
@@ -291,14 +374,29 @@ class LoggingHook:
 class Hooks:
     """The hooks of one meter; :meth:`emit` passes an event to each, in order."""
 
-    __slots__ = ("_hooks",)
+    __slots__ = ("_hooks", "_others")
 
     def __init__(self, hooks: Iterable[Hook] = ()) -> None:
-        self._hooks: tuple[Hook, ...] = tuple(hooks)
+        self._hooks: tuple[Hook, ...] = ()
+        self._others = False
+        self._set(tuple(hooks))
+
+    def _set(self, hooks: tuple[Hook, ...]) -> None:
+        self._hooks = hooks
+        self._others = any(type(hook) is not LoggingHook for hook in hooks)
+
+    def hears(self, level: int = logging.DEBUG) -> bool:
+        """Whether an event the logging hook writes at ``level`` reaches anyone.
+
+        Routine events (admitted, billed, refunded) are written at debug level: when the
+        logging hook is the only one and that level is off, a guarded call need not build
+        them.
+        """
+        return self._others or (bool(self._hooks) and logger.isEnabledFor(level))
 
     def add(self, hook: Hook) -> None:
         """Register ``hook`` (after the others)."""
-        self._hooks = (*self._hooks, hook)
+        self._set((*self._hooks, hook))
 
     def remove(self, hook: Hook) -> None:
         """Unregister ``hook``.
@@ -308,7 +406,7 @@ class Hooks:
         """
         hooks = list(self._hooks)
         hooks.remove(hook)
-        self._hooks = tuple(hooks)
+        self._set(tuple(hooks))
 
     def __iter__(self) -> Iterator[Hook]:
         return iter(self._hooks)

@@ -77,7 +77,9 @@ _DIGEST_CHARS = 16
 
 
 def _from_section(values: object) -> CustomerRef | None:
-    if isinstance(values, Mapping) and values.get("customer_id") is not None:
+    if (type(values) is dict or isinstance(values, Mapping)) and values.get(
+        "customer_id"
+    ) is not None:
         return CustomerRef.of(values["customer_id"], values.get("entity_id"))
     return None
 

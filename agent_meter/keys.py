@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-import uuid
+import secrets
 from functools import lru_cache
 from urllib.parse import quote
 
@@ -22,7 +22,7 @@ _VERSION = "am1"
 
 def new_call_id() -> str:
     """A fresh call id for a call that came with none (32 hex characters)."""
-    return uuid.uuid4().hex
+    return secrets.token_hex(16)
 
 
 def _part(value: str) -> str:

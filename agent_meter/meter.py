@@ -23,7 +23,9 @@ from agent_meter import engine
 from agent_meter.backends.base import (
     CatalogueBackend,
     DefaultsToLocks,
+    DeferredSettles,
     FullBackend,
+    KeyedReserves,
     LedgerFile,
     LocalBackend,
     LockingBackend,
@@ -38,11 +40,12 @@ from agent_meter.engine import (
     MeteredCall,
     Strategy,
     TrackRequest,
+    VoidReserve,
 )
 from agent_meter.errors import AgentMeterError, ConfigError, InvalidUsage
 from agent_meter.flow import Flows, Recovery, arun, run
 from agent_meter.guard import AsyncGuard, Guard, GuardedCall
-from agent_meter.hooks import Hook, Hooks, LoggingHook, SetAside
+from agent_meter.hooks import Hook, Hooks, LockGone, LoggingHook, SetAside
 from agent_meter.keys import new_call_id
 from agent_meter.outbox import Outbox, Queued
 from agent_meter.owner import owner_is_alive
@@ -122,6 +125,10 @@ def default_outbox_path(backend: object) -> Path | None:
     name = backend.outbox_id if isinstance(backend, RemoteBackend) else ""
     name = name or type(backend).__name__.lower()
     return Path(state) / "agent_meter" / f"outbox-{name}.db"
+
+
+_ID_TYPES = (str, type(None))
+"""The types of ids that may be looked up among those validated before (hashable ones)."""
 
 
 class Meter:
@@ -214,15 +221,20 @@ class Meter:
             hooks=self.hooks,
             pricing=pricing,
         )
+        # (customer, feature, entity) already validated -> whether the feature is boolean:
+        # the ids of the next call of the same kind need no second look
+        self._checked: dict[tuple[str, str, str | None], bool] = {}
         self._closed = False
         _open_meters.add(self)
         if recover_on_start:
             self._recover_in_background()
 
     def _deliver_one(self, request: Queued) -> object:
-        """What the deliverer sends: a track, or a lock's finalize (strategy ``lock``)."""
+        """What the deliverer sends: a track, a lock's finalize, or a reserve's void."""
         if isinstance(request, FinalizeRequest):
             return self._finalize(request)
+        if isinstance(request, VoidReserve):
+            return self._void(request)
         # looked up on each delivery: the backend's method may be replaced (tests do)
         return self.backend.track(request)
 
@@ -232,11 +244,34 @@ class Meter:
             msg = f"{self.backend!r} has no locks: cannot finalize {request.lock_id!r}"
             raise ConfigError(msg)
         done = locker.finalize(request)
-        if not done:
-            # Autumn holds nothing under the id: finalized before (a lost answer), never
-            # made, or expired. A lock finalizes once, so there is nothing left to do.
+        if not done and request.action == "confirm":
+            # Only an admitted call is confirmed, so its lock was made: Autumn released it
+            # at its expiry and charged nothing. The call is settled, unbilled; a lock
+            # finalizes once, so retrying would only find nothing again.
+            self.hooks.emit(LockGone(request, time.time()))
+        elif not done:
+            # a release of a lock never made (denied, failed open) or already released
             logger.info("agent_meter: lock %s was already settled", request.lock_id)
         return done
+
+    def _void(self, request: VoidReserve) -> bool:
+        """Refund a reserve in doubt if the backend received it; spend its key if not."""
+        backend = self.backend
+        if not isinstance(backend, KeyedReserves) or not backend.keyed_reserves:
+            msg = f"{backend!r} cannot tell whether reserve {request.idempotency_key!r} landed"
+            raise ConfigError(msg)
+        if not backend.reserve_received(request):
+            logger.info(
+                "agent_meter: reserve %s never reached the backend: nothing to give back",
+                request.idempotency_key,
+            )
+            return False
+        # received: it may have deducted (a 409 cannot say more), and its call was refused
+        backend.track(request.refund())
+        logger.info(
+            "agent_meter: reserve %s reached the backend: refunded", request.idempotency_key
+        )
+        return True
 
     @property
     def unverified_limit(self) -> int:
@@ -253,7 +288,8 @@ class Meter:
             self.deliverer.wake()
         holder = self._flows.holder
         holds = holder.holds() if holder is not None else [hold for hold, _ in self.outbox.holds()]
-        if any(not owner_is_alive(hold.owner) for hold in holds):
+        settled = isinstance(holder, DeferredSettles) and holder.has_settled_to_close()
+        if settled or any(not owner_is_alive(hold.owner) for hold in holds):
             threading.Thread(
                 target=self._recover_quietly, name="agent_meter-recover", daemon=True
             ).start()
@@ -308,9 +344,7 @@ class Meter:
         """
         if self._closed:
             self._refuse_closed()
-        customer_id = check_customer_id(customer_id)
-        feature_id = check_feature_id(feature_id)
-        entity_id = check_entity_id(entity_id)
+        gate_only = self._gate_only(customer_id, feature_id, entity_id)
         units = check_units(units, feature_id=feature_id, customer_id=customer_id)
         if call_id is not None:
             call_id = check_key("call_id", call_id, feature_id=feature_id)
@@ -330,8 +364,24 @@ class Meter:
             entity_id=entity_id,
             strategy=strategy,
             on_backend_error=policy,
-            gate_only=self.feature_type(feature_id) is FeatureType.BOOLEAN,
+            gate_only=gate_only,
         )
+
+    def _gate_only(self, customer_id: str, feature_id: str, entity_id: str | None) -> bool:
+        """Validate the ids of a call (once per kind); whether its feature is boolean."""
+        ids = (customer_id, feature_id, entity_id)
+        if type(customer_id) is str and type(feature_id) is str and type(entity_id) in _ID_TYPES:
+            known = self._checked.get(ids)
+            if known is not None:
+                return known
+        check_customer_id(customer_id)
+        check_feature_id(feature_id)
+        check_entity_id(entity_id)
+        gate_only = self.feature_type(feature_id) is FeatureType.BOOLEAN
+        if len(self._checked) >= 4096:  # bounded: many customers just check again
+            self._checked.clear()
+        self._checked[ids] = gate_only
+        return gate_only
 
     def _refuse_closed(self) -> NoReturn:
         msg = f"this meter is closed ({self!r}): meter.close() was called; open a new Meter"

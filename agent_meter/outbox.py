@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent_meter.engine import FinalizeRequest, Hold, TrackRequest
+from agent_meter.engine import FinalizeRequest, Hold, TrackRequest, VoidReserve
 from agent_meter.errors import AgentMeterError, BackendError, BackendUnavailable
 
 __all__ = ["Outbox", "OutboxEntry", "Queued"]
 
-Queued = TrackRequest | FinalizeRequest
-"""What waits in the outbox: a track (usage, refund, adjustment) or a lock's finalize."""
+Queued = TrackRequest | FinalizeRequest | VoidReserve
+"""What waits in the outbox: a track (usage, refund, adjustment), a lock's finalize, or the
+void of a keyed reserve whose answer was lost."""
 
 logger = logging.getLogger("agent_meter")
 
@@ -60,7 +61,8 @@ CREATE TABLE IF NOT EXISTS tracks (
     next_attempt_at REAL NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending',   -- pending | set_aside
     error TEXT,
-    action TEXT,                              -- NULL: a track; confirm | release: a lock
+    action TEXT,                              -- NULL: a track; confirm | release: a lock;
+                                              -- void: a reserve in doubt
     held REAL                                 -- a lock's held units
 );
 CREATE INDEX IF NOT EXISTS tracks_due ON tracks (state, next_attempt_at);
@@ -449,9 +451,14 @@ def _hold(row: tuple[Any, ...]) -> Hold:
 
 
 def _row(request: Queued, now: float) -> tuple[object, ...]:
-    if isinstance(request, FinalizeRequest):
+    if isinstance(request, (FinalizeRequest, VoidReserve)):
+        action, held = (
+            ("void", request.units)
+            if isinstance(request, VoidReserve)
+            else (request.action, request.held)
+        )
         return (
-            request.lock_id,
+            request.idempotency_key,
             request.customer_id,
             request.feature_id,
             request.value,
@@ -459,8 +466,8 @@ def _row(request: Queued, now: float) -> tuple[object, ...]:
             None,
             now,
             now,
-            request.action,
-            request.held,
+            action,
+            held,
         )
     properties = request.properties
     return (
@@ -481,6 +488,15 @@ def _entry(row: tuple[Any, ...], *, lenient: bool = False) -> OutboxEntry:
     """A row as an entry; ``lenient`` (for reports) reads what it can of a damaged one."""
     key, customer_id, feature_id, value, entity_id, properties, attempts, error = row[:8]
     action, held = row[8:10] if len(row) >= 10 else (None, None)
+    if action == "void":
+        void = VoidReserve(
+            str(key),
+            str(customer_id),
+            str(feature_id),
+            float(held),
+            None if entity_id is None else str(entity_id),
+        )
+        return OutboxEntry(void, int(attempts), None if error is None else str(error))
     if action is not None:
         finalize = FinalizeRequest(
             str(key),

@@ -113,6 +113,15 @@ def check_units(
         InvalidUsage: ``value`` is not a real number (strings and bools included), is NaN
             or infinite, or is negative where that is not allowed.
     """
+    if (type(value) is float or type(value) is int) and -MAX_UNITS <= value <= MAX_UNITS:
+        # the usual case, quickly (NaN, infinities and huge ints take the long way)
+        if value < 0 and not allow_negative:
+            msg = (
+                f"units for {feature_id!r} (customer {customer_id!r}) must not be negative, "
+                f"got {float(value)}"
+            )
+            raise InvalidUsage(msg)
+        return float(value)
     if isinstance(value, bool) or not isinstance(value, Real):
         msg = (
             f"units for {feature_id!r} (customer {customer_id!r}) must be a number, "

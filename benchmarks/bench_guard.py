@@ -1,13 +1,19 @@
 """Guarded calls per second, and the median cost of one guard, on SQLite and in memory.
 
-Baselines, measured in the same run on the same kind of file: the smallest honest ledger
-write by hand (one ``BEGIN IMMEDIATE``, an UPDATE and an INSERT, ``COMMIT``), and the
-smallest durable guarded call by hand (that transaction, then a second commit that closes
-the reservation once the work succeeded: what a crash-safe settle needs), so the ratios
-show what the meter adds over the commits it cannot avoid.
+Baselines, measured in the same run on the same kind of file:
 
-Run: ``make bench`` or ``python benchmarks/bench_guard.py``. Target: >= 5,000 guarded
-calls/s on SQLite in one process.
+- the smallest honest ledger write by hand (one ``BEGIN IMMEDIATE``, an UPDATE and an
+  INSERT, ``COMMIT``) on two bare tables;
+- the same transaction on the ledger's own schema (its indexes included): the floor of a
+  reservation, since the success path of a guarded call costs exactly one such commit
+  (its hold is closed by the next commit, see ``agent_meter.backends.settle_journal``);
+- the old success path by hand: that transaction, then a second commit to close the hold.
+
+The ratios show what the meter adds over the commit it cannot avoid.
+
+Run: ``make bench`` or ``python benchmarks/bench_guard.py``. Target: >= 15,000 guarded
+calls/s on SQLite in one process (a target below the floor of one commit on a slow disk
+is reported as missed, with the floor beside it).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent_meter import Meter, Pricing, SQLiteBackend
+from agent_meter.backends import sqlite as sqlite_backend
 from agent_meter.testing import MemoryBackend
 from benchmarks._timing import machine, median_per_call
 
@@ -58,11 +65,40 @@ def bench_raw_sqlite(path: Path, *, settle: bool = False) -> float:
     return median_per_call(one, calls=CALLS)
 
 
+def bench_raw_ledger(path: Path) -> float:
+    """One reservation by hand on the ledger's own schema: one transaction, one commit."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA wal_autocheckpoint = 10000")
+    conn.executescript(sqlite_backend._SCHEMA)
+    conn.execute("INSERT INTO balances VALUES ('c', 'credits', 'amount', 0, 10, 'never', NULL)")
+    conn.execute("UPDATE balances SET balance = 1000000000000000000")
+    counter = itertools.count()
+
+    def one() -> None:
+        key = f"am1:c::web_search:b{next(counter)}:hold"
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(
+            "UPDATE balances SET balance = balance - ? WHERE customer_id = 'c'"
+            " AND balance >= ? RETURNING included, balance, next_reset_at",
+            (10**9, 10**9),
+        ).fetchone()
+        conn.execute(
+            sqlite_backend._INSERT_RESERVATION,
+            (0.0, "c", None, "web_search", "credits", 1.0, 10**9, -(10**9), key, "o", "r", 0.0),
+        )
+        conn.execute("COMMIT")
+
+    return median_per_call(one, calls=CALLS)
+
+
 def main() -> None:
     print(f"bench_guard: {machine()}, {CALLS} calls per batch, median of 7 batches")
     with tempfile.TemporaryDirectory() as tmp:
         raw = bench_raw_sqlite(Path(tmp) / "raw.db")
         raw_settled = bench_raw_sqlite(Path(tmp) / "raw2.db", settle=True)
+        raw_ledger = bench_raw_ledger(Path(tmp) / "raw3.db")
         backend = SQLiteBackend(Path(tmp) / "usage.db", pricing=PRICING)
         backend.set_balance("cus_bench", "credits", 10**9)
         sqlite_guard = bench_meter(Meter(backend), "cus_bench")
@@ -74,6 +110,7 @@ def main() -> None:
     rows = [
         ("raw SQLite transaction (baseline)", raw),
         ("raw reserve + settle, 2 commits", raw_settled),
+        ("raw reservation, ledger schema", raw_ledger),
         ("guard on SQLiteBackend", sqlite_guard),
         ("guard on MemoryBackend", memory_guard),
     ]
@@ -81,8 +118,15 @@ def main() -> None:
         print(f"  {name:36s} {seconds * 1e6:8.1f} us/call {1 / seconds:10,.0f} calls/s")
     print(f"  SQLite guard / raw transaction: {sqlite_guard / raw:.2f}x")
     print(f"  SQLite guard / raw reserve + settle: {sqlite_guard / raw_settled:.2f}x")
-    verdict = "meets" if 1 / sqlite_guard >= 5000 else "MISSES"
-    print(f"  target >= 5,000 guarded calls/s on SQLite: {verdict} ({1 / sqlite_guard:,.0f})")
+    print(
+        f"  SQLite guard / raw reservation on the ledger schema: {sqlite_guard / raw_ledger:.2f}x"
+    )
+    print(f"  SQLite guard - that reservation: {(sqlite_guard - raw_ledger) * 1e6:.1f} us/call")
+    verdict = "meets" if 1 / sqlite_guard >= 15000 else "MISSES"
+    print(
+        f"  target >= 15,000 guarded calls/s on SQLite: {verdict} ({1 / sqlite_guard:,.0f}; "
+        f"the floor of one commit here: {1 / raw_ledger:,.0f})"
+    )
 
 
 class _Discard(list):  # type: ignore[type-arg]

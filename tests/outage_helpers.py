@@ -39,7 +39,16 @@ from agent_meter.backends.autumn import AutumnBackend
 from agent_meter.engine import Strategy
 from agent_meter.pricing import Plan
 
-__all__ = ["RATES", "SECRET", "AutumnServer", "Mode", "autumn_meter", "pricing"]
+__all__ = [
+    "RATES",
+    "SECRET",
+    "AutumnServer",
+    "Mode",
+    "arun_guarded",
+    "autumn_meter",
+    "pricing",
+    "run_guarded",
+]
 
 SECRET = "am_sk_test_outage_helpers_fake_key"  # noqa: S105 - a fake key for a local server
 
@@ -218,6 +227,12 @@ class AutumnServer:
         """Locks still holding credits, by id."""
         with self._lock:
             return {lock_id: entry[1] / NANO for lock_id, entry in self._locks.items()}
+
+    def expire_lock(self, lock_id: str) -> None:
+        """What Autumn does at a lock's ``expires_at``: release it (fact 19)."""
+        with self._lock:
+            customer_id, held, _ = self._locks.pop(lock_id)
+            self._balances[customer_id] += held
 
     # -- requests --------------------------------------------------------------------------
 
@@ -425,3 +440,15 @@ class AutumnServer:
 
 def _error(code: str, message: str) -> dict[str, str]:
     return {"message": message, "code": code, "env": "sandbox"}
+
+
+def run_guarded(meter: Meter, customer: str, call_id: str) -> str:
+    """One guarded web_search that succeeds."""
+    with meter.guard(customer, "web_search", call_id=call_id):
+        return "ran"
+
+
+async def arun_guarded(meter: Meter, customer: str, call_id: str) -> str:
+    """Async :func:`run_guarded`."""
+    async with meter.aguard(customer, "web_search", call_id=call_id):
+        return "ran"

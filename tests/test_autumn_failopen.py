@@ -193,6 +193,23 @@ def test_a_409_on_the_retry_of_a_keyed_reserve_leaves_it_in_doubt():
     assert info.value.maybe_applied is True
 
 
+def test_a_reserve_lost_after_a_fail_open_answer_names_the_fresh_key_in_doubt():
+    """The 202 was an answer (nothing deducted): only the retry under a fresh key is in
+    doubt, so that is the key to void, not the reserve's first one (which 409s for ever)."""
+    replies = [Reply(202, FAILOPEN), Reply(200, check_ok(98), hang=2)]
+    with FaultServer(replies) as server:
+        backend = AutumnBackend(SECRET, base_url=server.url, timeout=0.3, backoff=0)
+        with pytest.raises(BackendUnavailable) as info:
+            backend.check(
+                CheckRequest("cus_fault", "code_exec", send_event=True, idempotency_key="k")
+            )
+        backend.close()
+    sent = [seen.headers.get("Idempotency-Key") for seen in server.requests]
+    assert sent[:2] == ["k", "k:fo1"]
+    assert info.value.maybe_applied is True
+    assert info.value.reserve_key == sent[-1]
+
+
 # -- fact 16: refunds stop at the grant ------------------------------------------------------
 
 

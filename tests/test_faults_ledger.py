@@ -337,10 +337,15 @@ def test_the_unused_rest_of_an_estimate_goes_back_at_the_reservations_price(
 # -- 1: a success stays billed whatever happens to its bookkeeping ----------------------------
 
 
-def test_a_success_whose_hold_cannot_be_closed_is_never_refunded(tmp_path: Path) -> None:
+def test_a_success_whose_hold_cannot_be_closed_is_never_refunded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "usage.db"
     backend = SQLiteBackend(path, pricing=_pricing(), busy_timeout=0.2)
     meter = Meter(backend, outbox=tmp_path / "outbox.db", recover_on_start=False)
+    # the success cannot be recorded in the settle journal either (a full disk), so the
+    # hold must be closed at once, and that times out on the other writer's lock
+    monkeypatch.setattr(backend._journal, "record", lambda key: False)
     blocker = sqlite3.connect(path, isolation_level=None)
     with meter.guard("cus_1", "code_exec", 1, call_id="c1"):
         blocker.execute("BEGIN IMMEDIATE")  # closing the hold times out on this lock

@@ -25,7 +25,7 @@ from agent_meter import BackendUnavailable, ConfigError, Meter, UsageLimitExceed
 from agent_meter.backends.autumn import AutumnBackend
 from agent_meter.engine import FailPolicy, Strategy
 from agent_meter.tokens import TokenFeatures, TokenUsage
-from tests.outage_helpers import SECRET, AutumnServer, Mode, pricing
+from tests.outage_helpers import SECRET, AutumnServer, Mode, arun_guarded, pricing, run_guarded
 
 TIMEOUT = 0.3
 OUTAGES: list[Mode] = ["refuse", "503", "hang"]
@@ -68,16 +68,6 @@ def settled(meter: Meter, server: AutumnServer) -> None:
     """Deliver what the meter queued and check that no lock is left holding credits."""
     assert meter.flush(timeout=10) == 0
     assert server.open_locks() == {}
-
-
-def run_guarded(meter: Meter, customer: str, call_id: str) -> str:
-    with meter.guard(customer, "web_search", call_id=call_id):
-        return "ran"
-
-
-async def arun_guarded(meter: Meter, customer: str, call_id: str) -> str:
-    async with meter.aguard(customer, "web_search", call_id=call_id):
-        return "ran"
 
 
 # -- deny: refused quickly, with a message about the billing service ----------------------

@@ -86,7 +86,7 @@ from pydantic import BaseModel, ConfigDict
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 from agent_meter.backends.autumn_locks import DEFAULT_API_VERSION, MAX_LOCK_SECONDS, LockClient
-from agent_meter.engine import CheckRequest, FinalizeRequest, Hold, TrackRequest
+from agent_meter.engine import CheckRequest, FinalizeRequest, Hold, TrackRequest, VoidReserve
 from agent_meter.errors import (
     BackendError,
     BackendUnavailable,
@@ -288,7 +288,7 @@ def _key_middleware(key: str) -> Any:
 class _Call:
     """One request to Autumn, and what a retry of it would risk."""
 
-    op: Literal["check", "track", "customer", "catalogue"]
+    op: Literal["check", "track", "customer", "catalogue", "probe"]
     method: str
     path: str
     body: dict[str, Any] | None
@@ -302,6 +302,8 @@ class _Call:
             return "listing features"
         if self.op == "customer":
             return f"reading customer {self.customer_id!r}"
+        if self.op == "probe":
+            return f"question whether reserve {self.key!r} reached Autumn"
         return f"{self.op} of {self.feature_id!r} for {self.customer_id!r}"
 
 
@@ -536,7 +538,7 @@ class AutumnBackend:
                 break
             key = _next_key(call, key, failure, attempt)
             time.sleep(self._delay(call, failure, attempt))
-        raise _error(call, failure, attempt + 1, self.base_url) from failure.cause
+        raise _error(call, failure, attempt + 1, self.base_url, key) from failure.cause
 
     async def _arequest(self, call: _Call) -> dict[str, Any]:
         self._ensure_open()
@@ -568,11 +570,14 @@ class AutumnBackend:
                 break
             key = _next_key(call, key, failure, attempt)
             await asyncio.sleep(self._delay(call, failure, attempt))
-        raise _error(call, failure, attempt + 1, self.base_url) from failure.cause
+        raise _error(call, failure, attempt + 1, self.base_url, key) from failure.cause
 
     def _should_retry(self, call: _Call, failure: _Failure, attempt: int) -> bool:
         if attempt >= self.max_retries or not failure.transient:
             return False
+        if call.op == "probe" and not failure.unsent:
+            return False  # a probe that landed spent the key: a retry would find its own
+
         if failure.retry_after is not None and failure.retry_after > self.max_backoff:
             return False  # asked to wait longer than a caller should: unavailable for now
         # a keyed reserve is deducted once however often it is sent
@@ -685,6 +690,29 @@ class AutumnBackend:
         except _Duplicate:
             return _as_duplicate(result)
         return result
+
+    def reserve_received(self, request: VoidReserve) -> bool:
+        """Whether Autumn received a keyed reserve whose answer was lost.
+
+        Sends a plain check (it deducts nothing) under the reserve's ``Idempotency-Key``:
+        a 409 ``duplicate_idempotency_key`` says a request with that key was received
+        (whether it deducted, a 409 cannot say; fact 15). Any other answer says it was not,
+        and this check now holds the key for 24 h: the reserve, should it arrive late, is
+        answered 409 and deducts nothing. Not retried once it may have landed (a retry
+        would find its own key).
+
+        Raises:
+            BackendUnavailable: Autumn did not answer; ask again later.
+            BackendError, ConfigError: Autumn refused the question.
+        """
+        call = _check_call(
+            request.customer_id, request.feature_id, request.units, False, request.entity_id
+        )
+        try:
+            self._request(replace(call, op="probe", key=request.idempotency_key))
+        except _Duplicate:
+            return True
+        return False
 
     # -- locks (strategy "lock", Autumn API v2) -----------------------------------------
 
@@ -1113,10 +1141,10 @@ def _what(failure: _Failure) -> str:  # noqa: PLR0911 - one phrase per kind of f
 
 
 def _error(  # noqa: PLR0911 - one error per kind of failure
-    call: _Call, failure: _Failure, attempts: int, base_url: str
+    call: _Call, failure: _Failure, attempts: int, base_url: str, key: str | None = None
 ) -> Exception:
-    """The error of ours that a final failure becomes."""
-    if failure.kind == "duplicate" and call.op == "track":
+    """The error of ours that a final failure becomes (``key``: the last attempt's)."""
+    if failure.kind == "duplicate" and call.op in ("track", "probe"):
         return _Duplicate()
     if failure.kind == "duplicate" and call.key is not None:
         # The key was received before; a fail-open answer keeps its key too (fact 15), so
@@ -1125,6 +1153,7 @@ def _error(  # noqa: PLR0911 - one error per kind of failure
             f"Autumn had already received this reserve's key (409 duplicate_idempotency_key, "
             f"{call.describe()}); whether it deducted is unknown",
             maybe_applied=True,
+            reserve_key=key,
         )
     if failure.kind == "auth":
         return BackendError(
@@ -1160,6 +1189,7 @@ def _error(  # noqa: PLR0911 - one error per kind of failure
         return BackendUnavailable(
             f"Autumn is unavailable: {_what(failure)} {tries} ({call.describe()}{note})",
             maybe_applied=bool(note),
+            reserve_key=key if note else None,
         )
     detail = f": {failure.message}" if failure.message else ""
     return BackendError(f"Autumn failed the {call.describe()}: {_what(failure)}{detail}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from agent_meter.engine import CheckRequest, FinalizeRequest, Hold, TrackRequest
+from agent_meter.engine import CheckRequest, FinalizeRequest, Hold, TrackRequest, VoidReserve
 from agent_meter.pricing import Pricing
 from agent_meter.results import Catalogue, CheckResult, TrackResult
 
@@ -20,6 +20,7 @@ __all__ = [
     "Backend",
     "CatalogueBackend",
     "DefaultsToLocks",
+    "DeferredSettles",
     "DenialRecorder",
     "FullBackend",
     "KeyedReserves",
@@ -167,6 +168,24 @@ class ReservingBackend(Protocol):
 
 
 @runtime_checkable
+class DeferredSettles(Protocol):
+    """A ledger that closes a success's hold in its next commit, not one of its own.
+
+    It keeps the success durably meanwhile (see
+    :mod:`agent_meter.backends.settle_journal`); ``recover()`` asks it first to close the
+    holds that ended processes recorded as settled, so that none of them is refunded.
+    """
+
+    def has_settled_to_close(self) -> bool:
+        """Whether processes that ended left successes whose holds are still open."""
+        ...
+
+    def close_settled(self) -> int:
+        """Close the holds recorded as settled and not yet closed; how many were closed."""
+        ...
+
+
+@runtime_checkable
 class DefaultsToLocks(Protocol):
     """A remote backend whose locks are the safest reservation: the meter's default there.
 
@@ -182,10 +201,19 @@ class KeyedReserves(Protocol):
     """A backend whose reserving checks take an ``idempotency_key`` (Autumn's header).
 
     The meter then passes each reservation's hold key: a reserve whose answer was lost is
-    retried with it and deducted once.
+    retried with it and deducted once, and, when its call is refused all the same, voided
+    through the outbox (:class:`~agent_meter.engine.VoidReserve`).
     """
 
     keyed_reserves: bool
+
+    def reserve_received(self, request: VoidReserve) -> bool:
+        """Whether a reserve sent under ``request.idempotency_key`` reached the backend.
+
+        Asked without deducting, under the same key: when the reserve had not arrived,
+        the question spends its key, so that it can never land afterwards.
+        """
+        ...
 
 
 @runtime_checkable

@@ -190,12 +190,12 @@ class MemoryBackend(LocksOnHolds):
         entity_id: str | None,
         send_event: bool,
         *,
-        validated: bool = False,
+        priced: ledger.Charge | None = None,
         key: str | None = None,
     ) -> CheckResult:
         """A check under the lock; records the reservation it makes (under ``key``)."""
-        if validated:  # a hold, built by the meter from a validated call
-            charge = ledger.charge_for(self._pricing, customer_id, feature_id, units)
+        if priced is not None:  # a hold, built by the meter from a validated call
+            charge = priced
         else:
             customer_id, entity_id, charge = ledger.price_request(
                 self._pricing, customer_id, feature_id, units, entity_id=entity_id
@@ -348,7 +348,7 @@ class MemoryBackend(LocksOnHolds):
                 hold.units,
                 hold.entity_id,
                 True,
-                validated=True,
+                priced=charge,
                 key=hold.key,  # as the SQLite ledger records it
             )
             if result.deducted:

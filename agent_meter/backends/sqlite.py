@@ -10,6 +10,7 @@ survives the process being killed.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import os
@@ -17,13 +18,14 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from agent_meter import ledger
 from agent_meter.backends.locks_on_holds import LocksOnHolds
+from agent_meter.backends.settle_journal import SettleJournal
 from agent_meter.engine import CheckRequest, Hold, TrackRequest
 from agent_meter.errors import (
     BackendError,
@@ -126,6 +128,18 @@ def _reopen_in_child() -> None:
 if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_reopen_in_child)
 
+
+@atexit.register
+def _fold_at_exit() -> None:
+    """At a normal exit, close the holds of this process's successes.
+
+    One commit per ledger, so that no journal is left for a recovery to fold.
+    """
+    for backend in list(_open_backends):
+        if backend._fold_settled():
+            backend._journal.close(folded=True)
+
+
 LEDGER_APPLICATION_ID = 0x616D6C67
 """``PRAGMA application_id`` of an agent_meter ledger ("amlg"): marks the file as ours."""
 
@@ -222,6 +236,10 @@ class SQLiteBackend(LocksOnHolds):
         self._connections_lock = threading.Lock()
         self._inherited: list[sqlite3.Connection] = []
         self._known_customers: set[str] = set()
+        # A success's hold is closed by the next commit (see settle_journal): the holds
+        # this instance opened and has not closed yet, and its journal of settled ones.
+        self._journal = SettleJournal(self.path)
+        self._open_holds: set[str] = set()
         self._closed = False
         _open_backends.add(self)
         self._uri = f"{self.path.absolute().as_uri()}?mode=ro" if read_only else None
@@ -300,6 +318,8 @@ class SQLiteBackend(LocksOnHolds):
         self._connections = []
         self._connections_lock = threading.Lock()
         self._local = threading.local()
+        self._journal.after_fork()  # the parent's successes are the parent's to close
+        self._open_holds = set()
 
     def _read_only_conn(self) -> sqlite3.Connection:
         assert self._uri is not None  # noqa: S101 - only called for read-only backends
@@ -329,31 +349,16 @@ class SQLiteBackend(LocksOnHolds):
             self._connections.append((weakref.ref(threading.current_thread()), conn))
         return conn
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            self._known_customers.clear()  # a customer created in this transaction is gone
-            raise
-        conn.execute("COMMIT")
+    def _write(self) -> _Transaction:
+        """A write transaction, which also closes the holds of recent successes.
 
-    @contextlib.contextmanager
-    def _errors(self, action: str) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                msg = f"{self!r}: {action} timed out waiting for another writer"
-                raise BackendUnavailable(msg) from exc
-            msg = f"{self!r}: {action} failed: {exc}"
-            raise BackendError(msg) from exc
-        except sqlite3.Error as exc:
-            msg = f"{self!r}: {action} failed: {exc}"
-            raise BackendError(msg) from exc
+        Their settle markers are folded into it (see settle_journal).
+        """
+        return _Transaction(self, self._conn())
+
+    def _errors(self, action: str, *args: object) -> _Errors:
+        """Turn SQLite's errors into ours; ``action % args`` (formatted then) says what."""
+        return _Errors(self, action, args)
 
     def _open(self, pricing: Pricing | None, *, replace_pricing: bool) -> Pricing:
         """Open the file as a ledger: create it, or check it is one and bills by ``pricing``.
@@ -520,7 +525,7 @@ class SQLiteBackend(LocksOnHolds):
             entity_id=request.entity_id,
         )
         now = ledger.checked_now(self._clock())
-        with self._errors(f"check {feature_id!r} for {customer_id!r}"):
+        with self._errors("check %r for %r", feature_id, customer_id):
             if not send_event:
                 fast = self._read_only_check(customer_id, charge, entity_id, now)
                 if fast is not None:
@@ -639,7 +644,7 @@ class SQLiteBackend(LocksOnHolds):
             idempotency_key=idempotency_key,
         )
         now = ledger.checked_now(self._clock())
-        with self._errors(f"track {feature_id!r} for {customer_id!r}"), self._write() as conn:
+        with self._errors("track %r for %r", feature_id, customer_id), self._write() as conn:
             unpaid = self._track_in(
                 conn, customer_id, charge, entity_id, idempotency_key, properties, now
             )
@@ -714,7 +719,7 @@ class SQLiteBackend(LocksOnHolds):
         """Keep a refused call in the ledger (kind ``denied``, nothing applied), for reports."""
         charge = ledger.charge_for(self._pricing, customer_id, feature_id, units)
         now = ledger.checked_now(self._clock())
-        with self._errors(f"record a denial of {feature_id!r}"), self._write() as conn:
+        with self._errors("record a denial of %r", feature_id), self._write() as conn:
             conn.execute(
                 _INSERT_EVENT,
                 (
@@ -747,13 +752,16 @@ class SQLiteBackend(LocksOnHolds):
         customer_id, entity_id = hold.customer_id, hold.entity_id
         charge = ledger.charge_for(self._pricing, customer_id, hold.feature_id, hold.units)
         now = ledger.checked_now(self._clock())
-        with self._errors(f"reserve {hold.feature_id!r} for {customer_id!r}"):
+        with self._errors("reserve %r for %r", hold.feature_id, customer_id):
             try:
                 with self._write() as conn:
                     result = self._check_in(conn, customer_id, charge, entity_id, now, True, hold)
-                    if result.allowed or not conn.execute(_HELD, (hold.key,)).fetchone():
-                        return result
-                    # refused for want of balance, but reserved before: a replay (below)
+                    replayed = not result.allowed and conn.execute(_HELD, (hold.key,)).fetchone()
+                if not replayed:
+                    if result.deducted:
+                        self._open_holds.add(hold.key)
+                    return result
+                # refused for want of balance, but reserved before: a replay (below)
             except sqlite3.IntegrityError:
                 pass  # the hold key exists: this call was reserved before
             return self._replay(customer_id, charge, entity_id, now)
@@ -771,8 +779,11 @@ class SQLiteBackend(LocksOnHolds):
         Returns:
             False when the hold was already closed (then nothing is refunded twice).
         """
-        with self._errors(f"release hold {key!r}"):
-            if refund is None:  # the hot path: one statement, committed on its own
+        if refund is None and self._settle_later(key):
+            return True
+        self._open_holds.discard(key)
+        with self._errors("release hold %r", key):
+            if refund is None:  # not recorded (the disk is full): closed now, on its own
                 return self._conn().execute(_RELEASE, (key,)).rowcount > 0
             customer_id, entity_id, charge = ledger.price_request(
                 self._pricing,
@@ -846,7 +857,7 @@ class SQLiteBackend(LocksOnHolds):
         )
 
     def holds(self) -> list[Hold]:
-        """Every open hold, oldest first."""
+        """Every open hold, oldest first (holds of calls recorded as settled left out)."""
         with self._errors("list holds"):
             rows = (
                 self._conn()
@@ -856,18 +867,68 @@ class SQLiteBackend(LocksOnHolds):
                 )
                 .fetchall()
             )
-        return [Hold(*row) for row in rows]
+        settled = self._journal.settled_keys() if rows else set()
+        return [Hold(*row) for row in rows if row[0] not in settled]
+
+    def _fold_settled(self) -> bool:
+        """Close the holds this process recorded as settled, in one commit; False if not."""
+        if not self._journal.pending():
+            return True
+        if self._closed:
+            return False
+        try:
+            with self._write():  # folds the markers in
+                pass
+        except (sqlite3.Error, BackendError):
+            return False  # the journal stays; recover() closes them once we are gone
+        return True
+
+    def has_settled_to_close(self) -> bool:
+        """Whether processes that ended left successes whose holds are still open."""
+        return bool(self._journal.ended())
+
+    def close_settled(self) -> int:
+        """Close the holds of calls recorded as settled; never refunds.
+
+        This process's, and those in the journals of processes that ended (which are then
+        removed).
+
+        Returns:
+            How many journals of ended processes were folded in.
+        """
+        ended = self._journal.ended()
+        with self._errors("close settled holds"):
+            with self._write() as conn:  # folds this process's markers too
+                for _, keys in ended:
+                    conn.executemany(_RELEASE, [(key,) for key in keys])
+            for path, _ in ended:  # only once closed in the ledger
+                path.unlink(missing_ok=True)
+        return len(ended)
 
     async def areserve(self, hold: Hold) -> CheckResult:
         """Async :meth:`reserve`, in a worker thread."""
         return await asyncio.to_thread(self.reserve, hold)
 
     async def arelease(self, key: str, refund: TrackRequest | None = None) -> bool:
-        """Async :meth:`release`, in a worker thread."""
+        """Async :meth:`release`: in a worker thread, unless it only records a success."""
+        if refund is None and self._settle_later(key):
+            return True  # an append to the journal: it never waits on a lock
         return await asyncio.to_thread(self.release, key, refund)
 
+    def _settle_later(self, key: str) -> bool:
+        """The hot path of a success: record it, to close its hold with the next commit.
+
+        Only for a hold this instance opened (it knows it is open) and while the journal
+        can be written; otherwise the caller closes the hold now, with a commit.
+        """
+        if key in self._open_holds and self._journal.record(key):
+            self._open_holds.discard(key)
+            return True
+        return False
+
     def close(self) -> None:
-        """Close every thread's connection."""
+        """Close the holds of settled calls, then every thread's connection."""
+        self._journal.close(folded=self._fold_settled())
         self._closed = True
         with self._connections_lock:
             connections, self._connections = self._connections, []
@@ -907,7 +968,7 @@ class SQLiteBackend(LocksOnHolds):
         customer_id = check_customer_id(customer_id)
         kind, nano = ledger.admin_balance(self._pricing, customer_id, balance_id, value)
         now = ledger.checked_now(self._clock())
-        with self._errors(f"set_balance {balance_id!r} for {customer_id!r}"), self._write() as c:
+        with self._errors("set_balance %r for %r", balance_id, customer_id), self._write() as c:
             current = self._balance(c, customer_id, balance_id, now)
             if current is None:
                 current = Balance(balance_id, kind, 0, 0, "never", None)
@@ -936,7 +997,7 @@ class SQLiteBackend(LocksOnHolds):
         """
         customer_id = check_customer_id(customer_id)
         now = ledger.checked_now(self._clock())
-        with self._errors(f"balances of {customer_id!r}"):
+        with self._errors("balances of %r", customer_id):
             conn = self._conn()
             known = conn.execute(
                 "SELECT 1 FROM customers WHERE customer_id = ?", (customer_id,)
@@ -1005,6 +1066,80 @@ class SQLiteBackend(LocksOnHolds):
             )
             for at, cus, ent, feat, bal, kind, value, credits, applied, key in rows
         ]
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` … ``COMMIT`` (or ``ROLLBACK``), folding in settle markers.
+
+    A class rather than a generator: it runs on every reservation.
+    """
+
+    __slots__ = ("_backend", "_conn", "_settled")
+
+    def __init__(self, backend: SQLiteBackend, conn: sqlite3.Connection) -> None:
+        self._backend, self._conn = backend, conn
+        self._settled: list[str] = []
+
+    def __enter__(self) -> sqlite3.Connection:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        journal = self._backend._journal
+        self._settled = settled = journal.take()
+        if settled:
+            try:
+                conn.executemany(_RELEASE, [(key,) for key in settled])
+            except BaseException:
+                self._undo()
+                raise
+        return conn
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if exc is None:
+            try:
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._undo()
+                raise
+            self._backend._journal.folded(self._settled, committed=True)
+            return
+        self._undo()
+
+    def _undo(self) -> None:
+        conn = self._conn
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        backend = self._backend
+        backend._known_customers.clear()  # a customer created in this transaction is gone
+        backend._journal.folded(self._settled, committed=False)
+
+
+class _Errors:
+    """The context manager of :meth:`SQLiteBackend._errors` (a class: it runs per call)."""
+
+    __slots__ = ("_action", "_args", "_backend")
+
+    def __init__(self, backend: SQLiteBackend, action: str, args: tuple[object, ...]) -> None:
+        self._backend, self._action, self._args = backend, action, args
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if exc is None or not isinstance(exc, sqlite3.Error):
+            return
+        action = self._action % self._args
+        if isinstance(exc, sqlite3.OperationalError) and (
+            "locked" in str(exc) or "busy" in str(exc)
+        ):
+            msg = f"{self._backend!r}: {action} timed out waiting for another writer"
+            raise BackendUnavailable(msg) from exc
+        msg = f"{self._backend!r}: {action} failed: {exc}"
+        raise BackendError(msg) from exc
 
 
 def _alive(ref: weakref.ref[threading.Thread]) -> bool:

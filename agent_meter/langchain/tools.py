@@ -182,6 +182,18 @@ def _bill_actual(
 
 
 @dataclass(frozen=True, slots=True)
+class _Prepared:
+    """What a metered tool prepares once, not on every call."""
+
+    runner: BaseTool
+    """The copy of the wrapped tool that reports handled errors (see _recording_runner)."""
+    handlers: tuple[object, object]
+    """The error handlers it was built with."""
+    model_fields: frozenset[str]
+    """The names of the arguments the model writes."""
+
+
+@dataclass(frozen=True, slots=True)
 class _Plan:
     """What one call of a metered tool does, decided before it runs."""
 
@@ -234,33 +246,35 @@ class MeteredTool(BaseTool):
     """Who pays when the run names nobody (see :func:`agent_meter.integration.
     resolve_customer` for the order)."""
 
-    _runner: BaseTool = PrivateAttr()
-    _handlers: tuple[object, object] = PrivateAttr()
-    _model_fields: frozenset[str] = PrivateAttr()
+    # one private attribute, read once per call: pydantic finds private ones slowly
+    _prepared: _Prepared = PrivateAttr()
 
     def model_post_init(self, context: object, /) -> None:
         """Prepare the copy of the wrapped tool that reports handled errors."""
         super().model_post_init(context)
-        self._build_runner()
         schema = self.tool.tool_call_schema
         if isinstance(schema, dict):
             names: Iterable[str] = (schema.get("properties") or {}).keys()
         else:  # a pydantic model, v2 (model_fields) or v1 (__fields__)
             names = getattr(schema, "model_fields", None) or getattr(schema, "__fields__", {})
-        self._model_fields = frozenset(names)
+        self._prepared = self._prepare(frozenset(names))
 
-    def _build_runner(self) -> None:
-        self._handlers = (self.handle_tool_error, self.handle_validation_error)
-        self._runner = _recording_runner(self.tool, *self._handlers)
+    def _prepare(self, model_fields: frozenset[str]) -> _Prepared:
+        handlers = (self.handle_tool_error, self.handle_validation_error)
+        return _Prepared(_recording_runner(self.tool, *handlers), handlers, model_fields)
 
-    def _current_runner(self) -> BaseTool:
-        """The runner, rebuilt when the error handlers were set after wrapping."""
-        handlers = self._handlers
+    def _current(self) -> _Prepared:
+        """What this tool prepared, rebuilt when error handlers were set after wrapping."""
+        # read where pydantic keeps it: ``self._prepared`` finds it only after a failed
+        # lookup, which costs microseconds on every call
+        private = cast("dict[str, Any]", self.__pydantic_private__)
+        prepared: _Prepared = private["_prepared"]
+        handlers = prepared.handlers
         if handlers[0] is not self.handle_tool_error or (
             handlers[1] is not self.handle_validation_error
         ):
-            self._build_runner()
-        return self._runner
+            prepared = self._prepared = self._prepare(prepared.model_fields)
+        return prepared
 
     # -- what the model and the frameworks see: the wrapped tool's view ------------------
 
@@ -290,16 +304,18 @@ class MeteredTool(BaseTool):
         msg = "MeteredTool runs through invoke(), ainvoke(), run() or arun()"
         raise NotImplementedError(msg)
 
-    def _model_args(self, tool_input: str | dict[str, Any]) -> dict[str, Any]:
+    def _model_args(
+        self, tool_input: str | dict[str, Any], model_fields: frozenset[str]
+    ) -> dict[str, Any]:
         """The arguments the model wrote (injected ones such as a runtime left out)."""
         if isinstance(tool_input, str):
             first = next(iter(self.tool.args), "input")
             return {first: tool_input}
-        return {key: value for key, value in tool_input.items() if key in self._model_fields}
+        return {key: value for key, value in tool_input.items() if key in model_fields}
 
     def _plan(
         self,
-        runner: BaseTool,
+        prepared: _Prepared,
         tool_input: str | dict[str, Any],
         config: RunnableConfig | None,
         tool_call_id: str | None,
@@ -312,16 +328,17 @@ class MeteredTool(BaseTool):
         units = self.units
         if callable(units):
             try:
-                validated = runner._parse_input(tool_input, tool_call_id)
+                validated = prepared.runner._parse_input(tool_input, tool_call_id)
             except (ValidationErrorV2, ValidationErrorV1):
                 # Invalid arguments: the tool refuses them before its function runs, the
                 # same way unguarded, with the error (or handled text) the model expects.
                 return _Plan(ref, 0.0, "", unguarded=True)
             try:
-                units = count_units(units, self._model_args(validated))
+                units = count_units(units, self._model_args(validated, prepared.model_fields))
             except Exception as error:  # noqa: BLE001 - any failure: the arguments' fault
                 return _Plan(ref, 0.0, "", invalid=_units_error(self.name, validated, error))
-        key = call_key(tool_call_id, self._model_args(tool_input), scope=langgraph_scope(config))
+        arguments = self._model_args(tool_input, prepared.model_fields)
+        key = call_key(tool_call_id, arguments, scope=langgraph_scope(config))
         return _Plan(ref, units, key)
 
     def _invalid(self, error: ValidationErrorV2, tool_call_id: str | None) -> Any:
@@ -369,8 +386,9 @@ class MeteredTool(BaseTool):
         **kwargs: Any,
     ) -> Any:
         """Run the wrapped tool inside the guard (see the class docstring)."""
-        runner = self._current_runner()
-        plan = self._plan(runner, tool_input, config, tool_call_id)
+        prepared = self._current()
+        runner = prepared.runner
+        plan = self._plan(prepared, tool_input, config, tool_call_id)
         if plan.invalid is not None:
             return self._invalid(plan.invalid, tool_call_id)
 
@@ -434,8 +452,9 @@ class MeteredTool(BaseTool):
         **kwargs: Any,
     ) -> Any:
         """Async :meth:`run`."""
-        runner = self._current_runner()
-        plan = self._plan(runner, tool_input, config, tool_call_id)
+        prepared = self._current()
+        runner = prepared.runner
+        plan = self._plan(prepared, tool_input, config, tool_call_id)
         if plan.invalid is not None:
             return self._invalid(plan.invalid, tool_call_id)
 
