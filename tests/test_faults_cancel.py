@@ -72,3 +72,28 @@ async def test_cancelling_aguards_while_autumn_reserves_releases_the_reservation
         assert server.open_locks() == {}
         assert meter.outbox.holds() == []
         await meter.aclose(timeout=2)
+
+
+async def test_a_reserve_cancelled_while_its_answer_is_lost_is_voided(tmp_path: Path) -> None:
+    """The server applies the reserve and never answers: the cancelled call's reserve is
+    in doubt, and kept for reconciliation (voided: refunded once the server answers)."""
+    with AutumnServer() as server:
+        meter = autumn_meter(server, tmp_path / "outbox.db", "reserve", timeout=0.5)
+        server.set_balance("cus", 50)
+        server.set_mode("hang", after_apply=True)
+
+        async def call() -> None:
+            async with meter.aguard("cus", "web_search", 10, call_id="c1"):
+                await asyncio.sleep(10)
+
+        task = asyncio.create_task(call())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert server.balance("cus") == 40  # the reserve landed; its answer never came
+        server.set_mode("up")
+        assert await meter.aflush(timeout=10) == 0
+        assert server.balance("cus") == 50
+        assert meter.outbox.holds() == []
+        await meter.aclose(timeout=2)
