@@ -166,23 +166,6 @@ def shielded(call: Callable[..., Any], acall: Callable[..., Awaitable[Any]], *ar
     return Effect(call, acall, args, shield=True)
 
 
-def _reserve_held(
-    reserve: Callable[[Hold], CheckResult],
-    areserve: Callable[[Hold], Awaitable[CheckResult]],
-    release: Callable[..., bool],
-    hold: Hold,
-) -> Flow[CheckResult]:
-    """Reserve or lock in a ledger that holds; a cancelled async caller gets it given back."""
-    try:
-        reserved: CheckResult = yield shielded(reserve, areserve, hold)
-    except asyncio.CancelledError:
-        # The driver let the reservation finish: give it back by its key (nothing
-        # happens if none was made).
-        yield local(release, hold.key, hold.refund())
-        raise
-    return reserved
-
-
 async def _shielded(awaitable: Awaitable[T]) -> T:
     """Await ``awaitable``; if the caller is cancelled meanwhile, let it finish first.
 
@@ -480,8 +463,17 @@ class Flows:
     def _reserve(self, hold: Hold, request: CheckRequest) -> Flow[CheckResult]:
         if (holder := self.holder) is not None:
             if hold.lock and (locker := self.locker) is not None:
-                return (yield from _reserve_held(locker.lock, locker.alock, holder.release, hold))
-            return (yield from _reserve_held(holder.reserve, holder.areserve, holder.release, hold))
+                call, acall = locker.lock, locker.alock
+            else:
+                call, acall = holder.reserve, holder.areserve
+            try:
+                reserved: CheckResult = yield Effect(call, acall, (hold,), shield=True)
+            except asyncio.CancelledError:
+                # The async caller was cancelled while reserving; the driver let the
+                # reservation finish: give it back (nothing happens if none was made).
+                yield local(holder.release, hold.key, hold.refund())
+                raise
+            return reserved
         return (yield from self._reserve_remote(hold, request))
 
     def _reserve_remote(self, hold: Hold, request: CheckRequest) -> Flow[CheckResult]:
