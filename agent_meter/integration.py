@@ -168,9 +168,13 @@ def langgraph_scope(config: Mapping[str, Any] | None) -> str | None:
     return "|".join("" if part is None else str(part) for part in parts)
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=repr)
+"""Encodes arguments the same way every time (built once: it runs on every call)."""
+
+
 def _canonical(arguments: object) -> str:
     try:
-        return json.dumps(arguments, sort_keys=True, separators=(",", ":"), default=repr)
+        return _CANONICAL.encode(arguments)
     except (TypeError, ValueError):  # keys that are not strings, circular values
         return repr(arguments)
 

@@ -149,7 +149,7 @@ class MemoryBackend(LocksOnHolds):
             raise fault.error()
 
     def _is_denied(self, customer_id: str, feature_id: str) -> bool:
-        return any(
+        return bool(self._denied) and any(
             feature in (None, feature_id) and customer in (None, customer_id)
             for feature, customer in self._denied
         )
