@@ -18,7 +18,7 @@ import pytest
 
 from agent_meter.backends.autumn import AutumnBackend
 from agent_meter.backends.autumn_wire import MAX_ANSWER_BYTES
-from agent_meter.engine import FinalizeRequest, Hold
+from agent_meter.engine import FinalizeRequest, Hold, TrackRequest
 from agent_meter.errors import AgentMeterError, BackendError, BackendUnavailable
 from tests.autumn_helpers import SECRET, FaultServer, Reply, error_body
 from tests.test_faults_autumn import Misbehaving, _dripping, _reachable_texts, _send
@@ -229,4 +229,35 @@ def test_lock_not_found_at_the_first_attempt_is_a_lock_gone() -> None:
     with FaultServer([Reply(400, error_body("invalid_request", "Lock not found"))]) as server:
         backend = _backend(server.url, max_retries=1)
         assert backend.finalize(RELEASE) is False
+        backend.close()
+
+
+# -- a body that stops coming (both clients) ----------------------------------------------------
+
+
+def _stalled_body(request: BaseHTTPRequestHandler) -> None:
+    request.send_response(200)
+    request.send_header("Content-Type", "application/json")
+    request.send_header("Content-Length", "100")
+    request.end_headers()
+    request.wfile.write(b'{"id": ')
+    request.wfile.flush()
+    time.sleep(1.5)
+
+
+def test_a_track_whose_body_stalls_past_the_timeout_is_a_timeout_and_stays_queued() -> None:
+    """Found by the outage suite: urllib3's ReadTimeoutError, raised while the answer was
+    read against the deadline, was an 'unexpected' error, and the track was set aside."""
+    with Misbehaving(_stalled_body) as server:
+        backend = _backend(server.url, timeout=0.3)
+        with pytest.raises(BackendUnavailable, match="timed out"):
+            backend.track(TrackRequest("cus_1", "web_search", 1, "k-stalled"))
+        backend.close()
+
+
+def test_a_finalize_whose_body_stalls_past_the_timeout_is_a_timeout() -> None:
+    with Misbehaving(_stalled_body) as server:
+        backend = _backend(server.url, timeout=0.3)
+        with pytest.raises(BackendUnavailable, match="timed out"):
+            backend.finalize(RELEASE)
         backend.close()

@@ -80,7 +80,12 @@ from autumn.aio.http import AsyncHTTPClient
 from autumn.error import AutumnError, AutumnHTTPError
 from autumn.http import _RetryRequestError
 from pydantic import BaseModel, ConfigDict
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
 
 from agent_meter.backends.autumn_locks import DEFAULT_API_VERSION, MAX_LOCK_SECONDS, LockClient
 from agent_meter.backends.autumn_wire import (
@@ -1051,7 +1056,9 @@ def _classify(  # noqa: PLR0911, PLR0912 - one branch per family of failures, in
          requests.exceptions.InvalidSchema, aiohttp.InvalidURL),
     ):  # fmt: skip
         return _Failure("url", cause=cause)
-    if isinstance(exc, requests.Timeout):
+    if isinstance(exc, (requests.Timeout, ReadTimeoutError)):
+        # urllib3's own ReadTimeoutError: raised unwrapped while the answer's body is read
+        # against the request's deadline (``_Exchange.requests_hook``)
         unsent = isinstance(exc, requests.ConnectTimeout)
         return _Failure("timeout", transient=True, unsent=unsent, cause=cause)
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
@@ -1063,7 +1070,7 @@ def _classify(  # noqa: PLR0911, PLR0912 - one branch per family of failures, in
     if isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)):
         unsent = isinstance(exc, (aiohttp.ClientConnectorError, ConnectionRefusedError))
         return _Failure("connection", transient=True, unsent=unsent, cause=cause)
-    if isinstance(exc, (requests.exceptions.ChunkedEncodingError,)):
+    if isinstance(exc, (requests.exceptions.ChunkedEncodingError, ProtocolError)):
         return _Failure("connection", transient=True, cause=cause)
     if isinstance(exc, AutumnError):
         return _Failure("protocol", code=str(exc.code), cause=cause)
