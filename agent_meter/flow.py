@@ -142,18 +142,6 @@ async def arun(flow: Flow[T]) -> T:
         return answer
 
 
-def _reserve_held(holder: Any, hold: Hold) -> Flow[CheckResult]:
-    """Reserve in a ledger that holds; a cancelled async caller gets it given back."""
-    try:
-        reserved: CheckResult = yield Effect(holder.reserve, holder.areserve, (hold,), shield=True)
-    except asyncio.CancelledError:
-        # The async caller was cancelled while reserving; the driver let the reservation
-        # finish: give it back (nothing happens if none was made).
-        yield local(holder.release, hold.key, hold.refund())
-        raise
-    return reserved
-
-
 async def _shielded(awaitable: Awaitable[T]) -> T:
     """Await ``awaitable``; if the caller is cancelled meanwhile, let it finish first.
 
@@ -333,7 +321,15 @@ class Flows:
             if hold.lock and (locker := self.locker) is not None:
                 locked: CheckResult = yield remote(locker.lock, locker.alock, hold)
                 return locked
-            reserved: CheckResult = yield from _reserve_held(holder, hold)
+            try:
+                reserved: CheckResult = yield Effect(
+                    holder.reserve, holder.areserve, (hold,), shield=True
+                )
+            except asyncio.CancelledError:
+                # The async caller was cancelled while reserving; the driver let the
+                # reservation finish: give it back (nothing happens if none was made).
+                yield local(holder.release, hold.key, hold.refund())
+                raise
             return reserved
         # A remote backend: journal the hold before the check, so that a crash between
         # the deduction and the answer is found by recover().

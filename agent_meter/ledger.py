@@ -306,15 +306,15 @@ def deducted_result(
     customer_id: str, charge: Charge, included: int, balance: int, entity_id: str | None
 ) -> CheckResult:
     """The answer to a check that deducted ``charge``, leaving ``balance`` (nano)."""
-    return CheckResult(
+    return CheckResult(  # from_nano written out: this runs on every reservation
         allowed=True,
         customer_id=customer_id,
         feature_id=charge.feature_id,
-        required=from_nano(charge.amount),
-        balance=from_nano(balance),
+        required=charge.amount / SCALE,
+        balance=balance / SCALE,
         balance_feature_id=charge.balance_id,
-        included_usage=from_nano(included),
-        usage=from_nano(max(included - balance, 0)),
+        included_usage=included / SCALE,
+        usage=max(included - balance, 0) / SCALE,
         entity_id=entity_id,
         deducted=True,
     )
