@@ -33,6 +33,7 @@ __all__ = [
     "admit",
     "admit_unverified",
     "hold_for",
+    "may_run_unverified",
     "settlement",
 ]
 
@@ -342,6 +343,20 @@ def admit(call: MeteredCall, result: CheckResult, hold: Hold | None = None) -> A
     return Admission(reserved=call.units, check=result, hold=hold)
 
 
+def may_run_unverified(call: MeteredCall, error: BackendError) -> bool:
+    """Whether the fail policy lets ``call`` run unverified after ``error``, cap aside.
+
+    Only under ``allow``, and only when the backend is unavailable and took nothing: a
+    wrong key or a rejected request is not an outage, and a reservation that may stand
+    would be billed twice.
+    """
+    return (
+        call.on_backend_error == "allow"
+        and isinstance(error, BackendUnavailable)
+        and not error.maybe_applied
+    )
+
+
 def admit_unverified(
     call: MeteredCall, error: BackendError, *, unverified: int = 0, limit: int = 10
 ) -> Admission:
@@ -363,7 +378,7 @@ def admit_unverified(
     """
     is_outage = isinstance(error, BackendUnavailable)
     ambiguous = isinstance(error, BackendUnavailable) and error.maybe_applied
-    if call.on_backend_error == "allow" and is_outage and not ambiguous and unverified < limit:
+    if may_run_unverified(call, error) and unverified < limit:
         return Admission(reserved=0.0, verified=False)
     kind = BackendUnavailable if is_outage else BackendError
     reason = "is unreachable" if is_outage else "refused the check"

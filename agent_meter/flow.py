@@ -47,11 +47,13 @@ from agent_meter.errors import (
     AgentMeterError,
     BackendError,
     BackendUnavailable,
+    ConfigError,
     UsageLimitExceeded,
 )
-from agent_meter.hooks import Admitted, Denied, Hooks, ReserveInDoubt, Unverified
+from agent_meter.hooks import Admitted, Denied, Hooks, ReserveInDoubt, SettleFailed, Unverified
 from agent_meter.outbox import Outbox, Queued
 from agent_meter.owner import current_owner, owner_is_alive
+from agent_meter.pricing import Pricing
 from agent_meter.results import CheckResult, TrackResult
 
 __all__ = ["Effect", "Flow", "Flows", "Recovery", "arun", "run"]
@@ -142,11 +144,34 @@ async def arun(flow: Flow[T]) -> T:
         return answer
 
 
+class Cancelled(asyncio.CancelledError):
+    """The caller was cancelled while a shielded effect ran; the effect ran to its end.
+
+    Attributes:
+        outcome: What the effect returned (None when it raised).
+        error: What it raised, if it did.
+    """
+
+    def __init__(self, outcome: object, error: BaseException | None) -> None:
+        super().__init__()
+        self.outcome = outcome
+        self.error = error
+
+
+def shielded(call: Callable[..., Any], acall: Callable[..., Awaitable[Any]], *args: Any) -> Effect:
+    """A reservation, which the async driver lets finish even when its caller is cancelled.
+
+    It then throws :class:`Cancelled` (with the outcome) into the flow, which gives it back.
+    """
+    return Effect(call, acall, args, shield=True)
+
+
 async def _shielded(awaitable: Awaitable[T]) -> T:
     """Await ``awaitable``; if the caller is cancelled meanwhile, let it finish first.
 
-    The cancellation is raised once it has finished, so the flow can undo what it did
-    (a reservation made in a worker thread goes on after its awaiter is cancelled).
+    The cancellation is raised once it has finished, as :class:`Cancelled` carrying what
+    it returned or raised, so the flow can undo what it did (a reservation made in a
+    worker thread or already on the wire goes on after its awaiter is cancelled).
     """
     task = asyncio.ensure_future(awaitable)
     try:
@@ -154,7 +179,10 @@ async def _shielded(awaitable: Awaitable[T]) -> T:
     except asyncio.CancelledError:
         with contextlib.suppress(BaseException):
             await asyncio.wait({task})  # not cancellable by the same cancel
-        raise
+        if task.cancelled():
+            raise
+        error = task.exception()
+        raise Cancelled(None if error else task.result(), error) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +226,7 @@ class Flows:
         unverified_limit: Calls per customer that may run unverified while the backend
             is unreachable (see :func:`agent_meter.engine.admit_unverified`).
         hooks: Receive an event for each decision (see :mod:`agent_meter.hooks`).
+        pricing: The feature catalogue, when known (prices a count before it is billed).
     """
 
     def __init__(
@@ -209,8 +238,10 @@ class Flows:
         inline: bool,
         unverified_limit: int,
         hooks: Hooks,
+        pricing: Pricing | None = None,
     ) -> None:
         self.backend = backend
+        self.pricing = pricing
         self.holder = backend if isinstance(backend, ReservingBackend) else None
         self.locker = backend if isinstance(backend, LockingBackend) else None
         self.keyed = isinstance(backend, KeyedReserves) and backend.keyed_reserves
@@ -220,9 +251,22 @@ class Flows:
         self.inline = inline
         self.unverified_limit = unverified_limit
         self.hooks = hooks
-        self._lock = threading.Lock()
-        self._unverified: dict[str, int] = {}
-        self._queued_customers: set[str] = set()
+        # Customers in an outage (calls ran unverified, counted in the outbox for every
+        # process sharing it), whose next verified admission may end it.
+        self._unverified: set[str] = outbox.unverified_customers()
+        # Settlements whose bookkeeping failed: retried by the next call, flush and close.
+        self._unsettled: list[tuple[Admission, engine.Settlement]] = []
+        # Guarded calls between admission and settlement: close() lets them settle first.
+        self._in_flight = 0
+        self._idle = threading.Condition(threading.Lock())
+        self._when_idle: Callable[[], None] | None = None
+        self.closing = False
+        # Customers whose next check must wait for their queue (see _raises_balance_view),
+        # and customers with anything queued: a track goes after all of it (Autumn caps a
+        # track at 0, so one that overtakes a refund is lost). Seeded with what earlier
+        # processes left in the outbox.
+        self._behind: set[str] = set(outbox.pending_customers())
+        self._queued_customers: set[str] = set(self._behind)
 
     # -- effects -------------------------------------------------------------------------
 
@@ -236,25 +280,122 @@ class Flows:
         """Keep tracks in the durable outbox and wake the deliverer (blocking)."""
         self.outbox.put(requests, now=time.time(), close_hold=close_hold)
         for request in requests:
+            self._behind.add(request.customer_id)
             if _raises_balance_view(request):
                 self._queued_customers.add(request.customer_id)
-        self.deliverer.wake()
+        if not self.closing:  # after close() the queue waits for the next meter
+            self.deliverer.wake()
         return [queued(request) for request in requests]
 
     def drain_first(self, customer_id: str) -> None:
-        """Deliver this customer's queued tracks before a check, so it sees all of them.
+        """Deliver this customer's queue before a check or a track that must come after it.
 
         Raises:
-            BackendUnavailable: Some are still undelivered.
+            BackendUnavailable: Some of it is still undelivered.
         """
-        if customer_id not in self._queued_customers:
+        if customer_id not in self._behind and customer_id not in self._queued_customers:
             return
         if not self.deliverer.drain(customer_id):
-            msg = f"usage of {customer_id!r} queued earlier could not be delivered before the check"
+            msg = f"usage of {customer_id!r} queued earlier could not be delivered first"
             raise BackendUnavailable(msg)
         self._queued_customers.discard(customer_id)
+        self._behind.discard(customer_id)
         if self.outbox.pending(customer_id):  # another thread queued meanwhile: keep it marked
             self._queued_customers.add(customer_id)
+            self._behind.add(customer_id)
+
+    def _after_queue(self, request: TrackRequest) -> Flow[bool]:
+        """Deliver the customer's queue before ``request``; False: it could not be."""
+        if request.customer_id not in self._behind:
+            return True
+        try:
+            yield local(self.drain_first, request.customer_id)
+        except BackendUnavailable:
+            return False
+        return True
+
+    # -- calls in flight, and settlements to write again -----------------------------------
+
+    def entered(self) -> None:
+        """A guarded call begins: it is settled before close() closes the files.
+
+        Raises:
+            ConfigError: The meter is closed.
+        """
+        with self._idle:
+            if self.closing:
+                msg = "this meter is closed: meter.close() was called; open a new Meter"
+                raise ConfigError(msg)
+            self._in_flight += 1
+
+    def left(self) -> None:
+        """A guarded call is settled (or was refused); the last one after close() closes."""
+        with self._idle:
+            self._in_flight -= 1
+            if self._in_flight:
+                return
+            self._idle.notify_all()
+            then, self._when_idle = self._when_idle, None
+        if then is not None:
+            then()
+
+    def wait_idle(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for the calls in flight; how many still run."""
+        with self._idle:
+            self._idle.wait_for(lambda: not self._in_flight, max(timeout, 0))
+            return self._in_flight
+
+    def defer_until_idle(self, then: Callable[[], None]) -> bool:
+        """Run ``then`` when the last call in flight settles; False if none is in flight."""
+        with self._idle:
+            if not self._in_flight:
+                return False
+            self._when_idle = then
+            return True
+
+    def settle_later(
+        self,
+        call: MeteredCall,
+        admission: Admission,
+        settlement: engine.Settlement,
+        failure: Exception,
+        *,
+        succeeded: bool,
+        retry: bool = True,
+    ) -> None:
+        """The bookkeeping of a settled call failed: say so, and write it again later.
+
+        The caller still gets the block's own result or exception. Settling is
+        idempotent (a closed hold is not closed twice, a key is queued once), so the
+        whole settlement is simply run again by :meth:`retry_unsettled` (unless
+        ``retry`` is False: a rejection for good).
+        """
+        if retry:
+            with self._idle:
+                self._unsettled.append((admission, settlement))
+        self.hooks.emit(
+            SettleFailed(call, succeeded, f"{type(failure).__name__}: {failure}", time.time())
+        )
+
+    def retry_unsettled(self) -> int:
+        """Write again the settlements that failed; returns how many still fail."""
+        with self._idle:
+            unsettled, self._unsettled = self._unsettled, []
+        failed = []
+        for admission, settlement in unsettled:
+            try:
+                run(self.settle(admission, settlement))
+            except Exception as exc:  # noqa: BLE001 - kept for the next try, and logged
+                logger.warning("agent_meter: a settlement failed again, kept for later: %s", exc)
+                failed.append((admission, settlement))
+        with self._idle:
+            self._unsettled.extend(failed)
+        return len(failed)
+
+    @property
+    def unsettled(self) -> int:
+        """Settlements waiting to be written again."""
+        return len(self._unsettled)
 
     def _record_denial(self, call: MeteredCall) -> None:
         """Keep the refusal in the ledger for reports; never let that hide the refusal."""
@@ -288,6 +429,8 @@ class Flows:
         """
         request = engine.admission(call)
         hold = None
+        if self._unsettled:
+            yield local(self.retry_unsettled)
         try:
             if call.customer_id in self._queued_customers:
                 yield local(self.drain_first, call.customer_id)
@@ -297,8 +440,7 @@ class Flows:
             else:
                 result = yield self._check(request)
         except BackendError as exc:
-            return self._admit_unverified(call, exc)
-        self._unverified.pop(call.customer_id, None)
+            return (yield from self._admit_unverified(call, exc))
         try:
             admitted = engine.admit(call, result, hold)
         except UsageLimitExceeded as refusal:
@@ -306,6 +448,8 @@ class Flows:
             if self.denials is not None:
                 yield local(self._record_denial, call)
             raise
+        if call.customer_id in self._unverified:
+            yield local(self._end_outage, call.customer_id)
         if self.hooks.hears(logging.DEBUG):
             self.hooks.emit(Admitted(call, admitted.reserved, admitted.replay, time.time()))
         return admitted
@@ -319,32 +463,42 @@ class Flows:
     def _reserve(self, hold: Hold, request: CheckRequest) -> Flow[CheckResult]:
         if (holder := self.holder) is not None:
             if hold.lock and (locker := self.locker) is not None:
-                locked: CheckResult = yield remote(locker.lock, locker.alock, hold)
-                return locked
+                call, acall = locker.lock, locker.alock
+            else:
+                call, acall = holder.reserve, holder.areserve
             try:
-                reserved: CheckResult = yield Effect(
-                    holder.reserve, holder.areserve, (hold,), shield=True
-                )
+                reserved: CheckResult = yield Effect(call, acall, (hold,), shield=True)
             except asyncio.CancelledError:
                 # The async caller was cancelled while reserving; the driver let the
                 # reservation finish: give it back (nothing happens if none was made).
                 yield local(holder.release, hold.key, hold.refund())
                 raise
             return reserved
+        return (yield from self._reserve_remote(hold, request))
+
+    def _reserve_remote(self, hold: Hold, request: CheckRequest) -> Flow[CheckResult]:
         # A remote backend: journal the hold before the check, so that a crash between
         # the deduction and the answer is found by recover().
-        yield local(self.outbox.open_hold, hold)
+        try:
+            yield Effect(self.outbox.open_hold, None, (hold,), shield=True)
+        except asyncio.CancelledError:
+            yield local(self.outbox.close_hold, hold.key)  # nothing was sent
+            raise
         try:
             if hold.lock:
                 locker = self.locker
                 if locker is None:  # the meter refuses 'lock' for such a backend
                     msg = f"strategy 'lock' needs a backend with locks, not {self.backend!r}"
                     raise BackendError(msg)
-                result: CheckResult = yield remote(locker.lock, locker.alock, hold)
+                result: CheckResult = yield shielded(locker.lock, locker.alock, hold)
             else:
                 if self.keyed:  # a reserve whose answer was lost can be retried, once
                     request = dataclasses.replace(request, idempotency_key=hold.key)
-                result = yield self._check(request)
+                result = yield shielded(self.backend.check, self.backend.acheck, request)
+        except asyncio.CancelledError as cancel:
+            # Cancelled on the wire: the request ran to its end; give back what it took.
+            yield from self._give_back(hold, cancel)
+            raise
         except BackendUnavailable as exc:
             yield from self._unanswered(hold, exc)
         except BaseException as exc:
@@ -356,6 +510,28 @@ class Flows:
         else:
             yield local(self.outbox.close_hold, hold.key)
         return result
+
+    def _give_back(self, hold: Hold, cancel: asyncio.CancelledError) -> Flow[None]:
+        """Undo the reservation of a caller cancelled on the wire, closing its journal entry.
+
+        A lock is released by id, made or not (a release of a lock never made finds
+        nothing); a reserve is refunded when its answer says it deducted, and kept for
+        reconciliation when that answer is unknown (it may have landed).
+        """
+        outcome = getattr(cancel, "outcome", None)
+        error = getattr(cancel, "error", None)
+        if hold.lock:
+            yield local(self.queue, (hold.finalize(succeeded=False),), hold.key)
+        elif isinstance(outcome, CheckResult):
+            if outcome.deducted:
+                yield local(self.queue, (hold.refund(),), hold.key)
+            else:
+                yield local(self.outbox.close_hold, hold.key)
+        elif isinstance(error, BackendUnavailable) and not error.maybe_applied:
+            yield local(self.outbox.close_hold, hold.key)
+        else:  # the answer was lost, or the request itself was cancelled
+            key = error.reserve_key if isinstance(error, BackendUnavailable) else None
+            yield from self._in_doubt(hold, f"cancelled while reserving ({error})", key)
 
     def _unanswered(self, hold: Hold, exc: BackendUnavailable) -> Flow[NoReturn]:
         """Settle the journal's hold of a reservation the backend did not answer; raise."""
@@ -394,24 +570,53 @@ class Flows:
         self.hooks.emit(_in_doubt_event(void, error, reconciled=self.keyed))
         return self.keyed
 
-    def _admit_unverified(self, call: MeteredCall, error: BackendError) -> Admission:
-        refused: BackendError | None = None
-        with self._lock:
-            count = self._unverified.get(call.customer_id, 0)
+    def _admit_unverified(self, call: MeteredCall, error: BackendError) -> Flow[Admission]:
+        """Run ``call`` unverified if the policy and the customer's cap allow, else refuse.
+
+        The cap counts a customer's unverified calls in the outbox, across every process
+        sharing it, for the whole outage: a backend that answers once in between (a flap)
+        gives no new allowance. See :meth:`_end_outage` for when the outage is over.
+        """
+        limit = self.unverified_limit
+        count, granted = limit, False
+        if engine.may_run_unverified(call, error):
             try:
-                admission = engine.admit_unverified(
-                    call, error, unverified=count, limit=self.unverified_limit
+                count, granted = yield local(
+                    self.outbox.count_unverified, call.customer_id, limit, time.time()
                 )
-            except BackendError as refusal:
-                refused = refusal
-            else:
-                self._unverified[call.customer_id] = count + 1
+            except AgentMeterError as exc:  # the count cannot be kept: run nothing free
+                refusal = BackendUnavailable(
+                    f"{call.feature_id} is unavailable: the billing service is unreachable "
+                    f"and the unverified calls of {call.customer_id!r} cannot be counted "
+                    f"({exc}); no credits were used. Cause: {error}"
+                )
+                self.hooks.emit(Denied(call, "backend_error", str(refusal), time.time()))
+                raise refusal from error
+            self._unverified.add(call.customer_id)
         now = time.time()
-        if refused is not None:
-            self.hooks.emit(Denied(call, "backend_error", str(refused), now))
-            raise refused
-        self.hooks.emit(Unverified(call, count + 1, self.unverified_limit, str(error), now))
-        return admission
+        if not granted:
+            try:
+                engine.admit_unverified(call, error, unverified=count, limit=limit)
+            except BackendError as refused:
+                self.hooks.emit(Denied(call, "backend_error", str(refused), now))
+                raise
+        self.hooks.emit(Unverified(call, count + 1, limit, str(error), now))
+        return Admission(reserved=0.0, verified=False)
+
+    def _end_outage(self, customer_id: str) -> None:
+        """A verified check admitted a call: the outage is over once the queue is delivered.
+
+        Over means every track queued for the customer was delivered (its unverified usage
+        is billed) and a verified check admitted a call afterwards. A denial, or a success
+        while the queue still waits, leaves the count as it is.
+        """
+        try:
+            over = self.outbox.end_unverified(customer_id)
+        except AgentMeterError as exc:
+            logger.warning("agent_meter: could not end the outage of %r: %s", customer_id, exc)
+            return
+        if over:
+            self._unverified.discard(customer_id)
 
     def settle(
         self, admission: Admission, settlement: engine.Settlement
@@ -452,25 +657,17 @@ class Flows:
         self, hold: Hold, refund: TrackRequest | None, exc: BackendError
     ) -> Flow[None]:
         if refund is not None:
-            # The refund waits in the outbox; the ledger's hold is closed by recover() once
-            # this process has ended, and its refund carries the same key: it counts once.
-            yield local(self.queue, (refund,))
+            # The hold's own settlement waits in the outbox: delivered, it closes the hold
+            # and refunds in one commit, at the price the hold deducted (a refund track
+            # would be priced at the day's rate). Until then recover() leaves the hold to it.
+            kept = hold.units + refund.value  # the failed call's refund leaves 0
+            yield local(self.queue, (hold.finalize(succeeded=kept > 0, units=kept),))
             return
         # The call succeeded and its caller is told it is billed: whatever happens to the
         # bookkeeping, recover() must never refund it. The outbox (another file) keeps
-        # that word; recover() then closes the hold without a refund.
-        try:
-            yield local(self.outbox.mark_settled, hold.key, time.time())
-        except AgentMeterError as marker:
-            logger.error(
-                "agent_meter: could not close the hold of %s (%s) after its success (%s), "
-                "nor record it in the outbox (%s): recover() may refund it",
-                hold.feature_id,
-                hold.customer_id,
-                exc,
-                marker,
-            )
-            return
+        # that word; recover() then closes the hold without a refund. If the outbox fails
+        # too, the guard keeps the settlement and writes it again later.
+        yield local(self.outbox.mark_settled, hold.key, time.time())
         logger.warning(
             "agent_meter: could not close the hold of %s (%s) after its success (%s); it is "
             "recorded as billed in the outbox and closed, never refunded, by recover()",
@@ -480,13 +677,16 @@ class Flows:
         )
 
     def track(self, request: TrackRequest) -> Flow[TrackResult]:
-        """Send one track; keep it in the outbox when the backend is unavailable."""
-        try:
-            result: TrackResult = yield self._send(request)
-        except BackendUnavailable:
-            kept: list[TrackResult] = yield local(self.queue, (request,))
-            return kept[0]
-        return result
+        """Send one track after the customer's queue; else keep it in the outbox behind it."""
+        if (yield from self._after_queue(request)):
+            try:
+                result: TrackResult = yield self._send(request)
+            except BackendUnavailable:
+                pass
+            else:
+                return result
+        kept: list[TrackResult] = yield local(self.queue, (request,))
+        return kept[0]
 
     def deliver(self, requests: Sequence[TrackRequest]) -> Flow[list[TrackResult]]:
         """Deliver now to a local backend, else through the outbox; never lose one."""
@@ -495,11 +695,15 @@ class Flows:
             return kept
         results: list[TrackResult] = []
         for index, request in enumerate(requests):
-            try:
-                results.append((yield self._send(request)))
-            except BackendError:
-                rest: list[TrackResult] = yield local(self.queue, requests[index:])
-                return results + rest
+            if (yield from self._after_queue(request)):
+                try:
+                    results.append((yield self._send(request)))
+                except BackendError:
+                    pass
+                else:
+                    continue
+            rest: list[TrackResult] = yield local(self.queue, requests[index:])
+            return results + rest
         return results
 
     def _close_settled(self, holder: Any) -> Flow[None]:
@@ -520,7 +724,7 @@ class Flows:
             if isinstance(holder, DeferredSettles):  # before listing holds: never refunded
                 yield local(holder.close_settled)
             yield from self._close_settled(holder)
-            holds: list[Hold] = yield local(_dead, holder.holds)
+            holds: list[Hold] = yield local(_dead_unsettled, holder.holds, self.outbox)
             for hold in holds:
                 if (yield remote(holder.release, holder.arelease, hold.key, hold.refund())):
                     refunded += 1
@@ -596,8 +800,17 @@ def _raises_balance_view(request: Queued) -> bool:
     return True
 
 
-def _dead(holds: Callable[[], list[Hold]]) -> list[Hold]:
-    return [hold for hold in holds() if not owner_is_alive(hold.owner)]
+def _dead_unsettled(holds: Callable[[], list[Hold]], outbox: Outbox) -> list[Hold]:
+    """Holds of dead processes, but those whose settlement waits in the outbox.
+
+    A hold whose confirm or release could not be written at the time is closed by that
+    queued settlement when it is delivered: refunding it too would refund a success.
+    """
+    dead = [hold for hold in holds() if not owner_is_alive(hold.owner)]
+    if not dead:
+        return dead
+    queued = outbox.keys()
+    return [hold for hold in dead if hold.key not in queued]
 
 
 def _dead_journal(outbox: Outbox) -> list[tuple[Hold, str]]:

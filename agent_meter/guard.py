@@ -15,8 +15,11 @@ from types import TracebackType
 
 from agent_meter import engine
 from agent_meter.engine import Admission, MeteredCall
+from agent_meter.errors import ConfigError, InvalidUsage
 from agent_meter.flow import Flow, Flows, arun, run
 from agent_meter.hooks import Billed, Refunded
+from agent_meter.ledger import charge_for
+from agent_meter.pricing import Pricing
 from agent_meter.results import CheckResult, TrackResult
 from agent_meter.validation import check_units
 
@@ -35,10 +38,11 @@ class GuardedCall:
             when the backend does not say.
     """
 
-    __slots__ = ("_actual", "_failure", "admission", "billed", "call", "uncharged")
+    __slots__ = ("_actual", "_failure", "_pricing", "admission", "billed", "call", "uncharged")
 
-    def __init__(self, call: MeteredCall) -> None:
+    def __init__(self, call: MeteredCall, pricing: Pricing | None = None) -> None:
         self.call = call
+        self._pricing = pricing
         self.admission: Admission | None = None
         self.billed: float | None = None
         self.uncharged: float | None = 0.0
@@ -51,10 +55,18 @@ class GuardedCall:
         return None if self.admission is None else self.admission.check
 
     def bill(self, units: float) -> None:
-        """Bill ``units`` instead of the estimate (the real count, known after the work)."""
-        self._actual = check_units(
-            units, feature_id=self.call.feature_id, customer_id=self.call.customer_id
-        )
+        """Bill ``units`` instead of the estimate (the real count, known after the work).
+
+        Raises:
+            InvalidUsage: ``units`` is not a count, or (the pricing known) costs more
+                credits than a ledger holds; the call's bill is left as it was.
+        """
+        call = self.call
+        actual = check_units(units, feature_id=call.feature_id, customer_id=call.customer_id)
+        if self._pricing is not None and not call.gate_only:
+            # priced now, so that settling never fails on a count the ledger cannot hold
+            charge_for(self._pricing, call.customer_id, call.feature_id, actual)
+        self._actual = actual
 
     def fail(self, reason: str = "failed") -> None:
         """Mark the call failed without raising (an error result): nothing stays billed."""
@@ -98,11 +110,17 @@ class Guard:
     def __init__(self, flows: Flows, call: MeteredCall) -> None:
         self._flows = flows
         self._started = 0.0
-        self.handle = GuardedCall(call)
+        self.handle = GuardedCall(call, flows.pricing)
 
     def __enter__(self) -> GuardedCall:
         self._started = time.time()
-        self.handle.admission = run(self._flows.admit(self.handle.call))
+        flows = self._flows
+        flows.entered()
+        try:
+            self.handle.admission = run(flows.admit(self.handle.call))
+        except BaseException:
+            flows.left()
+            raise
         return self.handle
 
     def __exit__(
@@ -111,12 +129,20 @@ class Guard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.handle._settled(run(self._settle(exc_type)))
-        self._report(succeeded=exc_type is None)
+        try:
+            run(self._exit(exc_type))
+        finally:
+            self._flows.left()
 
     async def __aenter__(self) -> GuardedCall:
         self._started = time.time()
-        self.handle.admission = await arun(self._flows.admit(self.handle.call))
+        flows = self._flows
+        flows.entered()
+        try:
+            self.handle.admission = await arun(flows.admit(self.handle.call))
+        except BaseException:
+            flows.left()
+            raise
         return self.handle
 
     async def __aexit__(
@@ -125,14 +151,59 @@ class Guard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.handle._settled(await arun(self._settle(exc_type)))
+        try:
+            await arun(self._exit(exc_type))
+        finally:
+            self._flows.left()
+
+    def _exit(self, exc_type: type[BaseException] | None) -> Flow[None]:
+        """Settle as the block ended; a bookkeeping failure never replaces its outcome."""
+        settlement = self._settlement(exc_type)
+        try:
+            results = yield from self._flows.settle(*settlement)
+        except Exception as failure:
+            if self._settle_failed(settlement, failure, exc_type is None):
+                raise
+        else:
+            self.handle._settled(results)
         self._report(succeeded=exc_type is None)
 
-    def _settle(self, exc_type: type[BaseException] | None) -> Flow[list[TrackResult]]:
+    def _settlement(
+        self, exc_type: type[BaseException] | None
+    ) -> tuple[Admission, engine.Settlement]:
         handle = self.handle
         settlement = handle._settlement(exc_type)
         assert handle.admission is not None  # noqa: S101 - set on entry
-        return self._flows.settle(handle.admission, settlement)
+        return handle.admission, settlement
+
+    def _settle_failed(
+        self,
+        settlement: tuple[Admission, engine.Settlement],
+        failure: Exception,
+        raised_nothing: bool,
+    ) -> bool:
+        """The bookkeeping failed after the block: reported, and written again later.
+
+        Never in place of the block's own exception. A rejection for good (the backend
+        does not know the feature, the input is refused) is not retried, and is raised
+        when the block raised nothing: it needs fixing, and a retry cannot bill it.
+
+        Returns:
+            Whether to raise ``failure``.
+        """
+        handle = self.handle
+        handle.uncharged = None  # unknown until the settlement is written
+        admission, requests = settlement
+        rejected = isinstance(failure, (ConfigError, InvalidUsage))
+        self._flows.settle_later(
+            handle.call,
+            admission,
+            requests,
+            failure,
+            succeeded=raised_nothing and not handle.failed,
+            retry=not rejected,
+        )
+        return rejected and raised_nothing
 
     def _report(self, *, succeeded: bool) -> None:
         hooks = self._flows.hooks

@@ -42,6 +42,7 @@ __all__ = [
     "Refunded",
     "ReserveInDoubt",
     "SetAside",
+    "SettleFailed",
     "UnbilledTokens",
     "Unverified",
 ]
@@ -156,6 +157,27 @@ class SetAside:
 
 
 @dataclass(frozen=True, slots=True)
+class SettleFailed:
+    """A call's outcome could not be recorded at the time; it is retried, never lost.
+
+    The caller got the block's own result or exception all the same. What could not be
+    written is written later (by the next call, ``flush()`` or ``close()``); a success
+    stays billed.
+
+    Attributes:
+        call: The call.
+        succeeded: The block succeeded (it stays billed) or failed (it is refunded).
+        error: What failed in the bookkeeping.
+        at: Unix time of the failure.
+    """
+
+    call: MeteredCall
+    succeeded: bool
+    error: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class UnbilledTokens:
     """An LLM call's tokens could not be billed, or may not have been.
 
@@ -229,6 +251,7 @@ Event = (
     | Billed
     | Refunded
     | SetAside
+    | SettleFailed
     | UnbilledTokens
     | ReserveInDoubt
     | LockGone
@@ -272,6 +295,14 @@ class LoggingHook:
                 request.value,
                 request.feature_id,
                 request.customer_id,
+                event.error,
+            )
+        elif isinstance(event, SettleFailed):
+            outcome = "billed" if event.succeeded else "refunded"
+            logger.error(
+                "agent_meter: settling %s (%s) failed, retried later: %s",
+                event.call,
+                outcome,
                 event.error,
             )
         elif isinstance(event, UnbilledTokens):

@@ -151,7 +151,10 @@ class Meter:
         outbox: The file where usage the backend has not acknowledged waits (see
             :func:`default_outbox_path` for the default).
         unverified_limit: Under ``on_backend_error="allow"``, how many calls per customer
-            may run while the backend is unreachable before the meter fails closed.
+            may run while the backend is unreachable before the meter fails closed. It
+            is counted per outage in the outbox, across every process sharing it; the
+            outage is over for a customer once its queued usage is delivered and a
+            verified check admits one of its calls (a flap or a refusal is not enough).
         hooks: Receive an event for each billing decision (:mod:`agent_meter.hooks`);
             default: one :class:`~agent_meter.hooks.LoggingHook`. Add more with
             :meth:`add_hook`.
@@ -216,6 +219,7 @@ class Meter:
             inline=_is_local(backend),
             unverified_limit=unverified_limit,
             hooks=self.hooks,
+            pricing=pricing,
         )
         # (customer, feature, entity) already validated -> whether the feature is boolean:
         # the ids of the next call of the same kind need no second look
@@ -500,6 +504,8 @@ class Meter:
             AgentMeterError: A track the backend rejected for good since the last flush
                 (``ConfigError`` for an unknown feature); it is set aside in the outbox.
         """
+        if self._flows.unsettled:
+            self._flows.retry_unsettled()
         return self.deliverer.flush(timeout)
 
     async def aflush(self, timeout: float | None = None) -> int:
@@ -833,42 +839,55 @@ class Meter:
     # -- lifecycle -----------------------------------------------------------------------
 
     def close(self, timeout: float = 10.0) -> None:
-        """Deliver what is queued (waiting up to ``timeout`` seconds), then close.
+        """Let running calls settle, deliver what is queued (up to ``timeout`` s), then close.
 
-        Usage still undelivered stays in the outbox, says so in a log line, and is
-        delivered by the next meter opened on the same outbox.
+        New calls are refused from the start. Guarded calls still running their block
+        settle first; one still running at the deadline settles when it ends, and the
+        ledger and outbox are closed after it. Usage still undelivered stays in the
+        outbox, says so in a log line, and is delivered by the next meter opened on it.
         """
         if self._closed:
             return
-        deadline = time.monotonic() + timeout
+        deadline = self._begin_closing(timeout)
         try:
-            self._flush_before_closing(timeout)
+            self._flows.wait_idle(deadline - time.monotonic())
+            self._flush_before_closing(deadline - time.monotonic())
         finally:
-            self._closed = True
-            _open_meters.discard(self)
             # a delivery still hanging on the backend is abandoned at the deadline: its
             # track stays in the outbox, delivered (once, by its key) by the next meter
             self.deliverer.stop(timeout=deadline - time.monotonic())
-            self.outbox.close()
-            self.backend.close()
+            if not self._flows.defer_until_idle(self._close_files):
+                self._close_files()
 
     async def aclose(self, timeout: float = 10.0) -> None:
         """Async :meth:`close`."""
         if self._closed:
             return
-        deadline = time.monotonic() + timeout
+        deadline = self._begin_closing(timeout)
         try:
-            await asyncio.to_thread(self._flush_before_closing, timeout)
+            await asyncio.to_thread(self._flows.wait_idle, deadline - time.monotonic())
+            await asyncio.to_thread(self._flush_before_closing, deadline - time.monotonic())
         finally:
-            self._closed = True
-            _open_meters.discard(self)
             self.deliverer.stop(timeout=deadline - time.monotonic())
-            self.outbox.close()
-            await self.backend.aclose()
+            if not self._flows.defer_until_idle(self._close_files):
+                self.outbox.close()
+                await self.backend.aclose()
+
+    def _begin_closing(self, timeout: float) -> float:
+        """Refuse new calls from now on; returns the deadline of closing."""
+        self._closed = True
+        self._flows.closing = True
+        _open_meters.discard(self)
+        return time.monotonic() + timeout
+
+    def _close_files(self) -> None:
+        """Close the outbox and the backend (after the last call in flight settled)."""
+        self.outbox.close()
+        self.backend.close()
 
     def _flush_before_closing(self, timeout: float) -> None:
         try:
-            remaining = self.flush(timeout)
+            remaining = self.flush(max(timeout, 0.0))
         except AgentMeterError as exc:
             logger.error("agent_meter: usage rejected by the backend, set aside: %s", exc)
             remaining = self.outbox.pending()
@@ -886,7 +905,7 @@ class Meter:
             return
         deadline = time.monotonic() + _EXIT_FLUSH_SECONDS
         try:
-            if self.outbox.pending():
+            if self.outbox.pending() or self._flows.unsettled:
                 self._flush_before_closing(timeout=_EXIT_FLUSH_SECONDS)
         except Exception:  # interpreter shutdown: report, never raise
             logger.exception("agent_meter: delivering at exit failed")

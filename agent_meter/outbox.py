@@ -79,6 +79,11 @@ CREATE TABLE IF NOT EXISTS holds (
     state TEXT NOT NULL,                      -- asking (answer unknown) | held
     lock INTEGER NOT NULL DEFAULT 0           -- 1: a lock, settled by finalize
 );
+CREATE TABLE IF NOT EXISTS unverified (       -- calls run unverified in the current outage,
+    customer_id TEXT PRIMARY KEY,             -- per customer, by every process sharing
+    calls INTEGER NOT NULL,                   -- this outbox (the allow policy's cap)
+    since REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS settled (          -- ledger holds of calls that succeeded but
     key TEXT PRIMARY KEY,                     -- could not be closed: never to be refunded
     at REAL NOT NULL
@@ -314,6 +319,15 @@ class Outbox:
             )
         return int(rows[0][0])
 
+    def pending_customers(self) -> set[str]:
+        """The customers with tracks or finalizes waiting for delivery."""
+        rows = self._query("SELECT DISTINCT customer_id FROM tracks WHERE state = 'pending'")
+        return {str(row[0]) for row in rows}
+
+    def keys(self) -> set[str]:
+        """The keys of every track and finalize kept here, pending or set aside."""
+        return {str(row[0]) for row in self._query("SELECT key FROM tracks")}
+
     def next_due(self) -> float | None:
         """When the earliest pending track is due, or None when nothing is pending."""
         rows = self._query("SELECT min(next_attempt_at) FROM tracks WHERE state = 'pending'")
@@ -364,6 +378,47 @@ class Outbox:
             " lock, state FROM holds ORDER BY created_at"
         )
         return [(_hold(row), str(row[9])) for row in rows]
+
+    # -- the unverified calls of an outage (the allow policy's cap) --------------------------
+
+    def count_unverified(self, customer_id: str, limit: int, now: float) -> tuple[int, bool]:
+        """Count one more unverified call of ``customer_id`` if fewer than ``limit`` ran.
+
+        Returns:
+            How many had run in this outage, and whether this one may run.
+        """
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT calls FROM unverified WHERE customer_id = ?", (customer_id,)
+            ).fetchone()
+            calls = 0 if row is None else int(row[0])
+            if calls >= limit:
+                return calls, False
+            conn.execute(
+                "INSERT INTO unverified (customer_id, calls, since) VALUES (?, 1, ?)"
+                " ON CONFLICT (customer_id) DO UPDATE SET calls = calls + 1",
+                (customer_id, now),
+            )
+            return calls, True
+
+    def end_unverified(self, customer_id: str) -> bool:
+        """End the customer's outage if its queue is delivered; True when it is over."""
+        with self._transaction() as conn:
+            conn.execute(
+                "DELETE FROM unverified WHERE customer_id = ?1 AND NOT EXISTS"
+                " (SELECT 1 FROM tracks WHERE customer_id = ?1 AND state = 'pending')",
+                (customer_id,),
+            )
+            return (
+                conn.execute(
+                    "SELECT 1 FROM unverified WHERE customer_id = ?", (customer_id,)
+                ).fetchone()
+                is None
+            )
+
+    def unverified_customers(self) -> set[str]:
+        """The customers whose calls ran unverified in an outage not over yet."""
+        return {str(row[0]) for row in self._query("SELECT customer_id FROM unverified")}
 
     # -- successes whose ledger hold could not be closed ------------------------------------
 

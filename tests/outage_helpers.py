@@ -31,12 +31,24 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Literal
 
 from agent_meter import Meter, Pricing
+from agent_meter.backends.autumn import AutumnBackend
+from agent_meter.engine import Strategy
 from agent_meter.pricing import Plan
 
-__all__ = ["RATES", "SECRET", "AutumnServer", "Mode", "arun_guarded", "pricing", "run_guarded"]
+__all__ = [
+    "RATES",
+    "SECRET",
+    "AutumnServer",
+    "Mode",
+    "arun_guarded",
+    "autumn_meter",
+    "pricing",
+    "run_guarded",
+]
 
 SECRET = "am_sk_test_outage_helpers_fake_key"  # noqa: S105 - a fake key for a local server
 
@@ -54,6 +66,18 @@ def pricing() -> Pricing:
         features={name: "metered" for name in RATES},
         credit_systems={"credits": dict(RATES)},
         plans={"agent_free": Plan(auto_enable=True, grants={"credits": GRANT})},
+    )
+
+
+def autumn_meter(
+    server: AutumnServer, outbox: Path, strategy: Strategy = "reserve", *, timeout: float = 0.5
+) -> Meter:
+    """A meter on ``server`` through the real AutumnBackend: no retries, short back-off."""
+    backend = AutumnBackend(
+        SECRET, base_url=server.url, timeout=timeout, max_retries=0, backoff=0.01, max_backoff=0.02
+    )
+    return Meter(
+        backend, pricing=pricing(), outbox=outbox, strategy=strategy, recover_on_start=False
     )
 
 

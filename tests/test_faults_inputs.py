@@ -160,3 +160,17 @@ def test_hostile_input_is_an_agent_meter_error_and_writes_nothing(
             action()
         except AgentMeterError:
             assert (len(backend.events()), backend.customers()) == before
+
+
+def test_billing_a_count_too_large_in_credits_fails_at_bill(backend: Any) -> None:
+    """2**61 units is a valid count, but at 2 credits each more than a ledger holds."""
+    meter = Meter(backend, recover_on_start=False)
+    guard = meter.guard("cus_1", "code_exec", 2, call_id="c1")
+    call = guard.__enter__()
+    events = len(backend.events())
+    with pytest.raises(InvalidUsage, match="more than a ledger can hold"):
+        call.bill(2.0**61)
+    assert len(backend.events()) == events  # nothing written by bill()
+    guard.__exit__(None, None, None)  # the estimate stands: the block never billed more
+    assert backend.balances("cus_1")["credits"] == 96
+    assert backend.holds() == []

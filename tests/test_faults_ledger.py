@@ -361,3 +361,82 @@ def test_a_success_whose_hold_cannot_be_closed_is_never_refunded(
     assert later.recover().refunded == 0
     assert reopened.holds() == []
     assert reopened.balances("cus_1")["credits"] == 98
+
+
+def _settle_while_locked(
+    tmp_path: Path, strategy: str, *, fails: bool = False, bill: float | None = None
+) -> tuple[Meter, sqlite3.Connection]:
+    """A code_exec call of 10 units (20 credits) settled while another writer holds the ledger.
+
+    Returns the meter (its deliverer stopped, as if the process were about to die) and the
+    blocker, still holding the write lock: commit it to let the ledger be written again.
+    """
+    path = tmp_path / "usage.db"
+    backend = SQLiteBackend(path, pricing=_pricing(), busy_timeout=0.2)
+    meter = Meter(
+        backend,
+        outbox=tmp_path / "outbox.db",
+        recover_on_start=False,
+        strategy=strategy,  # type: ignore[arg-type]
+    )
+    meter.deliverer._base = 60.0  # what was queued waits: this process is about to die
+    blocker = sqlite3.connect(path, isolation_level=None)
+    guard = meter.guard("cus_1", "code_exec", 10, call_id="c1")
+    call = guard.__enter__()
+    assert backend.balances("cus_1")["credits"] == 80
+    if bill is not None:
+        call.bill(bill)
+    blocker.execute("BEGIN IMMEDIATE")  # closing the hold times out on this lock
+    if fails:
+        guard.__exit__(RuntimeError, RuntimeError("tool failed"), None)
+    else:
+        guard.__exit__(None, None, None)
+    meter.deliverer.stop()
+    # the process dies; its holds now belong to a dead owner
+    blocker.execute("UPDATE events SET owner = ? WHERE owner IS NOT NULL", (DEAD_OWNER,))
+    return meter, blocker
+
+
+@pytest.mark.parametrize("strategy", ["reserve", "lock"])
+def test_a_partly_used_estimate_whose_hold_cannot_be_closed_keeps_its_bill(
+    tmp_path: Path, strategy: str
+) -> None:
+    _, blocker = _settle_while_locked(tmp_path, strategy, bill=4)
+    blocker.execute("COMMIT")
+    assert _recovered_balance(tmp_path) == 92  # 8 kept, 12 back; not 100
+
+
+@pytest.mark.parametrize("strategy", ["reserve", "lock"])
+def test_a_success_whose_lock_cannot_be_confirmed_is_never_refunded(
+    tmp_path: Path, strategy: str
+) -> None:
+    _, blocker = _settle_while_locked(tmp_path, strategy)
+    blocker.execute("COMMIT")
+    assert _recovered_balance(tmp_path) == 80  # not 100
+
+
+def _recovered_balance(tmp_path: Path) -> float:
+    """The balance once a later process has recovered and delivered what the dead one left."""
+    ledger = SQLiteBackend(tmp_path / "usage.db")
+    later = Meter(ledger, outbox=tmp_path / "outbox.db", recover_on_start=False)
+    assert later.recover().refunded == 0
+    assert later.flush(timeout=5) == 0
+    assert ledger.holds() == []
+    return float(ledger.balances("cus_1")["credits"])
+
+
+@pytest.mark.parametrize("strategy", ["reserve", "lock"])
+def test_a_queued_refund_gives_back_what_was_deducted_not_todays_price(
+    tmp_path: Path, strategy: str
+) -> None:
+    _, blocker = _settle_while_locked(tmp_path, strategy, fails=True)
+    blocker.execute("COMMIT")
+    later = Meter(
+        SQLiteBackend(tmp_path / "usage.db", pricing=_pricing(rate=10), replace_pricing=True),
+        outbox=tmp_path / "outbox.db",
+        recover_on_start=False,
+    )
+    assert later.flush(timeout=5) == 0  # the queued refund is delivered at today's rate of 10
+    later.recover()
+    assert later.backend.holds() == []  # type: ignore[attr-defined]
+    assert later.backend.balances("cus_1")["credits"] == 100  # type: ignore[attr-defined]

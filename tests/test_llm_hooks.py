@@ -30,6 +30,7 @@ from agent_meter.hooks import (
     Billed,
     Event,
     Refunded,
+    SettleFailed,
     UnbilledTokens,
 )
 from agent_meter.langchain.middleware import MeteringMiddleware
@@ -168,10 +169,13 @@ def test_tokens_the_backend_could_not_record_are_reported(
     monkeypatch.setattr(meter._flows, "queue", outbox_full)  # ... and cannot wait either
     client.chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
-    )  # the answer is paid for at OpenAI: the caller gets it, the loss is reported
-    [unbilled] = of(UnbilledTokens, events)
-    assert (unbilled.customer_id, unbilled.call_id, unbilled.tokens) == (CUS, "chatcmpl-1", 30)
-    assert "outbox full" in unbilled.reason
+    )  # the answer is paid for at OpenAI: the caller gets it, the failure is reported
+    # (issue 12: a settlement that cannot be written is kept and written again later, so
+    # the tokens are not lost: the hooks get SettleFailed, not UnbilledTokens)
+    [failed] = of(SettleFailed, events)
+    assert (failed.call.customer_id, failed.succeeded) == (CUS, True)
+    assert "outbox full" in failed.error
+    assert meter._flows.unsettled == 1
 
 
 def test_the_check_only_gate_bills_through_events_too(memory_backend: MemoryBackend) -> None:

@@ -84,7 +84,9 @@ def tracks(backend: MemoryBackend) -> list[tuple[str, float]]:
     for event in backend.events():
         if event.kind in ("reserve", "track"):
             # the hold, adjust and refund keys of one call (a refund names its attempt)
-            call = re.sub(r"\.r[0-9a-f]{12}$", "", (event.idempotency_key or "").rsplit(":", 1)[0])
+            # (a hold settled later through the outbox refunds under <hold key>:confirm)
+            key = re.sub(r":(confirm|release)$", "", event.idempotency_key or "")
+            call = re.sub(r"\.r[0-9a-f]{12}$", "", key.rsplit(":", 1)[0])
             net[call, event.feature_id] = net.get((call, event.feature_id), 0.0) + event.value
     return [(feature, value) for (_, feature), value in net.items() if value]
 
