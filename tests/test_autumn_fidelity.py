@@ -9,6 +9,13 @@ every step. Where they differ, the embedded backend is wrong: Autumn is the refe
 
 A few recorded numbers are also asserted outright, so a mistake common to both runs
 (in the meter, say) cannot pass unnoticed.
+
+One recorded behaviour is deliberately not copied: Autumn's v1 refund (a negative track)
+never lifts a balance above the plan's grant (``refund_capped_at_grant``: 150, track 1,
+refund 1, still 149; fact 16). The embedded ledgers refund exactly what a reservation
+deducted, as Autumn's lock release does above the grant too (``lock_release_above_grant``,
+covered below), so the ``reserve`` strategy on a balance above its grant is where SQLite
+and Autumn part: SQLite gives the refund back, v1 Autumn drops it (and the backend logs it).
 """
 
 from __future__ import annotations

@@ -53,13 +53,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import hashlib
 import json
 import logging
-import math
 import os
-import random
 import re
 import threading
 import time
@@ -83,9 +80,26 @@ from autumn.aio.http import AsyncHTTPClient
 from autumn.error import AutumnError, AutumnHTTPError
 from autumn.http import _RetryRequestError
 from pydantic import BaseModel, ConfigDict
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
 
 from agent_meter.backends.autumn_locks import DEFAULT_API_VERSION, MAX_LOCK_SECONDS, LockClient
+from agent_meter.backends.autumn_wire import (
+    CHUNK,
+    MAX_ANSWER_BYTES,
+    V1_BALANCE,
+    AnswerTooLarge,
+    check_result,
+    number,
+    retry_after,
+    retry_wait,
+    status_class,
+    wire,
+)
 from agent_meter.engine import CheckRequest, FinalizeRequest, Hold, TrackRequest, VoidReserve
 from agent_meter.errors import (
     BackendError,
@@ -102,7 +116,7 @@ from agent_meter.validation import (
     check_units,
 )
 
-__all__ = ["AutumnBackend"]
+__all__ = ["MAX_ANSWER_BYTES", "AutumnBackend"]
 
 logger = logging.getLogger("agent_meter.autumn")
 
@@ -151,16 +165,6 @@ class _RedactedCause(Exception):
     """Stands in for a foreign exception whose text carried the secret key."""
 
 
-MAX_ANSWER_BYTES = 4 * 1024 * 1024
-"""The largest answer read from Autumn (its answers are a few KB): a bigger one is refused
-before it is held in memory."""
-_CHUNK = 64 * 1024
-
-
-class _AnswerTooLarge(Exception):
-    """The answer was longer than :data:`MAX_ANSWER_BYTES`."""
-
-
 @dataclass(slots=True)
 class _Exchange:
     """One attempt: what it saw of the HTTP response, and the limits its answer must keep.
@@ -185,11 +189,11 @@ class _Exchange:
         deadline, and never beyond :data:`MAX_ANSWER_BYTES`.
         """
         self.status = response.status_code
-        self.retry_after = _retry_after(response.headers.get("Retry-After"))
-        length = response.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > MAX_ANSWER_BYTES:
+        self.retry_after = retry_after(response.headers.get("Retry-After"))
+        too_large = AnswerTooLarge.announced(response.headers.get("Content-Length"))
+        if too_large is not None:
             response.close()
-            raise _AnswerTooLarge(f"the answer announces {length} bytes")
+            raise too_large
         sock = getattr(getattr(response.raw, "_connection", None), "sock", None)
         read = getattr(response.raw, "read1", response.raw.read)
         body = bytearray()
@@ -204,34 +208,19 @@ class _Exchange:
                     sock.settimeout(remaining)
             # read1: whatever has arrived (read() would wait for the whole chunk)
             try:
-                chunk = read(_CHUNK, decode_content=True)
+                chunk = read(CHUNK, decode_content=True)
             except TypeError:  # a stand-in response (vcrpy's) without urllib3's keywords
-                chunk = read(_CHUNK)
+                chunk = read(CHUNK)
             if not chunk:
                 break
             body += chunk
-            if len(body) > MAX_ANSWER_BYTES:
+            try:
+                AnswerTooLarge.check(len(body))
+            except AnswerTooLarge:
                 response.close()
-                raise _AnswerTooLarge(f"the answer is longer than {MAX_ANSWER_BYTES} bytes")
+                raise
         response._content = bytes(body)  # what requests would have read, read by our rules
         response._content_consumed = True  # type: ignore[attr-defined]
-
-
-def _retry_after(value: str | None) -> float | None:
-    """``Retry-After`` in seconds (a number of seconds or an HTTP date), if usable."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        seconds = when.timestamp() - time.time()
-    if not math.isfinite(seconds):
-        return None
-    return max(seconds, 0.0)
 
 
 async def _record_status(
@@ -242,7 +231,7 @@ async def _record_status(
     exchange = context.trace_request_ctx
     if isinstance(exchange, _Exchange):
         exchange.status = params.response.status
-        exchange.retry_after = _retry_after(params.response.headers.get("Retry-After"))
+        exchange.retry_after = retry_after(params.response.headers.get("Retry-After"))
 
 
 async def _count_chunk(
@@ -253,8 +242,7 @@ async def _count_chunk(
     exchange = context.trace_request_ctx
     if isinstance(exchange, _Exchange):
         exchange.received += len(params.chunk)
-        if exchange.received > MAX_ANSWER_BYTES:
-            raise _AnswerTooLarge(f"the answer is longer than {MAX_ANSWER_BYTES} bytes")
+        AnswerTooLarge.check(exchange.received)
 
 
 class _KeyHeader(requests.auth.AuthBase):
@@ -534,10 +522,11 @@ class AutumnBackend:
                 if not _failed_open(call, exchange.status, fields):
                     return fields
                 failure = _FAILED_OPEN
-            if not self._should_retry(call, failure, attempt):
+            delay = self._wait(call, failure, attempt)
+            if delay is None:
                 break
             key = _next_key(call, key, failure, attempt)
-            time.sleep(self._delay(call, failure, attempt))
+            time.sleep(delay)
         raise _error(call, failure, attempt + 1, self.base_url, key) from failure.cause
 
     async def _arequest(self, call: _Call) -> dict[str, Any]:
@@ -566,37 +555,30 @@ class AutumnBackend:
                 if not _failed_open(call, exchange.status, fields):
                     return fields
                 failure = _FAILED_OPEN
-            if not self._should_retry(call, failure, attempt):
+            delay = self._wait(call, failure, attempt)
+            if delay is None:
                 break
             key = _next_key(call, key, failure, attempt)
-            await asyncio.sleep(self._delay(call, failure, attempt))
+            await asyncio.sleep(delay)
         raise _error(call, failure, attempt + 1, self.base_url, key) from failure.cause
 
-    def _should_retry(self, call: _Call, failure: _Failure, attempt: int) -> bool:
+    def _wait(self, call: _Call, failure: _Failure, attempt: int) -> float | None:
+        """Seconds before the next attempt, or None to stop at this one."""
         if attempt >= self.max_retries or not failure.transient:
-            return False
+            return None
         if call.op == "probe" and not failure.unsent:
-            return False  # a probe that landed spent the key: a retry would find its own
-
-        if failure.retry_after is not None and failure.retry_after > self.max_backoff:
-            return False  # asked to wait longer than a caller should: unavailable for now
-        # a keyed reserve is deducted once however often it is sent
-        return failure.unsent or not call.deducts or call.key is not None
-
-    def _delay(self, call: _Call, failure: _Failure, attempt: int) -> float:
-        ceiling = min(self.max_backoff, self.backoff * 2.0**attempt)
-        delay = ceiling * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not crypto
-        if failure.retry_after is not None:  # the server said when: never sooner
-            delay = max(delay, failure.retry_after)
-        logger.info(
-            "agent_meter: Autumn %s failed (%s); retry %d/%d in %.2fs",
+            return None  # a probe that landed spent the key: a retry would find its own
+        if not (failure.unsent or not call.deducts or call.key is not None):
+            return None  # an unkeyed reserve that may have landed is not sent twice
+        return retry_wait(
             call.describe(),
             _what(failure),
-            attempt + 1,
-            self.max_retries,
-            delay,
+            attempt,
+            retries=self.max_retries,
+            backoff=self.backoff,
+            max_backoff=self.max_backoff,
+            asked=failure.retry_after,
         )
-        return delay
 
     # -- the protocol ------------------------------------------------------------------
 
@@ -827,11 +809,6 @@ class _Duplicate(Exception):
     """Internal: Autumn answered 409 duplicate_idempotency_key to a track."""
 
 
-def _wire(number: float) -> int | float:
-    """Send whole numbers as JSON integers, like autumn-py's int-typed signature does."""
-    return int(number) if number.is_integer() else number
-
-
 def _check_fields(
     request: CheckRequest,
 ) -> tuple[str, str, float, bool, str | None, str | None]:
@@ -861,7 +838,7 @@ def _check_call(  # noqa: PLR0917 - private; mirrors CheckRequest's fields in or
     body: dict[str, Any] = {
         "customer_id": customer_id,
         "feature_id": feature_id,
-        "required_balance": _wire(required),
+        "required_balance": wire(required),
         "send_event": bool(send_event),
         "with_preview": False,
     }
@@ -895,7 +872,7 @@ def _track_call(
     body: dict[str, Any] = {
         "customer_id": customer_id,
         "feature_id": feature_id,
-        "value": _wire(units),
+        "value": wire(units),
     }
     if entity_id is not None:
         body["entity_id"] = entity_id
@@ -918,34 +895,19 @@ def _as_duplicate(result: TrackResult) -> TrackResult:
     )
 
 
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
-
-
 def _check_result(
     call: _Call, raw: Mapping[str, Any], required_balance: float, entity_id: str | None
 ) -> CheckResult:
     """Autumn's v1.2 check answer as a CheckResult, every field it gives kept."""
-    if "allowed" not in raw:
-        msg = f"Autumn's answer to the {call.describe()} has no 'allowed' field"
-        raise BackendError(msg)
-    allowed = raw["allowed"] is True
-    required = _number(raw.get("required_balance"))
-    pool = raw.get("feature_id")
-    return CheckResult(
-        allowed=allowed,
+    return check_result(
+        call.describe(),
+        raw,
+        V1_BALANCE,
         customer_id=call.customer_id,
         feature_id=call.feature_id,
-        required=required if required is not None else float(required_balance),
-        balance=_number(raw.get("balance")),
-        balance_feature_id=pool if isinstance(pool, str) and pool else call.feature_id,
-        unlimited=raw.get("unlimited") is True,
-        included_usage=_number(raw.get("included_usage")),
-        usage=_number(raw.get("usage")),
+        units=required_balance,
         entity_id=entity_id,
-        deducted=call.deducts and allowed,
+        deducted=call.deducts,
     )
 
 
@@ -962,7 +924,7 @@ def _balances(raw: Mapping[str, Any]) -> dict[str, float | bool]:
         elif entry.get("type") in ("static", "boolean"):
             balances[feature_id] = True
         else:
-            balances[feature_id] = _number(entry.get("balance")) or 0.0
+            balances[feature_id] = number(entry.get("balance")) or 0.0
     return dict(sorted(balances.items()))
 
 
@@ -979,7 +941,7 @@ def _catalogue(raw: Mapping[str, Any]) -> dict[str, CatalogueEntry]:
         kinds[item["id"]] = (str(item.get("type", "")), item.get("archived") is True)
         for rate in item.get("credit_schema") or ():
             if isinstance(rate, Mapping) and isinstance(rate.get("metered_feature_id"), str):
-                pools[rate["metered_feature_id"]] = (item["id"], _number(rate.get("credit_cost")))
+                pools[rate["metered_feature_id"]] = (item["id"], number(rate.get("credit_cost")))
     entries: dict[str, CatalogueEntry] = {}
     for feature_id, (kind, archived) in kinds.items():
         pool, cost = pools.get(feature_id, (None, None))
@@ -1063,13 +1025,6 @@ def _holds(obj: object, probes: list[str], *, depth: int, seen: set[int]) -> boo
     return any(_holds(item, probes, depth=depth - 1, seen=seen) for item in items)
 
 
-def _status_class(status: int | None) -> tuple[bool, bool]:
-    """(transient, unsent) for an HTTP status: 429 and 503 refuse without running."""
-    if status is None:
-        return False, False
-    return status == 429 or status >= 500, status in (429, 503)
-
-
 def _classify(  # noqa: PLR0911, PLR0912 - one branch per family of failures, in order
     exc: Exception, status: int | None, secret: str
 ) -> _Failure:
@@ -1078,21 +1033,21 @@ def _classify(  # noqa: PLR0911, PLR0912 - one branch per family of failures, in
     if isinstance(exc, AutumnHTTPError):
         if exc.status_code == 409 and exc.code == "duplicate_idempotency_key":
             return _Failure("duplicate", 409, exc.code)
-        transient, unsent = _status_class(exc.status_code)
+        transient, unsent = status_class(exc.status_code)
         message = _redact(str(exc.message or ""), secret)
         if exc.status_code == 401 or exc.code == "invalid_secret_key":
             return _Failure("auth", exc.status_code, exc.code, "", cause=None)
         kind = "overloaded" if transient else "http"
         return _Failure(kind, exc.status_code, exc.code, message, transient, unsent, cause)
     if isinstance(exc, _RetryRequestError):  # autumn-py's word for 500-504
-        transient, unsent = _status_class(status or 500)
+        transient, unsent = status_class(status or 500)
         return _Failure("overloaded", status, transient=True, unsent=unsent, cause=cause)
-    if isinstance(exc, _AnswerTooLarge):
+    if isinstance(exc, AnswerTooLarge):
         return _Failure("unreadable", status, message=str(exc), cause=cause)
     if isinstance(exc, (requests.JSONDecodeError, json.JSONDecodeError, aiohttp.ContentTypeError)):
         if isinstance(exc, aiohttp.ContentTypeError):
             status = status or exc.status
-        transient, unsent = _status_class(status)
+        transient, unsent = status_class(status)
         kind = "overloaded" if transient else "unreadable"
         return _Failure(kind, status, transient=transient, unsent=unsent, cause=cause)
     if isinstance(
@@ -1101,7 +1056,9 @@ def _classify(  # noqa: PLR0911, PLR0912 - one branch per family of failures, in
          requests.exceptions.InvalidSchema, aiohttp.InvalidURL),
     ):  # fmt: skip
         return _Failure("url", cause=cause)
-    if isinstance(exc, requests.Timeout):
+    if isinstance(exc, (requests.Timeout, ReadTimeoutError)):
+        # urllib3's own ReadTimeoutError: raised unwrapped while the answer's body is read
+        # against the request's deadline (``_Exchange.requests_hook``)
         unsent = isinstance(exc, requests.ConnectTimeout)
         return _Failure("timeout", transient=True, unsent=unsent, cause=cause)
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
@@ -1113,7 +1070,7 @@ def _classify(  # noqa: PLR0911, PLR0912 - one branch per family of failures, in
     if isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)):
         unsent = isinstance(exc, (aiohttp.ClientConnectorError, ConnectionRefusedError))
         return _Failure("connection", transient=True, unsent=unsent, cause=cause)
-    if isinstance(exc, (requests.exceptions.ChunkedEncodingError,)):
+    if isinstance(exc, (requests.exceptions.ChunkedEncodingError, ProtocolError)):
         return _Failure("connection", transient=True, cause=cause)
     if isinstance(exc, AutumnError):
         return _Failure("protocol", code=str(exc.code), cause=cause)

@@ -17,6 +17,11 @@ this client relies on are 11 and 13 to 19 of the cassettes' README:
   after queueing itself for replay, which is an acknowledgement.
 - **v2 checks never create customers** (404 ``customer_not_found``): customers are made
   with ``customers.get_or_create`` once per process, before their first lock.
+- **The transport rules of the v1 path** (:mod:`agent_meter.backends.autumn_wire`): one
+  deadline per request however slowly the answer drips, answers cut at 4 MiB, a 429's
+  ``Retry-After`` waited for (or not at all past the back-off cap), an unreadable 2xx
+  taken for a lost answer (retried; a finalize waits in the outbox, a lock is released by
+  id), and no key in any exception raised.
 
 Why httpx and not the official ``autumn-sdk``: the SDK builds and validates pydantic
 models for every request and answer. Measured in the issue, that put a lock at 0.61 to 0.70
@@ -30,12 +35,12 @@ parameter on track. Three JSON routes do not need it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import random
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from agent_meter.extras import require
@@ -44,6 +49,15 @@ require("autumn", "httpx", integration="agent_meter.backends.autumn_locks")
 
 import httpx
 
+from agent_meter.backends.autumn_wire import (
+    V2_BALANCE,
+    AnswerTooLarge,
+    check_result,
+    retry_after,
+    retry_wait,
+    status_class,
+    wire,
+)
 from agent_meter.errors import (
     BackendError,
     BackendUnavailable,
@@ -95,6 +109,40 @@ class _Attempt:
     transient: bool = False
     cause: BaseException | None = None
     unsent: bool = False  # surely never reached Autumn (refused connection, 429, 503)
+    retry_after: float | None = None  # seconds the server asked to wait
+    earlier_landed: bool = False  # an earlier attempt of the same request may have landed
+
+    @property
+    def may_have_landed(self) -> bool:
+        """It failed in a way that may have reached Autumn's ledger (a lost answer)."""
+        return self.transient and not self.unsent and self.status != _FAILED_OPEN
+
+
+class _Late(Exception):
+    """The whole answer did not arrive before the request's deadline."""
+
+
+class _Body:
+    """Reads an answer against the request's deadline and the answer size cap.
+
+    httpx's timeouts bound each read, not the answer: a server dripping a byte at a time
+    would hold the caller for ever. Every chunk is checked against both limits.
+    """
+
+    __slots__ = ("_deadline", "data")
+
+    def __init__(self, response: httpx.Response, deadline: float) -> None:
+        too_large = AnswerTooLarge.announced(response.headers.get("Content-Length"))
+        if too_large is not None:
+            raise too_large
+        self._deadline = deadline
+        self.data = bytearray()
+
+    def add(self, chunk: bytes) -> None:
+        self.data += chunk
+        AnswerTooLarge.check(len(self.data))
+        if time.monotonic() > self._deadline:
+            raise _Late
 
 
 class LockClient:
@@ -175,52 +223,81 @@ class LockClient:
         return self._async
 
     def _once(self, call: _V2Call) -> _Attempt:
+        deadline = time.monotonic() + self.timeout
         try:
-            response = self._client().post(
-                f"/v1/{call.path}", json=call.body, headers=self._headers(call)
-            )
-        except httpx.HTTPError as exc:
-            return _transport_failure(exc, self._redact(exc))
-        return _answer(response.status_code, response.content)
+            with self._client().stream(
+                "POST", f"/v1/{call.path}", json=call.body, headers=self._headers(call)
+            ) as response:
+                body = _Body(response, deadline)
+                for chunk in response.iter_bytes():
+                    body.add(chunk)
+        except (httpx.HTTPError, AnswerTooLarge, _Late) as exc:
+            return self._failed(exc)
+        return _answer(response.status_code, bytes(body.data), response.headers)
 
     async def _aonce(self, call: _V2Call) -> _Attempt:
-        try:
-            response = await self._aclient().post(
-                f"/v1/{call.path}", json=call.body, headers=self._headers(call)
-            )
-        except httpx.HTTPError as exc:
-            return _transport_failure(exc, self._redact(exc))
-        return _answer(response.status_code, response.content)
+        try:  # the whole exchange under one deadline, as the sync twin
+            return await asyncio.wait_for(self._aexchange(call), self.timeout)
+        except asyncio.TimeoutError:
+            return _Attempt(None, {}, "timed out", transient=True)
 
-    def _delay(self, call: _V2Call, attempt: _Attempt, number: int) -> float:
-        ceiling = min(self.max_backoff, self.backoff * 2.0**number)
-        delay = ceiling * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not crypto
-        logger.info(
-            "agent_meter: Autumn %s failed (%s); retry %d/%d in %.2fs",
+    async def _aexchange(self, call: _V2Call) -> _Attempt:
+        deadline = time.monotonic() + self.timeout
+        try:
+            async with self._aclient().stream(
+                "POST", f"/v1/{call.path}", json=call.body, headers=self._headers(call)
+            ) as response:
+                body = _Body(response, deadline)
+                async for chunk in response.aiter_bytes():
+                    body.add(chunk)
+        except (httpx.HTTPError, AnswerTooLarge, _Late) as exc:
+            return self._failed(exc)
+        return _answer(response.status_code, bytes(body.data), response.headers)
+
+    def _failed(self, exc: Exception) -> _Attempt:
+        if isinstance(exc, AnswerTooLarge):
+            return _Attempt(None, {}, f"unreadable answer ({exc})")
+        if isinstance(exc, _Late):
+            return _Attempt(None, {}, "timed out", transient=True)
+        assert isinstance(exc, httpx.HTTPError)  # noqa: S101 - the three caught above
+        return _transport_failure(exc, self._redact(exc))
+
+    def _wait(self, call: _V2Call, attempt: _Attempt, number: int) -> float | None:
+        """Seconds before the next attempt, or None to stop at this one."""
+        if number >= self.max_retries or not _retry(call, attempt):
+            return None
+        return retry_wait(
             call.describe(),
             attempt.error or f"HTTP {attempt.status}",
-            number + 1,
-            self.max_retries,
-            delay,
+            number,
+            retries=self.max_retries,
+            backoff=self.backoff,
+            max_backoff=self.max_backoff,
+            asked=attempt.retry_after,
         )
-        return delay
 
     def _send(self, call: _V2Call) -> tuple[_Attempt, int]:
         """Send with retries; returns the last attempt and how many were made."""
+        landed = False
         for number in range(self.max_retries + 1):
             attempt = self._once(call)
-            if not _retry(call, attempt) or number == self.max_retries:
-                return attempt, number + 1
-            time.sleep(self._delay(call, attempt, number))
+            delay = self._wait(call, attempt, number)
+            if delay is None:
+                return replace(attempt, earlier_landed=landed), number + 1
+            landed = landed or attempt.may_have_landed
+            time.sleep(delay)
         raise AssertionError  # pragma: no cover - the loop always returns
 
     async def _asend(self, call: _V2Call) -> tuple[_Attempt, int]:
         """Async :meth:`_send`."""
+        landed = False
         for number in range(self.max_retries + 1):
             attempt = await self._aonce(call)
-            if not _retry(call, attempt) or number == self.max_retries:
-                return attempt, number + 1
-            await asyncio.sleep(self._delay(call, attempt, number))
+            delay = self._wait(call, attempt, number)
+            if delay is None:
+                return replace(attempt, earlier_landed=landed), number + 1
+            landed = landed or attempt.may_have_landed
+            await asyncio.sleep(delay)
         raise AssertionError  # pragma: no cover - the loop always returns
 
     # -- the routes --------------------------------------------------------------------
@@ -289,7 +366,7 @@ class LockClient:
         """A plain v2 check (holds nothing); raises CustomerNotFound for unknown customers."""
         body: dict[str, Any] = {"customer_id": customer_id, "feature_id": feature_id}
         if units is not None:
-            body["required_balance"] = _wire(units)
+            body["required_balance"] = wire(units)
         call = _V2Call("check", "balances.check", body, customer_id, feature_id)
         raw = _read(call, *self._send(call))
         return _check_result(call, units or 1.0, raw, None, deducted=False)
@@ -327,7 +404,7 @@ class LockClient:
         Returns:
             False when the key was seen before (409): counted once, nothing more.
         """
-        body = {"customer_id": customer_id, "feature_id": feature_id, "value": _wire(value)}
+        body = {"customer_id": customer_id, "feature_id": feature_id, "value": wire(value)}
         call = _V2Call("track", "balances.track", body, customer_id, feature_id, idempotency_key)
         attempt, made = self._send(call)
         if attempt.status == 409 and attempt.body.get("code") == "duplicate_idempotency_key":
@@ -353,12 +430,8 @@ class LockClient:
 # -- building requests and reading answers (pure) --------------------------------------
 
 
-def _wire(number: float) -> int | float:
-    return int(number) if float(number).is_integer() else float(number)
-
-
 def _check_body(customer_id: str, feature_id: str, units: float) -> dict[str, Any]:
-    return {"customer_id": customer_id, "feature_id": feature_id, "required_balance": _wire(units)}
+    return {"customer_id": customer_id, "feature_id": feature_id, "required_balance": wire(units)}
 
 
 def _customer_call(customer_id: str) -> _V2Call:
@@ -389,22 +462,26 @@ def _finalize_call(lock_id: str, action: str, override_value: float | None) -> _
         raise ConfigError(msg)
     body: dict[str, Any] = {"lock_id": lock_id, "action": action}
     if override_value is not None and action == "confirm":
-        body["override_value"] = _wire(override_value)
+        body["override_value"] = wire(override_value)
     return _V2Call("finalize", "balances.finalize", body)
 
 
-def _answer(status: int, content: bytes) -> _Attempt:
-    import json  # noqa: PLC0415 - only on the answer path
-
+def _answer(status: int, content: bytes, headers: Mapping[str, str]) -> _Attempt:
+    transient, unsent = status_class(status)
+    asked = retry_after(headers.get("Retry-After"))
     try:
         body = json.loads(content) if content else {}
     except ValueError:
-        transient = status == 429 or status >= 500
-        return _Attempt(status, {}, f"unreadable answer (HTTP {status}, not JSON)", transient)
+        if 200 <= status < 300:
+            # not Autumn's answer (a proxy's page, a cut body): the request may have
+            # landed, and every v2 request here is safe to repeat, so it is retried and
+            # a finalize waits in the outbox rather than being set aside
+            transient = True
+        error = f"answer could not be read (HTTP {status}, not JSON)"
+        return _Attempt(status, {}, error, transient, unsent=unsent, retry_after=asked)
     if not isinstance(body, dict):
         return _Attempt(status, {}, f"unexpected answer (HTTP {status})")
-    transient = status == 429 or status >= 500
-    return _Attempt(status, body, "", transient)
+    return _Attempt(status, body, "", transient, unsent=unsent, retry_after=asked)
 
 
 def _transport_failure(exc: httpx.HTTPError, cause: BaseException) -> _Attempt:
@@ -469,14 +546,13 @@ def _error(call: _V2Call, attempt: _Attempt, made: int) -> Exception:  # noqa: P
         )
     if attempt.transient:
         what = attempt.error or f"HTTP {attempt.status} {code}".strip()
-        maybe = call.op == "lock" and attempt.status is None and not attempt.unsent
+        maybe = call.op == "lock" and attempt.may_have_landed
         return BackendUnavailable(
             f"Autumn is unavailable: {what} {tries} ({call.describe()})", maybe_applied=maybe
         )
     message = str(attempt.body.get("message") or attempt.error or "")
-    return BackendError(
-        f"Autumn failed the {call.describe()}: HTTP {attempt.status} {code}: {message}"
-    )
+    status = f"HTTP {attempt.status} {code}".strip() if attempt.status else "no answer"
+    return BackendError(f"Autumn failed the {call.describe()}: {status}: {message}")
 
 
 def _lock_result(
@@ -500,12 +576,6 @@ def _lock_result(
     return _check_result(call, units, _read(call, attempt, made), entity_id, deducted=True)
 
 
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
-
-
 def _check_result(
     call: _V2Call,
     units: float,
@@ -515,32 +585,26 @@ def _check_result(
     deducted: bool,
 ) -> CheckResult:
     """A v2 check answer as a CheckResult: ``balance`` is an object in v2."""
-    if "allowed" not in raw:
-        msg = f"Autumn's answer to the {call.describe()} has no 'allowed' field"
-        raise BackendError(msg)
-    allowed = raw["allowed"] is True
-    balance = raw.get("balance")
-    balance = balance if isinstance(balance, Mapping) else {}
-    required = _number(raw.get("required_balance"))
-    pool = balance.get("feature_id")
-    return CheckResult(
-        allowed=allowed,
+    return check_result(
+        call.describe(),
+        raw,
+        V2_BALANCE,
         customer_id=call.customer_id,
         feature_id=call.feature_id,
-        required=required if required is not None else float(units),
-        balance=_number(balance.get("remaining")),
-        balance_feature_id=pool if isinstance(pool, str) and pool else call.feature_id,
-        unlimited=balance.get("unlimited") is True,
-        included_usage=_number(balance.get("granted")),
-        usage=_number(balance.get("usage")),
+        units=units,
         entity_id=entity_id,
-        deducted=deducted and allowed,
+        deducted=deducted,
     )
 
 
 def _finalized(call: _V2Call, attempt: _Attempt, made: int) -> bool:
     message = str(attempt.body.get("message") or "")
     if attempt.status == 400 and message.startswith("Lock not found"):
+        if attempt.earlier_landed:
+            # an earlier attempt of this finalize may have settled the lock, its answer
+            # lost: a lock finalizes once, so that is what this answer most likely says
+            logger.info("agent_meter: %s settled by an earlier attempt", call.describe())
+            return True
         return False
     body = _read(call, attempt, made)  # 200, or 202: queued by Autumn for replay
     return body.get("success") is not False
