@@ -9,7 +9,7 @@ integration (tool wrappers, callbacks, middleware, OpenAI) goes through the same
 
 from __future__ import annotations
 
-import secrets
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -284,7 +284,7 @@ def hold_for(call: MeteredCall, owner: str, now: float, attempt: str | None = No
     """
     suffix = "" if attempt is None else f".{attempt}"
     purpose = "lock" if call.strategy == "lock" else "hold"
-    refund_attempt = f"{call.call_id}.r{secrets.token_hex(6)}"
+    refund_attempt = f"{call.call_id}.r{os.urandom(6).hex()}"
     return Hold(
         call.key(f"{purpose}{suffix}"),
         call.customer_id,
