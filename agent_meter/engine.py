@@ -9,7 +9,7 @@ integration (tool wrappers, callbacks, middleware, OpenAI) goes through the same
 
 from __future__ import annotations
 
-import secrets
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -169,9 +169,10 @@ class VoidReserve:
     Queued in the outbox when a reserving check sent with an idempotency key (Autumn's
     ``Idempotency-Key`` header) got no answer and its call was refused, or its process
     died waiting. Once the backend answers again it is asked, under the same key and
-    without deducting, whether the reserve was received: if it was, the reserve is
-    refunded under :meth:`refund`'s key (derived from the reserve's: counted once); if
-    not, that question spends the key, so the reserve can never land afterwards.
+    in a way that leaves the key free, whether the reserve was received: if it was, the
+    reserve is refunded under :meth:`refund`'s key (derived from the reserve's: counted
+    once); if not, that is recorded (``absent``) and the key is then spent by a check that
+    deducts nothing, so the reserve can never land afterwards.
 
     Attributes:
         idempotency_key: The reserve's idempotency key (its hold key), which names the void
@@ -180,6 +181,8 @@ class VoidReserve:
         feature_id: The feature reserved.
         units: Units the reserve asked for.
         entity_id: Sub-scope of the customer.
+        absent: The backend was asked and had not received the reserve: only its key is
+            left to spend, whatever the next question answers.
     """
 
     idempotency_key: str
@@ -187,11 +190,12 @@ class VoidReserve:
     feature_id: str
     units: float
     entity_id: str | None = None
+    absent: bool = False
 
     @property
     def value(self) -> float:
-        """Units given back if the reserve landed."""
-        return -self.units
+        """Units given back if the reserve landed (none once it is known absent)."""
+        return 0.0 if self.absent else -self.units
 
     def refund(self) -> TrackRequest:
         """The refund of the reserve, keyed after it: sent twice, it counts once."""
@@ -280,7 +284,7 @@ def hold_for(call: MeteredCall, owner: str, now: float, attempt: str | None = No
     """
     suffix = "" if attempt is None else f".{attempt}"
     purpose = "lock" if call.strategy == "lock" else "hold"
-    refund_attempt = f"{call.call_id}.r{secrets.token_hex(6)}"
+    refund_attempt = f"{call.call_id}.r{os.urandom(6).hex()}"
     return Hold(
         call.key(f"{purpose}{suffix}"),
         call.customer_id,

@@ -258,7 +258,10 @@ class Flows:
         self._unsettled: list[tuple[Admission, engine.Settlement]] = []
         # Guarded calls between admission and settlement: close() lets them settle first.
         self._in_flight = 0
-        self._idle = threading.Condition(threading.Lock())
+        # entered()/left() run on every call: they take the lock itself (a C call), not
+        # the Condition's Python wrapper around it
+        self._idle_lock = threading.Lock()
+        self._idle = threading.Condition(self._idle_lock)
         self._when_idle: Callable[[], None] | None = None
         self.closing = False
         # Customers whose next check must wait for their queue (see _raises_balance_view),
@@ -322,7 +325,7 @@ class Flows:
         Raises:
             ConfigError: The meter is closed.
         """
-        with self._idle:
+        with self._idle_lock:
             if self.closing:
                 msg = "this meter is closed: meter.close() was called; open a new Meter"
                 raise ConfigError(msg)
@@ -330,9 +333,9 @@ class Flows:
 
     def left(self) -> None:
         """A guarded call is settled (or was refused); the last one after close() closes."""
-        with self._idle:
+        with self._idle_lock:
             self._in_flight -= 1
-            if self._in_flight:
+            if self._in_flight or not self.closing:  # nobody waits before close()
                 return
             self._idle.notify_all()
             then, self._when_idle = self._when_idle, None

@@ -159,13 +159,11 @@ def langgraph_scope(config: Mapping[str, Any] | None) -> str | None:
         return None
     configurable = config.get("configurable") or {}
     metadata = config.get("metadata") or {}
-    parts = [
-        configurable.get("thread_id"),
-        configurable.get("checkpoint_ns") or metadata.get("checkpoint_ns"),
-    ]
-    if all(part is None or part == "" for part in parts):
+    thread = configurable.get("thread_id")
+    task = configurable.get("checkpoint_ns") or metadata.get("checkpoint_ns")
+    if (thread is None or thread == "") and (task is None or task == ""):
         return None
-    return "|".join("" if part is None else str(part) for part in parts)
+    return f"{'' if thread is None else str(thread)}|{'' if task is None else str(task)}"
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=repr)

@@ -260,18 +260,23 @@ class Meter:
         if not isinstance(backend, KeyedReserves) or not backend.keyed_reserves:
             msg = f"{backend!r} cannot tell whether reserve {request.idempotency_key!r} landed"
             raise ConfigError(msg)
-        if not backend.reserve_received(request):
-            logger.info(
-                "agent_meter: reserve %s never reached the backend: nothing to give back",
-                request.idempotency_key,
-            )
-            return False
-        # received: it may have deducted (a 409 cannot say more), and its call was refused
-        backend.track(request.refund())
-        logger.info(
-            "agent_meter: reserve %s reached the backend: refunded", request.idempotency_key
-        )
-        return True
+        key = request.idempotency_key
+        if not request.absent:
+            received = backend.reserve_received(request)
+            if received:
+                # it may have deducted (a 409 cannot say more), and its call was refused
+                backend.track(request.refund())
+                logger.info("agent_meter: reserve %s reached the backend: refunded", key)
+                return True
+            if received is None:  # answered anyway: that answer spent the key
+                logger.info("agent_meter: reserve %s never reached the backend", key)
+                return False
+            # not received: recorded first, so that a later question, after this void
+            # spends the key, is never taken for the reserve having arrived
+            self.outbox.mark_void_absent(key)
+        backend.spend_reserve_key(request)
+        logger.info("agent_meter: reserve %s never reached the backend: key spent", key)
+        return False
 
     @property
     def unverified_limit(self) -> int:

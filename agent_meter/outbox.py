@@ -308,6 +308,10 @@ class Outbox:
             (reason, key),
         )
 
+    def mark_void_absent(self, key: str) -> None:
+        """The backend had not received the reserve of void ``key``: nothing to refund."""
+        self._run("UPDATE tracks SET value = 0 WHERE key = ? AND action = 'void'", (key,))
+
     def pending(self, customer_id: str | None = None) -> int:
         """How many tracks wait for delivery (for one customer when named)."""
         if customer_id is None:
@@ -495,6 +499,7 @@ def _entry(row: tuple[Any, ...], *, lenient: bool = False) -> OutboxEntry:
             str(feature_id),
             float(held),
             None if entity_id is None else str(entity_id),
+            absent=float(value) == 0,
         )
         return OutboxEntry(void, int(attempts), None if error is None else str(error))
     if action is not None:

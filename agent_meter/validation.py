@@ -46,7 +46,8 @@ def _check_id(kind: str, value: object) -> str:
     if not value.isprintable():
         msg = f"{kind} {value!r} contains control or separator characters"
         raise InvalidUsage(msg)
-    _encodable(kind, value)
+    if not value.isascii():  # ASCII always encodes
+        _encodable(kind, value)
     return value
 
 
@@ -59,7 +60,8 @@ def check_key(kind: str, value: object, *, feature_id: str) -> str:
     if not isinstance(value, str) or not value:
         msg = f"{kind} for {feature_id!r} must be a non-empty string, not {value!r}"
         raise InvalidUsage(msg)
-    _encodable(f"{kind} for {feature_id!r}", value)
+    if not value.isascii():  # ASCII always encodes
+        _encodable(f"{kind} for {feature_id!r}", value)
     return value
 
 

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -254,4 +255,36 @@ def test_hold_keys_and_void_keys_never_meet() -> None:
     keys = {hold.key, hold.refund_key, void.refund().idempotency_key, call.key("track")}
     assert len(keys) == 4
     assert void.idempotency_key == hold.key
-    assert dataclasses.astuple(void)[1:] == ("cus_1", "web_search", 1, None)
+    assert dataclasses.astuple(void)[1:] == ("cus_1", "web_search", 1, None, False)
+
+
+def test_a_void_whose_question_lost_its_answer_never_refunds_a_reserve_that_never_came(
+    server: AutumnServer, tmp_path: Path
+) -> None:
+    """Found by the SIGKILL test under load: a question that spent the reserve's key and
+    lost its answer made the next question answer 409, read as 'received', and the void
+    refunded credits never taken. Asking now leaves the key free; it is spent afterwards."""
+    meter, _ = make_meter(server, tmp_path, "deny", "reserve")
+    assert run_guarded(meter, "cus_q8", "before") == "ran"
+    server.set_mode("hang")  # the reserve never lands: 503 once the hang ends
+    with pytest.raises(BackendUnavailable):
+        run_guarded(meter, "cus_q8", "refused")
+    server.set_mode("up")
+    backend = meter.backend
+    assert isinstance(backend, AutumnBackend)
+    send = backend._request
+    lost = {"left": 1}
+
+    def lose_the_first_keyed_answer(call: Any) -> dict[str, Any]:
+        answer = send(call)  # it reached Autumn and did whatever it does
+        if call.key is not None and lost["left"]:
+            lost["left"] -= 1
+            raise BackendUnavailable("the answer was lost")
+        return answer
+
+    backend._request = lose_the_first_keyed_answer  # type: ignore[method-assign]
+    assert meter.flush(timeout=10) == 0
+    assert lost["left"] == 0
+    assert not server.stats.tracks_received  # nothing refunded: nothing was taken
+    assert server.balance("cus_q8") == 99
+    meter.close(timeout=2)

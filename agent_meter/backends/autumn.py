@@ -276,7 +276,7 @@ def _key_middleware(key: str) -> Any:
 class _Call:
     """One request to Autumn, and what a retry of it would risk."""
 
-    op: Literal["check", "track", "customer", "catalogue", "probe"]
+    op: Literal["check", "track", "customer", "catalogue", "probe", "fence"]
     method: str
     path: str
     body: dict[str, Any] | None
@@ -292,6 +292,8 @@ class _Call:
             return f"reading customer {self.customer_id!r}"
         if self.op == "probe":
             return f"question whether reserve {self.key!r} reached Autumn"
+        if self.op == "fence":
+            return f"spending the key of reserve {self.key!r}"
         return f"{self.op} of {self.feature_id!r} for {self.customer_id!r}"
 
 
@@ -312,6 +314,10 @@ class _Failure:
     cause: BaseException | None = None
     retry_after: float | None = None
 
+
+_PROBE_FEATURE = "agent_meter_probe_no_such_feature"
+"""A feature no one has: a check of it under a reserve's key answers 409 when Autumn
+holds the key, else 404, after which Autumn frees the key (see ``reserve_received``)."""
 
 _FAILED_OPEN = _Failure("failopen", 202, transient=True, unsent=True)
 """Autumn answered ``202 allowed`` without evaluating the check: it deducted nothing."""
@@ -567,7 +573,7 @@ class AutumnBackend:
         if attempt >= self.max_retries or not failure.transient:
             return None
         if call.op == "probe" and not failure.unsent:
-            return None  # a probe that landed spent the key: a retry would find its own
+            return None  # a probe answered 2xx (fail-open) spent the key: not sent twice
         if not (failure.unsent or not call.deducts or call.key is not None):
             return None  # an unkeyed reserve that may have landed is not sent twice
         return retry_wait(
@@ -673,28 +679,56 @@ class AutumnBackend:
             return _as_duplicate(result)
         return result
 
-    def reserve_received(self, request: VoidReserve) -> bool:
+    def reserve_received(self, request: VoidReserve) -> bool | None:
         """Whether Autumn received a keyed reserve whose answer was lost.
 
-        Sends a plain check (it deducts nothing) under the reserve's ``Idempotency-Key``:
-        a 409 ``duplicate_idempotency_key`` says a request with that key was received
-        (whether it deducted, a 409 cannot say; fact 15). Any other answer says it was not,
-        and this check now holds the key for 24 h: the reserve, should it arrive late, is
-        answered 409 and deducts nothing. Not retried once it may have landed (a retry
-        would find its own key).
+        Asks under the reserve's ``Idempotency-Key`` with a check of a feature no one has:
+        Autumn's idempotency runs before the check, so a key it holds answers ``409``
+        (received; whether it deducted, a 409 cannot say: fact 15), and a free key gets
+        ``404 feature_not_found``, after which Autumn frees the key again (it keeps a key
+        only for 2xx and 409 answers). So the question changes nothing and may be asked
+        again: a lost answer cannot turn into a false "received".
+
+        Returns:
+            True when received; False when not (the key is still free: spend it with
+            :meth:`spend_reserve_key`); None when not, and the question was answered
+            2xx anyway (a fail-open 202), which spent the key.
 
         Raises:
             BackendUnavailable: Autumn did not answer; ask again later.
-            BackendError, ConfigError: Autumn refused the question.
+            BackendError: Autumn refused the question (a wrong key).
+        """
+        body = {
+            "customer_id": request.customer_id,
+            "feature_id": _PROBE_FEATURE,
+            "required_balance": wire(request.units),
+            "send_event": False,
+            "with_preview": False,
+        }
+        call = _Call(
+            "probe", "POST", "/check", body, request.customer_id, _PROBE_FEATURE, False,
+            request.idempotency_key,
+        )  # fmt: skip
+        try:
+            self._request(call)
+        except _Duplicate:
+            return True
+        except ConfigError as exc:
+            if "feature_not_found" not in str(exc):
+                raise
+            return False
+        return None
+
+    def spend_reserve_key(self, request: VoidReserve) -> None:
+        """Take a reserve's key with a check that deducts nothing (a 409: already taken).
+
+        Afterwards the reserve, should it still arrive, is answered 409 and deducts nothing.
         """
         call = _check_call(
             request.customer_id, request.feature_id, request.units, False, request.entity_id
         )
-        try:
-            self._request(replace(call, op="probe", key=request.idempotency_key))
-        except _Duplicate:
-            return True
-        return False
+        with contextlib.suppress(_Duplicate):
+            self._request(replace(call, op="fence", key=request.idempotency_key))
 
     # -- locks (strategy "lock", Autumn API v2) -----------------------------------------
 
@@ -1101,7 +1135,7 @@ def _error(  # noqa: PLR0911 - one error per kind of failure
     call: _Call, failure: _Failure, attempts: int, base_url: str, key: str | None = None
 ) -> Exception:
     """The error of ours that a final failure becomes (``key``: the last attempt's)."""
-    if failure.kind == "duplicate" and call.op in ("track", "probe"):
+    if failure.kind == "duplicate" and call.op in ("track", "probe", "fence"):
         return _Duplicate()
     if failure.kind == "duplicate" and call.key is not None:
         # The key was received before; a fail-open answer keeps its key too (fact 15), so

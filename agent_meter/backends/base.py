@@ -207,12 +207,19 @@ class KeyedReserves(Protocol):
 
     keyed_reserves: bool
 
-    def reserve_received(self, request: VoidReserve) -> bool:
+    def reserve_received(self, request: VoidReserve) -> bool | None:
         """Whether a reserve sent under ``request.idempotency_key`` reached the backend.
 
-        Asked without deducting, under the same key: when the reserve had not arrived,
-        the question spends its key, so that it can never land afterwards.
+        Asked under the same key, deducting nothing and leaving the key free.
+
+        Returns:
+            True: it was received. False: it was not, and its key is still free. None: it
+            was not, and the question spent the key (the backend answered it anyway).
         """
+        ...
+
+    def spend_reserve_key(self, request: VoidReserve) -> None:
+        """Take the key of a reserve that never arrived, so that it can never land late."""
         ...
 
 

@@ -267,7 +267,7 @@ class MeteredTool(BaseTool):
         """What this tool prepared, rebuilt when error handlers were set after wrapping."""
         # read where pydantic keeps it: ``self._prepared`` finds it only after a failed
         # lookup, which costs microseconds on every call
-        private = cast("dict[str, Any]", self.__pydantic_private__)
+        private: dict[str, Any] = self.__pydantic_private__  # type: ignore[assignment]
         prepared: _Prepared = private["_prepared"]
         handlers = prepared.handlers
         if handlers[0] is not self.handle_tool_error or (
