@@ -85,18 +85,6 @@ def _nano(credits: float) -> int:
     return round(credits * NANO)
 
 
-class _ListeningServer(ThreadingHTTPServer):
-    """A threading HTTP server with a real server's listen backlog.
-
-    The default of 5 pending connections drops bursts of connects (20 threads and the
-    deliverer at once on a loaded machine), which clients see as a refused connection:
-    an outage of the test server, not of the code under test.
-    """
-
-    request_queue_size = 128
-    daemon_threads = True
-
-
 @dataclass
 class Stats:
     """What the server received, for assertions."""
@@ -174,7 +162,8 @@ class AutumnServer:
             def log_message(self, format: str, *args: Any) -> None:
                 return
 
-        server = _ListeningServer(("127.0.0.1", self._port), Handler)
+        server = ThreadingHTTPServer(("127.0.0.1", self._port), Handler)
+        server.daemon_threads = True
         self._port = server.server_address[1]
         self._server = server
         self._thread = threading.Thread(
