@@ -234,3 +234,23 @@ async def test_an_async_success_is_recorded_on_the_loop_without_a_worker_thread(
         pass
     assert len(threads) == 1  # the reservation; the success is an append on the loop
     assert ledger.balances("cus_1")["credits"] == 98
+
+
+def test_a_journal_whose_markers_are_all_folded_is_emptied_past_its_size_limit(
+    ledger: SQLiteBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("agent_meter.backends.settle_journal._COMPACT_AT", 200)
+    meter = Meter(ledger, recover_on_start=False)
+    sizes = []
+    for n in range(12):
+        with meter.guard("cus_1", "web_search", call_id=f"c{n}"):
+            pass
+        sizes.append(journals(ledger)[0].stat().st_size)
+    shrank = [n for n in range(1, len(sizes)) if sizes[n] < sizes[n - 1]]
+    assert shrank  # emptied once every marker in it was folded and it passed the limit
+    assert max(sizes) < 200 + 100  # so it never grows far past it
+    # the last success is still recorded (not folded yet) and is never refunded
+    last = journals(ledger)[0].read_text().splitlines()[1:]
+    assert last and last[-1].endswith(":hold")
+    assert ledger.holds() == []
+    assert ledger.balances("cus_1")["credits"] == 100 - 12
