@@ -251,6 +251,7 @@ def test_a_journal_whose_markers_are_all_folded_is_emptied_past_its_size_limit(
     assert max(sizes) < 200 + 100  # so it never grows far past it
     # the last success is still recorded (not folded yet) and is never refunded
     last = journals(ledger)[0].read_text().splitlines()[1:]
-    assert last and last[-1].endswith(":hold")
+    assert last
+    assert last[-1].endswith(":hold")
     assert ledger.holds() == []
     assert ledger.balances("cus_1")["credits"] == 100 - 12
