@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent_meter import Meter, Pricing, SQLiteBackend
-from agent_meter.errors import AgentMeterError, ConfigError, InvalidUsage
+from agent_meter.errors import AgentMeterError, ConfigError, InvalidUsage, UsageLimitExceeded
 from agent_meter.testing import MemoryBackend
 from tests.conftest import PRICING_TOML, FakeClock
 
@@ -158,6 +158,13 @@ def test_hostile_input_is_an_agent_meter_error_and_writes_nothing(
         before = (len(backend.events()), backend.customers())
         try:
             action()
+        except UsageLimitExceeded:
+            # valid input the balance cannot pay (an earlier action spent it): not bad
+            # input; the refusal is kept for reports, and that is all that is written
+            after = backend.events()
+            assert len(after) == before[0] + 1
+            assert after[-1].kind == "denied"
+            assert backend.customers() == before[1]
         except AgentMeterError:
             assert (len(backend.events()), backend.customers()) == before
 
